@@ -1,0 +1,50 @@
+"""kiln's error types: every failure a user can cause surfaces as one of these.
+
+Each message names what is at fault (the node, op, file, field or name) and,
+where there is a fixed set of valid choices, lists them.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class KilnError(Exception):
+    """Base class of every error kiln raises on purpose."""
+
+
+class TraceError(KilnError):
+    """torch.export could not capture the model."""
+
+
+class PassError(KilnError):
+    """A pass failed; the message names it and the passes that ran before it."""
+
+
+class VerificationError(KilnError):
+    """The graph is not well formed, or its metadata is inconsistent."""
+
+
+class UnsupportedOpError(KilnError):
+    """A backend cannot run a node; the message names the node and its op."""
+
+
+class InputMismatchError(KilnError):
+    """Run-time inputs differ from the ones the model was compiled for."""
+
+
+class ArtifactError(KilnError):
+    """An artifact on disk is missing, truncated, tampered with or of another version."""
+
+
+class FactoryError(KilnError):
+    """A ``FILE.py:FACTORY`` given to the CLI does not exist or returns the wrong thing."""
+
+
+class UnknownNameError(KilnError, ValueError):
+    """An unknown target, pass, pipeline or option value; lists the known ones."""
+
+    def __init__(self, kind: str, name: object, known: Iterable[str]):
+        self.kind = kind
+        self.name = name
+        self.known = sorted(known)
+        super().__init__(f"unknown {kind} {name!r}; known {kind}s: {', '.join(self.known) or '(none)'}")
