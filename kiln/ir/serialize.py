@@ -1,0 +1,148 @@
+"""The JSON form of an FX graph of ATen ops, used inside kiln artifacts.
+
+Documented in ``docs/artifact-format.md``. Loading never evaluates code and
+never unpickles: op targets are resolved by name, ATen/prims ops through
+``torch.ops`` and a fixed table of Python operators (used by symbolic-size
+arithmetic); anything else is refused.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.fx as fx
+
+from ..errors import ArtifactError, KilnError
+from .meta import dtype_from_name, dtype_name, types_of
+
+_OP_NAMESPACES = ("aten", "prims", "kiln")
+_PYTHON_TARGETS = {
+    f"{mod}.{fn.__name__}": fn
+    for mod, fns in {
+        "operator": (operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
+                     operator.truediv, operator.mod, operator.neg, operator.pow, operator.eq, operator.ne,
+                     operator.lt, operator.le, operator.gt, operator.ge),
+        "torch": (torch.sym_max, torch.sym_min, torch.sym_float, torch.sym_int, torch.sym_not),
+        "math": (math.ceil, math.floor, math.sqrt),
+    }.items()
+    for fn in fns
+}
+_LAYOUTS = {"strided": torch.strided}
+_MEMORY_FORMATS = {
+    "contiguous_format": torch.contiguous_format,
+    "channels_last": torch.channels_last,
+    "preserve_format": torch.preserve_format,
+}
+
+
+def target_name(target) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    name = f"{getattr(target, '__module__', '').lstrip('_')}.{getattr(target, '__name__', '')}"
+    if _PYTHON_TARGETS.get(name) is not target:
+        raise KilnError(f"target {target!r} has no JSON form (only ATen/prims ops and basic operators do)")
+    return name
+
+
+def resolve_target(name: str):
+    if name in _PYTHON_TARGETS:
+        return _PYTHON_TARGETS[name]
+    parts = name.split(".")
+    if len(parts) != 3 or parts[0] not in _OP_NAMESPACES:
+        raise ArtifactError(f"op {name!r} is not an ATen/prims/kiln op or a known Python operator")
+    ns, op, overload = parts
+    try:
+        return getattr(getattr(getattr(torch.ops, ns), op), overload)
+    except (AttributeError, RuntimeError):
+        raise ArtifactError(f"op {name!r} does not exist in this torch ({torch.__version__})") from None
+
+
+def graph_to_json(gm_or_graph) -> dict:
+    graph = gm_or_graph.graph if isinstance(gm_or_graph, fx.GraphModule) else gm_or_graph
+    nodes = []
+    for n in graph.nodes:
+        entry: dict = {"name": n.name, "op": n.op}
+        try:
+            if n.op == "call_function":
+                entry["target"] = target_name(n.target)
+            elif n.op not in ("placeholder", "output"):
+                raise KilnError(f"op kind {n.op!r} has no JSON form")
+            if n.args:
+                entry["args"] = [_encode(a) for a in n.args]
+            if n.kwargs:
+                entry["kwargs"] = {k: _encode(v) for k, v in n.kwargs.items()}
+        except KilnError as e:
+            raise KilnError(f"cannot serialize node {n.name}: {e}") from None
+        types = types_of(n.meta.get("val"))
+        if types is not None:
+            entry["types"] = [t.to_json() for t in types]
+        nodes.append(entry)
+    return {"nodes": nodes}
+
+
+def graph_from_json(data: dict) -> fx.GraphModule:
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    for entry in data["nodes"]:
+        name, op = entry["name"], entry["op"]
+        args = tuple(_decode(a, env) for a in entry.get("args", ()))
+        kwargs = {k: _decode(v, env) for k, v in entry.get("kwargs", {}).items()}
+        if op == "placeholder":
+            node = graph.placeholder(name)
+        elif op == "call_function":
+            node = graph.create_node("call_function", resolve_target(entry["target"]), args, kwargs, name=name)
+        elif op == "output":
+            node = graph.output(args[0])
+        else:
+            raise ArtifactError(f"node {name}: op kind {op!r} is not allowed in an artifact graph")
+        if node.name != name:
+            raise ArtifactError(f"node name {name!r} is duplicated or invalid")
+        if "types" in entry:
+            node.meta["types"] = entry["types"]
+        env[name] = node
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
+def _encode(a):
+    if isinstance(a, fx.Node):
+        return {"node": a.name}
+    if a is None or isinstance(a, (bool, int, str)):
+        return a
+    if isinstance(a, float):
+        return a if math.isfinite(a) else {"float": repr(a)}
+    if isinstance(a, (list, tuple)):
+        return [_encode(x) for x in a]
+    if isinstance(a, torch.dtype):
+        return {"dtype": dtype_name(a)}
+    if isinstance(a, torch.device):
+        return {"device": str(a)}
+    if isinstance(a, torch.layout):
+        return {"layout": str(a).removeprefix("torch.")}
+    if isinstance(a, torch.memory_format):
+        return {"memory_format": str(a).removeprefix("torch.")}
+    raise KilnError(f"argument {a!r} of type {type(a).__name__} has no JSON form")
+
+
+def _decode(a, env: dict[str, fx.Node]):
+    if isinstance(a, list):
+        return [_decode(x, env) for x in a]
+    if not isinstance(a, dict):
+        return a
+    (kind, value), = a.items()
+    try:
+        if kind == "node":
+            return env[value]
+        if kind == "float":
+            return float(value)
+        if kind == "dtype":
+            return dtype_from_name(value)
+        if kind == "device":
+            return torch.device(value)
+        if kind == "layout":
+            return _LAYOUTS[value]
+        if kind == "memory_format":
+            return _MEMORY_FORMATS[value]
+    except (KeyError, ValueError) as e:
+        raise ArtifactError(f"bad {kind} argument {value!r} in artifact graph: {e}") from None
+    raise ArtifactError(f"unknown argument kind {kind!r} in artifact graph")

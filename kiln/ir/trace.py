@@ -1,0 +1,131 @@
+"""Capture an ``nn.Module`` into kiln's IR with torch.export.
+
+torch.export (non-strict) runs the model's Python once and records ATen ops;
+``run_decompositions({})`` then functionalizes the graph without decomposing
+ops such as ``linear`` or ``scaled_dot_product_attention`` that backends want
+to see whole. HF models that return a KV cache are traced with the cache turned
+off (a whole-sequence forward), and a log line says so.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+import torch.fx as fx
+from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
+
+from ..errors import TraceError
+from .graph import Graph, _is_known_target, _target_name
+from .signature import InputSpec, Signature
+from .meta import TensorType
+
+log = logging.getLogger("kiln")
+
+_WEIGHT_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+
+
+def trace(model: torch.nn.Module, example_inputs, example_kwargs: dict | None = None,
+          dynamic_shapes=None) -> Graph:
+    """Trace ``model(*example_inputs, **example_kwargs)`` into a :class:`Graph`."""
+    if not isinstance(model, torch.nn.Module):
+        raise TraceError(f"kiln compiles torch.nn.Module objects; got {type(model).__name__}")
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    kwargs = dict(example_kwargs or {})
+    name = type(model).__name__
+    tracker = _ModuleTracker(model)
+    with _kv_cache_disabled(model), tracker:
+        try:
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
+        except Exception as e:
+            where = f" in submodule '{tracker.innermost}'" if tracker.innermost else ""
+            reason = str(e).strip().splitlines()
+            reason = "\n".join(reason[:12]) if reason else type(e).__name__
+            raise TraceError(f"torch.export could not trace {name}{where}: {type(e).__name__}: {reason}") from e
+    ep = ep.run_decompositions({})
+    return from_exported_program(ep, name)
+
+
+def from_exported_program(ep: torch.export.ExportedProgram, name: str) -> Graph:
+    weights: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
+    inputs: list[InputSpec] = []
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            if not isinstance(spec.arg, TensorArgument):
+                raise TraceError(f"{name}: input {spec.arg} is not a tensor; kiln compiles tensor inputs only "
+                                 "(pass Python values as constants inside the model)")
+            inputs.append(InputSpec(spec.arg.name, TensorType.of(placeholders[spec.arg.name].meta["val"])))
+        elif spec.kind in _WEIGHT_KINDS:
+            value = ep.state_dict.get(spec.target)
+            if value is None:
+                value = ep.constants[spec.target]
+            weights[spec.arg.name] = value.detach()
+            sources[spec.arg.name] = spec.target
+        else:
+            raise TraceError(f"{name}: input {spec.arg} of kind {spec.kind.name} is not supported")
+    for spec in ep.graph_signature.output_specs:
+        if spec.kind != OutputKind.USER_OUTPUT:
+            raise TraceError(f"{name}: forward mutates {spec.target!r} ({spec.kind.name}); kiln compiles "
+                             "pure functions: pass state in and out as tensors")
+    for node in ep.graph.nodes:
+        if node.op in ("get_attr", "call_module") or (node.op == "call_function" and not _is_known_target(node.target)):
+            what = node.target if node.op != "call_function" else _target_name(node.target)
+            raise TraceError(f"{name}: node {node.name} ({node.op} {what}) is not supported in kiln IR "
+                             "(control flow and custom modules must trace to ATen ops)")
+    gm = fx.GraphModule(torch.nn.Module(), ep.graph)
+    sig = Signature(inputs, ep.call_spec.in_spec, ep.call_spec.out_spec)
+    return Graph(gm, weights, sig, name, sources)
+
+
+@contextlib.contextmanager
+def _kv_cache_disabled(model: torch.nn.Module):
+    config = getattr(model, "config", None)
+    if not getattr(config, "use_cache", False):
+        yield
+        return
+    log.info("kiln: %s returns a KV cache by default; tracing it with config.use_cache=False "
+             "(a whole-sequence forward, no cache output)", type(model).__name__)
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
+
+
+class _ModuleTracker:
+    """Keeps the stack of submodules being run, to name the one where tracing failed.
+
+    Forward hooks without ``always_call`` do not fire when a forward raises, so
+    after a failure the top of the stack is the innermost failing submodule.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.stack: list[str] = []
+        self.handles = []
+
+    @property
+    def innermost(self) -> str | None:
+        return self.stack[-1] if self.stack else None
+
+    def __enter__(self):
+        for path, mod in self.model.named_modules():
+            if path:
+                self.handles.append(mod.register_forward_pre_hook(self._entering(path)))
+                self.handles.append(mod.register_forward_hook(self._left))
+        return self
+
+    def _entering(self, path: str):
+        def hook(_module, _args) -> None:
+            self.stack.append(path)
+        return hook
+
+    def _left(self, _module, _args, _output) -> None:
+        self.stack.pop()
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return False
