@@ -1,0 +1,26 @@
+"""Named pipelines: each target's default list of passes, built from named stages.
+
+A stage is a list of pass names that belong together; a pipeline joins stages.
+The four paper families add their stages here as they arrive.
+"""
+from __future__ import annotations
+
+from ..errors import UnknownNameError
+
+STAGES: dict[str, list[str]] = {
+    "cleanup": ["eliminate_dead_code", "fold_constants"],
+}
+
+PIPELINES: dict[str, list[str]] = {
+    "cpu": ["cleanup"],
+    "none": [],
+}
+
+
+def get_pipeline(name: str) -> list[str]:
+    """The pass names of a pipeline, in order."""
+    try:
+        stages = PIPELINES[name]
+    except KeyError:
+        raise UnknownNameError("pipeline", name, PIPELINES) from None
+    return [p for stage in stages for p in STAGES[stage]]
