@@ -1,0 +1,7 @@
+"""Backends: what runs where (placement, partitioning) and lowering partitions for the runtime."""
+from . import cpu  # noqa: F401  (registers the backend)
+from .base import TARGETS, Backend, LoweredPartition, Partition, get_backend, register_backend, target_backends
+from .partition import assign_placement, split_by_placement
+
+__all__ = ["TARGETS", "Backend", "LoweredPartition", "Partition", "get_backend", "register_backend",
+           "target_backends", "assign_placement", "split_by_placement"]

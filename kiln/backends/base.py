@@ -1,0 +1,88 @@
+"""The backend interface and registry.
+
+A backend answers two separate questions (ExecuTorch's partitioner/preprocess
+split): *can it run this node* (``supports``, used when placing nodes) and
+*turn one partition into something the runtime can load* (``lower``, which
+never edits its input). Targets name the backends they may use, in order of
+preference.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.fx as fx
+
+from ..errors import KilnError, UnknownNameError
+
+
+@dataclass
+class Partition:
+    """A connected run of nodes placed on one backend.
+
+    ``gm``'s placeholders are the activations it reads (``inputs``, in order)
+    followed by the weights it reads (``weight_names``); it returns the tuple of
+    values other partitions or the model's output need (``outputs``).
+    """
+
+    name: str
+    backend: str
+    gm: fx.GraphModule
+    inputs: list[str]
+    outputs: list[str]
+    weight_names: list[str]
+    weights: dict[str, torch.Tensor]
+
+
+@dataclass
+class LoweredPartition:
+    """What a backend made of a partition: a runtime kernel format, its JSON spec and files."""
+
+    format: str  # the runtime kernel format that loads it, e.g. "torch-graph"
+    spec: dict  # JSON-serialisable, stored in the manifest
+    files: dict[str, bytes] = field(default_factory=dict)  # extra files (libraries), by file name
+    report: dict = field(default_factory=dict)  # what it did, for `kiln inspect`
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def supports(self, node: fx.Node) -> bool:
+        """Whether this backend can run ``node`` (a ``call_function`` node)."""
+
+    @abstractmethod
+    def lower(self, partition: Partition) -> LoweredPartition:
+        """Turn a partition into a loadable kernel; must not mutate ``partition``."""
+
+
+_BACKENDS: dict[str, type[Backend]] = {}
+
+# target name -> backends it may place nodes on, most preferred first
+TARGETS: dict[str, list[str]] = {
+    "cpu": ["cpu"],
+}
+
+
+def register_backend(cls: type[Backend]) -> type[Backend]:
+    if cls.name in _BACKENDS and _BACKENDS[cls.name] is not cls:
+        raise KilnError(f"a backend named {cls.name!r} is already registered")
+    _BACKENDS[cls.name] = cls
+    return cls
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return _BACKENDS[name]()
+    except KeyError:
+        raise UnknownNameError("backend", name, _BACKENDS) from None
+
+
+def target_backends(target: str) -> list[Backend]:
+    try:
+        names = TARGETS[target]
+    except KeyError:
+        raise UnknownNameError("target", target, TARGETS) from None
+    return [get_backend(n) for n in names]

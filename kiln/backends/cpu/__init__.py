@@ -1,0 +1,39 @@
+"""The ``cpu`` backend: PyTorch's own ATen kernels, run from the artifact's JSON graph.
+
+Op table: every ATen or prims op (and the Python operators of symbolic-size
+arithmetic), since the runtime calls them through ``torch.ops``. Ops of other
+namespaces (a user's ``torch.library`` custom ops) cannot be run from an
+artifact and are refused at placement time.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ...ir.serialize import graph_to_json, target_name
+from ..base import Backend, LoweredPartition, Partition, register_backend
+
+_NAMESPACES = ("aten", "prims")
+
+
+@register_backend
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def supports(self, node: fx.Node) -> bool:
+        t = node.target
+        if isinstance(t, torch._ops.OpOverload):
+            return t.namespace in _NAMESPACES
+        try:
+            target_name(t)
+        except Exception:
+            return False
+        return True
+
+    def lower(self, partition: Partition) -> LoweredPartition:
+        ops = sorted({str(n.target) for n in partition.gm.graph.nodes if n.op == "call_function"})
+        return LoweredPartition(
+            format="torch-graph",
+            spec={"graph": graph_to_json(partition.gm)},
+            report={"kernels": "pytorch", "ops": ops},
+        )

@@ -1,0 +1,95 @@
+"""Choosing what runs where, and cutting the graph into per-backend partitions.
+
+``assign_placement`` tags every compute node with the first backend of the
+target that supports it (a placement a pass already set is kept, and checked).
+``split_by_placement`` then cuts the graph into maximal runs of consecutive
+nodes (in topological order) with one placement; consecutive runs are always
+acyclic, so the schedule is simply their order.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..errors import UnsupportedOpError
+from ..ir import Graph
+from ..ir.printer import op_name
+from .base import Backend, Partition
+
+
+def assign_placement(graph: Graph, target: str, backends: list[Backend]) -> None:
+    by_name = {b.name: b for b in backends}
+    for node in graph.compute_nodes():
+        meta = graph.meta(node)
+        if meta.placement is not None:
+            backend = by_name.get(meta.placement)
+            if backend is None or not backend.supports(node):
+                raise UnsupportedOpError(
+                    f"node {node.name} ({op_name(node.target)}) was placed on {meta.placement!r}, "
+                    f"which target {target!r} cannot run it on (its backends: {', '.join(by_name)})")
+            continue
+        for backend in backends:
+            if backend.supports(node):
+                meta.placement = backend.name
+                break
+        else:
+            raise UnsupportedOpError(
+                f"node {node.name}: op {op_name(node.target)} is not supported by target {target!r} "
+                f"(backends tried: {', '.join(by_name)})" + _where(node))
+
+
+def _where(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path, cls = list(stack.values())[-1]
+        return f"; it comes from module '{path}' ({cls.rsplit('.', 1)[-1]})"
+    return ""
+
+
+def split_by_placement(graph: Graph) -> tuple[list[Partition], list[dict]]:
+    """Partitions in execution order, and the model's flat outputs: ``{"value": name}`` or ``{"literal": x}``."""
+    runs: list[list[fx.Node]] = []
+    for node in graph.compute_nodes():
+        placement = graph.meta(node).placement
+        if runs and graph.meta(runs[-1][0]).placement == placement:
+            runs[-1].append(node)
+        else:
+            runs.append([node])
+    output_node = graph.output_node()
+    partitions = []
+    for i, run in enumerate(runs):
+        members = set(run)
+        inputs: list[fx.Node] = []
+        for n in run:
+            for inp in n.all_input_nodes:
+                if inp not in members and inp not in inputs:
+                    inputs.append(inp)
+        outputs = [n for n in run if any(u not in members for u in n.users)]
+        activations = [n for n in inputs if not graph.is_weight(n)]
+        weights = [n for n in inputs if graph.is_weight(n)]
+        sub = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for n in activations + weights:
+            env[n] = sub.placeholder(n.name)
+            env[n].meta.update(n.meta)
+        for n in run:
+            env[n] = sub.node_copy(n, lambda a: env[a])
+        sub.output(tuple(env[n] for n in outputs))
+        placement = graph.meta(run[0]).placement
+        partitions.append(Partition(
+            name=f"part{i}_{placement}",
+            backend=placement,
+            gm=fx.GraphModule(torch.nn.Module(), sub),
+            inputs=[n.name for n in activations],
+            outputs=[n.name for n in outputs],
+            weight_names=[n.name for n in weights],
+            weights={n.name: graph.weights[n.name] for n in weights},
+        ))
+    flat_outputs = [{"value": a.name} if isinstance(a, fx.Node) else {"literal": a} for a in _flat(output_node.args[0])]
+    return partitions, flat_outputs
+
+
+def _flat(value) -> list:
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _flat(v)]
+    return [value]

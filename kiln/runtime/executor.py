@@ -1,0 +1,96 @@
+"""The executor: runs an artifact's partitions in schedule order.
+
+Compiling and loading meet here: ``kiln.compile`` builds an
+:class:`~kiln.runtime.artifact.Artifact` in memory and ``kiln.load`` reads one
+from disk; both are run by :class:`CompiledModel`, so what a test checks after
+compiling is what runs after loading.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import ArtifactError
+from ..ir.signature import Signature
+from .artifact import Artifact, write_artifact
+from .kernels import load_kernel
+
+
+class _ArtifactFiles:
+    """Files of an artifact, by name: on disk where it was read from, else in a private temp dir."""
+
+    def __init__(self, artifact: Artifact):
+        self.artifact = artifact
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    def bytes(self, name: str) -> bytes:
+        try:
+            return self.artifact.files[name]
+        except KeyError:
+            raise ArtifactError(f"artifact has no file {name!r}") from None
+
+    def path(self, name: str) -> str:
+        data = self.bytes(name)
+        if self.artifact.path is not None:
+            return str(self.artifact.path / name)
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="kiln-")
+        p = Path(self._tmp.name) / name
+        if not p.exists():
+            p.write_bytes(data)
+        return str(p)
+
+
+class CompiledModel:
+    """A compiled model: call it like the original module."""
+
+    def __init__(self, artifact: Artifact):
+        self.artifact = artifact
+        m = artifact.manifest
+        self.signature = Signature.from_json(m["signature"])
+        self._files = _ArtifactFiles(artifact)
+        self._steps = []
+        for entry in m["partitions"]:
+            missing = [w for w in entry["weights"] if w not in artifact.weights]
+            if missing:
+                raise ArtifactError(f"partition {entry['name']!r} reads weights missing from weights.safetensors: "
+                                    f"{missing[:5]}")
+            kernel = load_kernel(entry, self._files, {w: artifact.weights[w] for w in entry["weights"]})
+            self._steps.append((entry["inputs"], entry["outputs"], kernel))
+        self._outputs = m["outputs"]
+
+    @property
+    def target(self) -> str:
+        return self.artifact.manifest["target"]
+
+    @property
+    def manifest(self) -> dict:
+        return self.artifact.manifest
+
+    @property
+    def example_inputs(self) -> list[torch.Tensor] | None:
+        return self.artifact.example_inputs
+
+    def run(self, flat_inputs: list[torch.Tensor]) -> list:
+        """Run on flat, already checked inputs; returns flat outputs."""
+        env = dict(zip((i.name for i in self.signature.inputs), flat_inputs))
+        with torch.no_grad():
+            for inputs, outputs, kernel in self._steps:
+                env.update(zip(outputs, kernel(*[env[n] for n in inputs])))
+        weights = self.artifact.weights
+        return [(env[o["value"]] if o["value"] in env else weights[o["value"]]) if "value" in o else o["literal"]
+                for o in self._outputs]
+
+    def __call__(self, *args, **kwargs):
+        return self.signature.unflatten(self.run(self.signature.flatten(args, kwargs)))
+
+    def save(self, path) -> Path:
+        """Write the artifact to the directory ``path`` (atomically)."""
+        return write_artifact(self.artifact, path)
+
+    def __repr__(self) -> str:
+        m = self.artifact.manifest
+        return (f"<kiln.CompiledModel {m.get('model')} target={m['target']} "
+                f"partitions={len(m['partitions'])} weights={len(self.artifact.weights)}>")
