@@ -1,0 +1,32 @@
+# `make demo` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kiln-installed
+
+.PHONY: setup demo test test-all bench clean
+
+setup: $(STAMP)
+
+# Re-install only when the dependencies change; the package itself is editable.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "kiln needs $(PYTHON) (set PYTHON=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) examples/demo.py
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q --run-slow
+
+bench: setup
+	$(PY) benchmarks/compiled_vs_eager.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
