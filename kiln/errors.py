@@ -43,8 +43,9 @@ class FactoryError(KilnError):
 class UnknownNameError(KilnError, ValueError):
     """An unknown target, pass, pipeline or option value; lists the known ones."""
 
-    def __init__(self, kind: str, name: object, known: Iterable[str]):
+    def __init__(self, kind: str, name: object, known: Iterable[str], plural: str | None = None):
         self.kind = kind
         self.name = name
         self.known = sorted(known)
-        super().__init__(f"unknown {kind} {name!r}; known {kind}s: {', '.join(self.known) or '(none)'}")
+        plural = plural or (kind + "es" if kind.endswith("s") else kind + "s")
+        super().__init__(f"unknown {kind} {name!r}; known {plural}: {', '.join(self.known) or '(none)'}")

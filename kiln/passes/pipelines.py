@@ -8,7 +8,7 @@ from __future__ import annotations
 from ..errors import UnknownNameError
 
 STAGES: dict[str, list[str]] = {
-    "cleanup": ["eliminate_dead_code", "fold_constants"],
+    "cleanup": ["remove_trace_asserts", "eliminate_dead_code", "fold_constants"],
 }
 
 PIPELINES: dict[str, list[str]] = {

@@ -1,0 +1,120 @@
+import logging
+
+import networkx as nx
+import pytest
+import torch
+from torch import nn
+
+from kiln.errors import TraceError, VerificationError
+from kiln.ir import trace
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.register_buffer("scale", torch.full((8,), 0.5))
+
+    def forward(self, x, *, bias):
+        h = torch.relu(self.proj(x))
+        return {"scaled": h * self.scale + bias, "pair": (h.sum(-1), x)}
+
+
+def test_trace_keeps_signature_weights_and_output_structure():
+    torch.manual_seed(0)
+    m = TwoHeads().eval()
+    x, b = torch.randn(2, 8), torch.randn(8)
+    g = trace(m, (x,), {"bias": b})
+    assert [i.name for i in g.signature.inputs] == ["x", "bias"]
+    assert str(g.signature.inputs[0].type) == "f32[2, 8]"
+    assert sorted(g.weight_sources.values()) == ["proj.bias", "proj.weight", "scale"]
+    out = g(x, bias=b)
+    ref = m(x, bias=b)
+    assert set(out) == {"scaled", "pair"}
+    torch.testing.assert_close(out["scaled"], ref["scaled"])
+    torch.testing.assert_close(out["pair"][0], ref["pair"][0])
+    torch.testing.assert_close(out["pair"][1], x)
+    g.verify()
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.inner(x) if x.sum() > 0 else x
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Branchy()
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def test_untraceable_model_names_module_and_reason():
+    with pytest.raises(TraceError) as e:
+        trace(Outer(), (torch.randn(2, 2),))
+    msg = str(e.value)
+    assert "could not trace Outer" in msg
+    assert "submodule 'block'" in msg
+    assert "data-dependent" in msg
+
+
+def test_not_a_module():
+    with pytest.raises(TraceError, match="nn.Module objects; got function"):
+        trace(lambda x: x, (torch.randn(1),))
+
+
+class CachingModel(nn.Module):
+    """Mimics an HF model: returns a cache unless config.use_cache is off."""
+
+    class Config:
+        use_cache = True
+
+    def __init__(self):
+        super().__init__()
+        self.config = self.Config()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        if self.config.use_cache:
+            return y, [torch.zeros(1)]
+        return (y,)
+
+
+def test_kv_cache_is_turned_off_for_tracing_and_restored(caplog):
+    m = CachingModel()
+    with caplog.at_level(logging.INFO, logger="kiln"):
+        g = trace(m, (torch.randn(2, 4),))
+    assert "use_cache=False" in caplog.text
+    assert m.config.use_cache is True
+    x = torch.randn(2, 4)
+    out = g(x)
+    assert len(out) == 1
+    torch.testing.assert_close(out[0], m.lin(x))
+
+
+def test_copy_is_independent_and_verify_catches_stale_types():
+    g = trace(TwoHeads().eval(), (torch.randn(2, 8),), {"bias": torch.randn(8)})
+    c = g.copy()
+    relu = next(n for n in c.fx.nodes if n.op == "call_function" and "relu" in str(n.target))
+    relu.target = torch.ops.aten.sum.default  # changes the shape without re-propagating
+    assert any("relu" in str(n.target) for n in g.fx.nodes)
+    with pytest.raises(VerificationError, match=f"node {relu.name}: metadata says f32\\[2, 8\\] but the value"):
+        relu.meta["val"] = torch.empty(())
+        c.verify()
+    g.verify()
+
+
+def test_networkx_view_is_the_dataflow_dag():
+    g = trace(TwoHeads().eval(), (torch.randn(2, 8),), {"bias": torch.randn(8)})
+    d = g.to_networkx()
+    assert nx.is_directed_acyclic_graph(d)
+    assert d.number_of_nodes() == len(list(g.fx.nodes))
+    linear = next(n for n, a in d.nodes(data=True) if a["target"] == "aten.linear")
+    assert set(d.predecessors(linear)) == {"x", "p_proj_weight", "p_proj_bias"}
