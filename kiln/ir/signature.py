@@ -89,7 +89,26 @@ def _shape_matches(expected, got, bound: dict[str, int]) -> bool:
 
 
 def _describe(spec: pytree.TreeSpec) -> str:
-    return str(spec).replace("\n", " ")
+    """``(args..., key=...)`` with ``T`` for each tensor/leaf, e.g. ``(T, [T, T], mask=T)``."""
+    args, kwargs = spec.children_specs
+    parts = [_describe_node(c) for c in args.children_specs]
+    parts += [f"{k}={_describe_node(c)}" for k, c in zip(kwargs.context or [], kwargs.children_specs)]
+    return "(" + ", ".join(parts) + ")"
+
+
+def _describe_node(spec: pytree.TreeSpec) -> str:
+    if spec.is_leaf():
+        return "T"
+    children = [_describe_node(c) for c in spec.children_specs]
+    if spec.type is tuple:
+        return "(" + ", ".join(children) + ("," if len(children) == 1 else "") + ")"
+    if spec.type is list:
+        return "[" + ", ".join(children) + "]"
+    if spec.type is dict:
+        return "{" + ", ".join(f"{k!r}: {c}" for k, c in zip(spec.context, children)) + "}"
+    if spec.type is type(None):
+        return "None"
+    return f"{getattr(spec.type, '__name__', spec.type)}(" + ", ".join(children) + ")"
 
 
 def _load_treespec(text: str) -> pytree.TreeSpec:

@@ -1,0 +1,165 @@
+"""Artifacts: round trip, and refusal of anything missing, truncated, tampered with or of another version."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import kiln
+from kiln.errors import ArtifactError
+from kiln.runtime import artifact as artifact_mod
+from kiln.runtime.artifact import _canonical, _sha256
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16, 4)
+        self.b2 = self.b  # a tied module: its weights must be stored once
+
+    def forward(self, x):
+        return {"logits": self.b2(torch.tanh(self.a(x))), "hidden": self.a(x)}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    torch.manual_seed(0)
+    m = Net().eval()
+    x = torch.randn(3, 8)
+    return m, x, kiln.compile(m, (x,))
+
+
+@pytest.fixture
+def saved(compiled, tmp_path):
+    _, _, cm = compiled
+    return cm.save(tmp_path / "art")
+
+
+def test_round_trip_matches_eager(compiled, saved):
+    m, x, _ = compiled
+    loaded = kiln.load(saved)
+    out, ref = loaded(x), m(x)
+    assert set(out) == {"logits", "hidden"}
+    torch.testing.assert_close(out["logits"], ref["logits"])
+    torch.testing.assert_close(out["hidden"], ref["hidden"])
+    assert sorted(p.name for p in saved.iterdir()) == ["example_inputs.safetensors", "manifest.json",
+                                                       "weights.safetensors"]
+    torch.testing.assert_close(loaded.example_inputs[0], x)
+
+
+def test_manifest_records_versions_target_and_hashes(saved):
+    m = json.loads((saved / "manifest.json").read_text())
+    assert m["format"] == "kiln-artifact" and m["format_version"] == 1
+    assert m["target"] == "cpu" and m["torch_version"] == torch.__version__
+    assert m["tvm_version"].startswith("0.27")
+    data = (saved / "weights.safetensors").read_bytes()
+    assert m["files"]["weights.safetensors"] == {"bytes": len(data), "sha256": _sha256(data)}
+
+
+def _rewrite_manifest(path: Path, edit, rehash=True):
+    m = json.loads((path / "manifest.json").read_text())
+    edit(m)
+    if rehash:
+        m["manifest_sha256"] = _sha256(_canonical(m))
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.fixture
+def no_kernel_loads(monkeypatch):
+    """Fails the test if any partition is loaded: refusal must come before anything runs."""
+    from kiln.runtime import executor
+
+    def refuse(*a, **k):
+        raise AssertionError("a kernel was loaded from an artifact that should have been refused")
+
+    monkeypatch.setattr(executor, "load_kernel", refuse)
+
+
+def test_tampered_weights_are_refused(saved, no_kernel_loads):
+    w = saved / "weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"weights\.safetensors does not match its sha256 .*tampered"):
+        kiln.load(saved)
+
+
+def test_truncated_weights_are_refused(saved, no_kernel_loads):
+    w = saved / "weights.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match=rf"weights\.safetensors is truncated .*says {len(data)} bytes"):
+        kiln.load(saved)
+
+
+def test_truncated_manifest_is_refused(saved, no_kernel_loads):
+    mp = saved / "manifest.json"
+    mp.write_bytes(mp.read_bytes()[:100])
+    with pytest.raises(ArtifactError, match=r"manifest\.json is not valid JSON \(truncated"):
+        kiln.load(saved)
+
+
+def test_edited_manifest_is_refused(saved, no_kernel_loads):
+    def retarget(m):
+        m["partitions"][0]["spec"]["graph"]["nodes"][-2]["target"] = "aten.exp.default"
+    _rewrite_manifest(saved, retarget, rehash=False)
+    with pytest.raises(ArtifactError, match="modified after it was written"):
+        kiln.load(saved)
+
+
+def test_future_format_version_is_refused(saved, no_kernel_loads):
+    _rewrite_manifest(saved, lambda m: m.update(format_version=2))
+    with pytest.raises(ArtifactError, match="format version 2 is not supported by this runtime \\(it reads version 1"):
+        kiln.load(saved)
+
+
+def test_missing_files_are_named(saved, no_kernel_loads, tmp_path):
+    (saved / "weights.safetensors").unlink()
+    with pytest.raises(ArtifactError, match="is missing weights.safetensors, listed in its manifest"):
+        kiln.load(saved)
+    (saved / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="is missing manifest.json"):
+        kiln.load(saved)
+    with pytest.raises(ArtifactError, match="not a directory"):
+        kiln.load(tmp_path / "nowhere")
+
+
+def test_path_escape_in_file_list_is_refused(saved, no_kernel_loads):
+    _rewrite_manifest(saved, lambda m: m["files"].update({"../evil.so": {"bytes": 1, "sha256": "0"}}))
+    with pytest.raises(ArtifactError, match="not a plain file name"):
+        kiln.load(saved)
+
+
+def test_save_is_atomic_and_never_clobbers_other_directories(compiled, tmp_path, monkeypatch):
+    _, _, cm = compiled
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="refusing to overwrite"):
+        cm.save(other)
+    assert (other / "keep.txt").read_text() == "mine"
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(artifact_mod, "_canonical", fail)
+    with pytest.raises(OSError, match="disk full"):
+        cm.save(tmp_path / "half")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
+def test_resave_replaces_an_artifact(compiled, saved):
+    m, x, cm = compiled
+    cm.save(saved)
+    torch.testing.assert_close(kiln.load(saved)(x)["logits"], m(x)["logits"])
+
+
+def test_tied_weights_are_stored_once(saved):
+    m = json.loads((saved / "manifest.json").read_text())
+    assert m["weight_aliases"] == {}  # export already dedups tied parameters
+    from safetensors import safe_open
+
+    with safe_open(str(saved / "weights.safetensors"), "pt") as f:
+        assert len(list(f.keys())) == 4
