@@ -9,10 +9,11 @@ from ..errors import UnknownNameError
 
 STAGES: dict[str, list[str]] = {
     "cleanup": ["remove_trace_asserts", "eliminate_dead_code", "fold_constants"],
+    "analysis": ["annotate_regions"],
 }
 
 PIPELINES: dict[str, list[str]] = {
-    "cpu": ["cleanup"],
+    "cpu": ["cleanup", "analysis"],
     "none": [],
 }
 
