@@ -82,7 +82,7 @@ class PassManager:
                 if not isinstance(result, PassResult):
                     raise KilnError(f"run() returned {type(result).__name__}, not a PassResult")
                 _record_changes(graph, p.name, before, record)
-                if result.modified or record.added or record.removed or record.rewritten:
+                if record.added or record.removed or record.rewritten:  # metadata-only passes skip this
                     graph.propagate_types()
                 record.seconds = time.perf_counter() - start
                 record.modified = result.modified
