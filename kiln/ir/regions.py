@@ -19,23 +19,30 @@ ViT and MiniLM, with no per-model tables:
   class name is recognised decides the node's role: ``*Attention*`` gives
   ``attention``; ``*MLP*``, ``*MoE*`` / ``*Moe*`` (sparse MoE blocks, their
   router included), ``*Expert*``, ``*FeedForward*``, ``*FFN*``, ``*LayerFF*``,
-  ``*Intermediate*`` and ``*Output`` but not ``*SelfOutput`` (BERT/ViT split
-  their FFN into ``Intermediate`` + ``Output``) give ``ffn``. Everything else
-  in the layer (norms and residual adds called by the layer itself) is
-  ``other``.
+  ``*Intermediate*`` and ``*Output`` but not ``*SelfOutput`` (BERT-family
+  models split their FFN into ``Intermediate`` + ``Output``) give ``ffn``.
+  Everything else in the layer (norms and residual adds called by the layer
+  itself) is ``other``.
 - The stack is the call chain, not the ownership tree: a shared module called
   from inside a layer's attention (e.g. a model-level rotary embedding) belongs
   to that attention region.
+- Placeholders and the output are never in a region, even when a pass copied a
+  module stack onto them (as ``torch.fx``'s ``split_module`` does).
+
+What passes building on this must know: work every layer shares is computed
+once outside the layers (HF builds the attention mask and RoPE cos/sin at model
+level) and enters each attention region as an input. Post-norm models (BERT)
+compute their residual add and LayerNorm inside the attention and FFN output
+modules, so those nodes are in the regions and ``other`` is empty.
 
 Not handled: layers that are not integer-indexed children of a container;
 layers without an attention module (pure MLP or state-space blocks: the model
-then gives no layers); a layer with several attention submodules (a decoder
-with cross-attention) has all of them in ``attention`` but only the first in
-``attention_path``; graphs whose nodes lost their module stacks (e.g. after
-``make_fx`` or a pass that does not copy metadata), whose nodes are left out.
-Post-norm models (BERT) compute their residual add and LayerNorm inside the
-attention and FFN output modules, so those nodes are in the regions, not in
-``other``.
+then gives no layers); FFN weights held directly by the layer rather than by a
+submodule (``nn.TransformerEncoderLayer``'s ``linear1``/``linear2`` land in
+``other``); a layer with several attention submodules (a decoder with
+cross-attention) has all of them in ``attention`` but only the first in
+``attention_path``; nodes that lost their module stack (e.g. created by a pass
+that does not copy metadata) are left out of every region.
 """
 from __future__ import annotations
 
@@ -101,7 +108,7 @@ def find_regions(gm: torch.fx.GraphModule) -> list[LayerRegion]:
     stacks = [(node.name, _stack(node)) for node in gm.graph.nodes]
     candidates = _layer_candidates([s for _, s in stacks])
 
-    # Per layer, in first-seen order: class name, role -> node names, role -> module paths.
+    # Per layer, in first-seen order: class name, role -> node names, region -> module paths.
     layers: dict[str, tuple[str, dict[str, list[str]], dict[str, list[str]]]] = {}
     for name, stack in stacks:
         # The outermost candidate on the stack is the layer; nested ones (an
@@ -111,7 +118,7 @@ def find_regions(gm: torch.fx.GraphModule) -> list[LayerRegion]:
             continue
         layer_path, layer_cls = stack[pos]
         if layer_path not in layers:
-            layers[layer_path] = (layer_cls, {r: [] for r in ROLES}, {r: [] for r in ROLES})
+            layers[layer_path] = (layer_cls, {r: [] for r in ROLES}, {"attention": [], "ffn": []})
         _, nodes, paths = layers[layer_path]
         role, module = _role(stack[pos + 1:])
         nodes[role].append(name)
