@@ -1,0 +1,466 @@
+"""The ``kiln`` command line: compile a model, run an artifact, inspect what each pass does.
+
+    kiln compile FILE.py:FACTORY --target cpu -o DIR [--pipeline NAME] [--skip PASS ...]
+    kiln run DIR [--repeat N]
+    kiln inspect FILE.py:FACTORY --target cpu [--pipeline NAME] [--skip PASS ...] [--dump-dir D] [--tir KERNEL]
+
+``FACTORY`` is a function in ``FILE.py`` that takes no arguments and returns
+``(model, example_inputs)``. Every :class:`~kiln.errors.KilnError` is printed
+as ``error: <message>`` with exit status 1; usage errors exit with 2.
+
+``kiln run`` is the runtime side only. The compiler (``kiln.api``,
+``kiln.passes``, ``kiln.backends``) is imported inside the commands that need
+it, never at the top of this module, so running an artifact never loads it.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib.util
+import logging
+import re
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+
+from .errors import FactoryError, KilnError
+
+# Output that is not a terminal (a file, a pipe, a test) is not wrapped at 80 columns.
+_PIPE_WIDTH = 200
+
+# The names `kiln inspect --dump-dir` writes; only these are replaced in a folder it reuses.
+_DUMP_FILE = re.compile(r"\d{3}_\w+\.(txt|diff)|graph\.(svg|html|dot)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``kiln`` command line on ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    args = _parser().parse_args(argv)
+    out, err = _console(stderr=False), _console(stderr=True)
+    logger = logging.getLogger("kiln")
+    handler = RichHandler(console=err, show_time=False, show_path=False, markup=False)
+    saved_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        args.command(args, out, err)
+    except KilnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved_level)
+    return 0
+
+
+def _console(stderr: bool) -> Console:
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal:
+        console.width = _PIPE_WIDTH
+    return console
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description="kiln: a compiler for PyTorch models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show kiln's debug log")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    factory_help = ("FILE.py:FACTORY, where FACTORY() returns (model: nn.Module, example_inputs: tuple); "
+                    "a single tensor counts as a 1-tuple")
+
+    p = commands.add_parser("compile", help="compile a model and save the artifact",
+                            description="Trace a model, run the pass pipeline, lower it and save the artifact.")
+    p.add_argument("factory", metavar="FILE.py:FACTORY", help=factory_help)
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="artifact directory to write")
+    _add_pipeline_options(p)
+    p.set_defaults(command=_compile)
+
+    p = commands.add_parser("run", help="run a saved artifact on its stored example inputs",
+                            description="Load an artifact (without the compiler), run it on the example "
+                                        "inputs stored in it, and time it.")
+    p.add_argument("artifact", metavar="DIR", help="artifact directory written by `kiln compile`")
+    p.add_argument("--repeat", type=_positive_int, default=10, metavar="N",
+                   help="timed runs after one warm-up run (default: 10)")
+    p.set_defaults(command=_run)
+
+    p = commands.add_parser("inspect", help="show what every pass does to a model",
+                            description="Run the pipeline with snapshots and eager drift checks; show per "
+                                        "pass what changed, the time it took and the drift, then how "
+                                        "each partition was lowered.")
+    p.add_argument("factory", metavar="FILE.py:FACTORY", help=factory_help)
+    _add_pipeline_options(p)
+    p.add_argument("--dump-dir", metavar="D",
+                   help="write the IR before and after every pass, diffs, and pictures of the final graph; "
+                        "earlier dumps there are replaced")
+    p.add_argument("--tir", metavar="KERNEL", help="print the TIR of one kernel named in the lowering report")
+    p.set_defaults(command=_inspect)
+    return parser
+
+
+def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="cpu", help="target to compile for (default: cpu)")
+    p.add_argument("--pipeline", metavar="NAME", help="named pass pipeline (default: the target's own)")
+    p.add_argument("--skip", nargs="+", action="extend", default=[], metavar="PASS",
+                   help="passes of the pipeline not to run")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+# ---- FILE.py:FACTORY ---------------------------------------------------------------------------
+
+def load_factory(spec: str):
+    """Import ``FILE.py`` and call ``FACTORY()``; returns ``(model, example_inputs)`` checked.
+
+    Raises :class:`~kiln.errors.FactoryError` naming the file and factory for
+    every way this can go wrong.
+    """
+    file, sep, name = spec.rpartition(":")
+    if not sep or not file or not name:
+        raise FactoryError(f"{spec!r} is not FILE.py:FACTORY: put a ':' between the file and the name of "
+                           "the function that builds the model")
+    path = Path(file)
+    if not path.is_file():
+        raise FactoryError(f"{path}: no such file")
+    with _importable_siblings(path):
+        module = _import_file(path)
+        factory = getattr(module, name, None)
+        if factory is None:
+            defined = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
+                             and getattr(v, "__module__", None) == module.__name__)  # not what it imports
+            raise FactoryError(f"{path} has no {name!r}; the callables it defines are: "
+                               f"{', '.join(defined) or '(none)'}")
+        if not callable(factory):
+            raise FactoryError(f"{path}:{name} is not a function (it is of type {type(factory).__name__})")
+        try:
+            result = factory()
+        except Exception as e:
+            raise FactoryError(f"{path}:{name}() raised {type(e).__name__}: {e}") from e
+    return _check_factory_result(result, f"{path}:{name}()")
+
+
+@contextmanager
+def _importable_siblings(path: Path):
+    # As with `python FILE.py`, the file may import modules that sit next to it.
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        sys.path.remove(folder)
+
+
+def _import_file(path: Path):
+    module_name = f"kiln_factory_{path.stem}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise FactoryError(f"{path} cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    # Registered before it runs: dataclasses and pytree registration look their module up by name.
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        sys.modules.pop(module_name, None)
+        raise FactoryError(f"importing {path} raised {type(e).__name__}: {e}") from e
+    return module
+
+
+def _check_factory_result(result, where: str):
+    import torch
+
+    if isinstance(result, tuple) and len(result) == 2:
+        model, inputs = result
+        if isinstance(inputs, torch.Tensor):
+            inputs = (inputs,)
+        if isinstance(model, torch.nn.Module) and isinstance(inputs, tuple):
+            return model, inputs
+    raise FactoryError(f"{where} returned {_describe(result)}; it must return "
+                       "(model: nn.Module, example_inputs: tuple)")
+
+
+def _describe(value) -> str:
+    if isinstance(value, tuple):
+        return "(" + ", ".join(type(v).__name__ for v in value) + ("," if len(value) == 1 else "") + ")"
+    return type(value).__name__
+
+
+# ---- kiln compile ------------------------------------------------------------------------------
+
+def _compile(args, out: Console, err: Console) -> None:
+    from . import api
+
+    options, _ = _checked_options(args)
+    model, inputs = load_factory(args.factory)
+    start = time.perf_counter()
+    with err.status(f"tracing {type(model).__name__}") as status:
+        options.instruments.append(_progress(status))
+        compiled = api.compile(model, inputs, args.target, options=options)
+        status.update(f"writing {args.output}")
+        path = compiled.save(args.output)
+    seconds = time.perf_counter() - start
+
+    m = compiled.manifest
+    passes = ", ".join(_pass_summary(r) for r in m["passes"]) or "(none)"
+    partitions = ", ".join(f"{p['name']} ({p['backend']}, {p['format']})" for p in m["partitions"])
+    files = [f for f in path.iterdir() if f.is_file()]
+    size = sum(f.stat().st_size for f in files)
+    out.print(Text(f"compiled {m['model']} for {m['target']} in {seconds:.2f} s\n"
+                   f"  passes      {passes}\n"
+                   f"  partitions  {partitions}\n"
+                   f"  artifact    {path} ({_size(size)} in {_count(len(files), 'file')})"))
+
+
+def _checked_options(args):
+    """The compile options and target backends the command line asks for.
+
+    Unknown target, pipeline and pass names are reported before the model is
+    built, which for a large model takes longer than anything else here.
+    """
+    from . import api
+    from .backends import target_backends
+
+    options = api.CompileOptions(pipeline=args.pipeline, skip_passes=tuple(args.skip))
+    backends = target_backends(args.target)
+    api.pass_manager(args.target, None, options)  # resolves the pipeline and pass names, or raises
+    return options, backends
+
+
+def _pass_summary(record: dict) -> str:
+    if record["skipped"]:
+        return f"{record['name']} (skipped)"
+    counts = [f"{sign}{record[k]}" for sign, k in (("+", "added"), ("-", "removed"), ("~", "rewritten"))
+              if record[k]]
+    return f"{record['name']} ({' '.join(counts) if counts else 'no change'})"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _progress(status):
+    """An instrument that shows the running pass on a rich status line."""
+    from .passes import Instrument  # compile side only: see the module docstring
+
+    class ShowProgress(Instrument):
+        def before_pipeline(self, graph, ctx):
+            status.update(f"optimising {graph.name}")
+
+        def before_pass(self, graph, pass_, ctx):
+            status.update(f"pass {pass_.name}")
+
+        def after_pass(self, graph, pass_, ctx, record):
+            # The next pass overwrites this; after the last one, lowering is what runs.
+            status.update("lowering")
+
+    return ShowProgress()
+
+
+# ---- kiln run ----------------------------------------------------------------------------------
+
+def _run(args, out: Console, err: Console) -> None:
+    import torch
+    from torch.utils import _pytree as pytree
+
+    from .runtime import load
+
+    with err.status(f"loading {args.artifact}"):
+        compiled = load(args.artifact)
+    if compiled.example_inputs is None:
+        raise KilnError(f"{args.artifact} holds no example inputs to run on "
+                        "(it was compiled with keep_example_inputs=False)")
+    call_args, call_kwargs = pytree.tree_unflatten(list(compiled.example_inputs), compiled.signature.in_spec)
+    with err.status(f"running {args.artifact}"):
+        outputs = compiled(*call_args, **call_kwargs)  # the warm-up run
+        times = []
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            compiled(*call_args, **call_kwargs)
+            times.append(time.perf_counter() - start)
+
+    m = compiled.manifest
+    out.print(Text(f"{m['model']} for {m['target']}: {_count(len(m['partitions']), 'partition')}, "
+                   f"{_count(len(compiled.example_inputs), 'example input')}"))
+    table = Table(title="outputs", title_justify="left")
+    for column in ("output", "shape", "dtype"):
+        table.add_column(column)
+    for path, leaf in pytree.tree_flatten_with_path(outputs)[0]:
+        name = pytree.keystr(path) or "output"
+        if isinstance(leaf, torch.Tensor):
+            table.add_row(Text(name), Text(str(tuple(leaf.shape))), Text(str(leaf.dtype).removeprefix("torch.")))
+        else:
+            table.add_row(Text(name), Text(repr(leaf)), Text(type(leaf).__name__))
+    out.print(table)
+    out.print(Text(f"median wall-clock time of {args.repeat} runs: {statistics.median(times) * 1e3:.3f} ms"))
+
+
+# ---- kiln inspect ------------------------------------------------------------------------------
+
+def _inspect(args, out: Console, err: Console) -> None:
+    from . import api
+    from .ir.trace import trace
+    from .passes import Drift, Snapshot
+
+    options, backends = _checked_options(args)
+    model, inputs = load_factory(args.factory)
+    name = type(model).__name__
+    with err.status(f"running {name} eagerly") as status:
+        reference = _eager_outputs(model, inputs)
+        status.update(f"tracing {name}")
+        graph = trace(model, inputs)
+        flat_inputs = graph.signature.flatten(inputs, {})
+        traced_drift = _traced_drift(graph, flat_inputs, reference)
+        snapshot = Snapshot()
+        pm = api.pass_manager(args.target, None, options,
+                              extra=[snapshot, Drift(flat_inputs, reference), _progress(status)])
+        records = api.run_passes(graph, pm, args.target, options)
+        status.update("lowering")
+        compiled = api.lower(graph, args.target, backends, records, options, flat_inputs)
+
+    out.print(_pass_table(graph, records, traced_drift))
+    for entry in compiled.manifest["partitions"]:
+        out.print(_partition_tree(entry))
+    if args.dump_dir:
+        with err.status(f"writing {args.dump_dir}"):
+            written = _write_dumps(Path(args.dump_dir), snapshot.initial, records, graph)
+        out.print(Text(f"wrote {len(written)} files to {args.dump_dir}"))
+    if args.tir:
+        out.print(Text(_tir(compiled.manifest, args.tir)))
+
+
+def _eager_outputs(model, inputs) -> list:
+    import torch
+    from torch.utils import _pytree as pytree
+
+    from .ir.trace import _kv_cache_disabled
+
+    # The tracer turns HF KV caches off; the reference must be the same computation.
+    with torch.no_grad(), _kv_cache_disabled(model):
+        try:
+            outputs = model(*inputs)
+        except Exception as e:
+            raise KilnError(f"running {type(model).__name__} eagerly on the example inputs raised "
+                            f"{type(e).__name__}: {e}") from e
+    return pytree.tree_leaves(outputs)
+
+
+def _traced_drift(graph, flat_inputs: list, reference: list) -> float:
+    from .passes.instruments import max_abs_diff
+
+    outputs = graph.run(flat_inputs)
+    if len(outputs) != len(reference):
+        raise KilnError(f"the traced graph returns {len(outputs)} values but the eager model {len(reference)}, "
+                        "so their drift cannot be compared")
+    return max_abs_diff(outputs, reference)
+
+
+def _pass_table(graph, records: list, traced_drift: float) -> Table:
+    table = Table(title=f"{graph.name}: {len(records)} passes", title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("pass", no_wrap=True)
+    table.add_column("time (ms)", justify="right")
+    for column in ("added", "removed", "rewritten"):
+        table.add_column(column, justify="right")
+    table.add_column("stats")
+    table.add_column("drift vs eager", justify="right")
+    table.add_row("", Text("(traced)"), "", "", "", "", "", _drift(traced_drift))
+    for i, r in enumerate(records, 1):
+        if r.skipped:
+            table.add_row(str(i), Text(r.name), "skipped", "", "", "", "", "")
+            continue
+        stats = " ".join(f"{k}={v}" for k, v in r.stats.items())
+        table.add_row(str(i), Text(r.name), f"{r.seconds * 1e3:.2f}", str(len(r.added)), str(len(r.removed)),
+                      str(len(r.rewritten)), Text(stats), _drift(r.extra.get("drift")))
+    table.caption = f"{len(graph.compute_nodes())} compute nodes after the pipeline"
+    return table
+
+
+def _drift(value: float | None) -> str:
+    if value is None:
+        return ""
+    return "0" if value == 0 else f"{value:.3g}"
+
+
+def _partition_tree(entry: dict) -> Tree:
+    tree = Tree(Text(f"partition {entry['name']}: backend {entry['backend']}, format {entry['format']}, "
+                     f"{_count(len(entry['inputs']), 'input')}, {_count(len(entry['outputs']), 'output')}, "
+                     f"{_count(len(entry['weights']), 'weight')}"))
+    _add_report(tree, entry.get("report") or {})
+    return tree
+
+
+def _add_report(tree: Tree, report: dict) -> None:
+    for key, value in report.items():
+        if key == "tir" and isinstance(value, dict):  # whole kernels: too long to show here
+            tree.add(Text(f"tir: {len(value)} kernels ({', '.join(value)}); print one with --tir KERNEL"))
+        elif isinstance(value, dict):
+            _add_report(tree.add(Text(f"{key}:")), value)
+        elif isinstance(value, (list, tuple)):
+            tree.add(Text(f"{key} ({len(value)}): {', '.join(map(str, value))}"))
+        else:
+            tree.add(Text(f"{key}: {value}"))
+
+
+def _tir(manifest: dict, kernel: str) -> str:
+    """The TIR text of ``kernel``: backends put ``{"tir": {kernel name: text}}`` in their report."""
+    kernels: dict[str, str] = {}
+    for entry in manifest["partitions"]:
+        kernels.update((entry.get("report") or {}).get("tir", {}))
+    if kernel in kernels:
+        return kernels[kernel]
+    if kernels:
+        raise KilnError(f"no TIR kernel named {kernel!r}; the kernels are: {', '.join(sorted(kernels))}")
+    backends = sorted({entry["backend"] for entry in manifest["partitions"]})
+    raise KilnError(f"no TIR kernel named {kernel!r}: no partition was lowered to TIR kernels "
+                    f"(backends used: {', '.join(backends) or 'none'})")
+
+
+def _write_dumps(folder: Path, initial: str, records: list, graph) -> list[str]:
+    """Write the snapshots, diffs and pictures of one inspection; returns the file names written."""
+    from .ir import draw
+
+    files = {"000_input.txt": initial}
+    previous_name, previous = "000_input.txt", initial
+    for i, r in enumerate(records, 1):
+        ir = r.extra.get("ir")
+        if ir is None:  # a skipped pass: nothing ran, nothing to show
+            continue
+        name = f"{i:03d}_{r.name}.txt"
+        files[name] = ir
+        diff = "".join(difflib.unified_diff(previous.splitlines(True), ir.splitlines(True), previous_name, name))
+        if diff:
+            files[f"{i:03d}_{r.name}.diff"] = diff
+        previous_name, previous = name, ir
+    files["graph.svg"] = draw.to_svg(graph)
+    files["graph.html"] = draw.to_html(graph, f"kiln inspect: {graph.name} after the pipeline")
+    files["graph.dot"] = draw.to_dot(graph)
+    folder.mkdir(parents=True, exist_ok=True)
+    # A stale snapshot of an earlier run (another pipeline) would read as part of this one.
+    for old in folder.iterdir():
+        if old.is_file() and _DUMP_FILE.fullmatch(old.name):
+            old.unlink()
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return list(files)
