@@ -9,7 +9,6 @@ carries its shape and dtype again.
 """
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterator
 
 import torch
@@ -19,6 +18,8 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..errors import VerificationError
 from .meta import META_KEY, NodeMeta, types_of
+from .printer import op_name
+from .serialize import is_python_target
 from .signature import Signature
 
 
@@ -187,8 +188,8 @@ class Graph:
             seen_non_placeholder = True
             if n.op not in ("call_function", "output"):
                 raise VerificationError(f"node {n.name}: op kind {n.op!r} is not allowed in kiln IR")
-            if n.op == "call_function" and not _is_known_target(n.target):
-                raise VerificationError(f"node {n.name}: target {n.target!r} is not an ATen op")
+            if n.op == "call_function" and not is_ir_target(n.target):
+                raise VerificationError(f"node {n.name}: target {n.target!r} is not an op overload")
         for n in self.fx.nodes:
             meta = n.meta.get(META_KEY)
             if not isinstance(meta, NodeMeta):
@@ -200,7 +201,7 @@ class Graph:
                         f"node {n.name}: metadata says {_fmt(meta.types)} but the value is {_fmt(actual)} "
                         "(a pass changed the graph without calling propagate_types)")
             elif n.op == "call_function" and _returns_values(n.target):
-                raise VerificationError(f"node {n.name} ({_target_name(n.target)}) has no shape/dtype: "
+                raise VerificationError(f"node {n.name} ({op_name(n.target)}) has no shape/dtype: "
                                         "run propagate_types after rewriting")
 
 
@@ -212,12 +213,6 @@ def _fmt(types) -> str:
     return "none" if types is None else ", ".join(map(str, types))
 
 
-def _is_known_target(target) -> bool:
-    return isinstance(target, torch._ops.OpOverload) or target is operator.getitem \
-        or getattr(target, "__module__", None) in ("_operator", "torch", "math")
-
-
-def _target_name(target) -> str:
-    if isinstance(target, torch._ops.OpOverload):
-        return str(target)
-    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__name__', target)}"
+def is_ir_target(target) -> bool:
+    """Whether a ``call_function`` target may appear in kiln IR: any op overload, or an allowed Python operator."""
+    return isinstance(target, torch._ops.OpOverload) or is_python_target(target)

@@ -36,6 +36,11 @@ _MEMORY_FORMATS = {
 }
 
 
+def is_python_target(target) -> bool:
+    """Whether ``target`` is one of the Python operators kiln IR and artifacts allow."""
+    return any(target is fn for fn in _PYTHON_TARGETS.values())
+
+
 def target_name(target) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return str(target)

@@ -16,7 +16,8 @@ import torch.fx as fx
 from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
 
 from ..errors import TraceError
-from .graph import Graph, _is_known_target, _target_name
+from .graph import Graph, is_ir_target
+from .printer import op_name
 from .signature import InputSpec, Signature
 from .meta import TensorType
 
@@ -70,8 +71,8 @@ def from_exported_program(ep: torch.export.ExportedProgram, name: str) -> Graph:
             raise TraceError(f"{name}: forward mutates {spec.target!r} ({spec.kind.name}); kiln compiles "
                              "pure functions: pass state in and out as tensors")
     for node in ep.graph.nodes:
-        if node.op in ("get_attr", "call_module") or (node.op == "call_function" and not _is_known_target(node.target)):
-            what = node.target if node.op != "call_function" else _target_name(node.target)
+        if node.op in ("get_attr", "call_module") or (node.op == "call_function" and not is_ir_target(node.target)):
+            what = node.target if node.op != "call_function" else op_name(node.target)
             raise TraceError(f"{name}: node {node.name} ({node.op} {what}) is not supported in kiln IR "
                              "(control flow and custom modules must trace to ATen ops)")
     gm = fx.GraphModule(torch.nn.Module(), ep.graph)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ...ir.serialize import graph_to_json, target_name
+from ...ir.serialize import graph_to_json, is_python_target
 from ..base import Backend, LoweredPartition, Partition, register_backend
 
 _NAMESPACES = ("aten", "prims")
@@ -24,11 +24,7 @@ class CpuBackend(Backend):
         t = node.target
         if isinstance(t, torch._ops.OpOverload):
             return t.namespace in _NAMESPACES
-        try:
-            target_name(t)
-        except Exception:
-            return False
-        return True
+        return is_python_target(t)
 
     def lower(self, partition: Partition) -> LoweredPartition:
         ops = sorted({str(n.target) for n in partition.gm.graph.nodes if n.op == "call_function"})
