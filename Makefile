@@ -20,6 +20,7 @@ demo: setup
 	$(PY) examples/demo.py
 
 test: setup
+	$(PY) -m ruff check kiln tests examples benchmarks
 	$(PY) -m pytest -q
 
 test-all: setup

@@ -67,99 +67,109 @@ _ENUM_FIELDS = {"verify": VerifyMode}
 def compile(model: torch.nn.Module, example_inputs, target: str = "cpu", passes: list[str] | None = None,
             options: CompileOptions | None = None, example_kwargs: dict | None = None) -> CompiledModel:
     """Compile ``model`` for ``target``; the result is called like ``model(*example_inputs)``."""
-    options = _check_options(options)
-    backends = target_backends(target)
-    pm = pass_manager(target, passes, options)
-    graph = trace(model, example_inputs, example_kwargs, dynamic_shapes=options.dynamic_shapes)
-    flat_inputs = graph.signature.flatten(_as_tuple(example_inputs), example_kwargs or {})
-    records = run_passes(graph, pm, target, options)
-    return lower(graph, target, backends, records, options, flat_inputs)
+    compilation = Compilation(target, passes, options)
+    compilation.trace(model, example_inputs, example_kwargs)
+    compilation.optimize()
+    return compilation.lower()
 
 
-def _as_tuple(example_inputs) -> tuple:
-    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+class Compilation:
+    """The stages of :func:`compile`, for tools that look between them (``kiln inspect``).
 
+    Creating one checks the target, pipeline and pass names, so a typo is
+    reported before a model is built or traced. Then ``trace`` → ``optimize``
+    → ``lower``, each once, in that order.
+    """
 
-def _check_options(options) -> CompileOptions:
-    if options is None:
-        return CompileOptions()
-    if not isinstance(options, CompileOptions):
-        raise KilnError(f"options must be a kiln.CompileOptions, not {type(options).__name__}")
-    return options
+    def __init__(self, target: str = "cpu", passes: list[str] | None = None, options: CompileOptions | None = None):
+        if options is not None and not isinstance(options, CompileOptions):
+            raise KilnError(f"options must be a kiln.CompileOptions, not {type(options).__name__}")
+        self.target = target
+        self.options = options or CompileOptions()
+        self.backends = target_backends(target)
+        self.pass_names = list(passes) if passes is not None else get_pipeline(self.options.pipeline or target)
+        self._instruments = self._standard_instruments()
+        PassManager(self.pass_names)  # resolves every pass name now, or raises
+        self.graph: Graph | None = None
+        self.flat_inputs: list[torch.Tensor] = []
+        self.records: list[PassRecord] = []
 
+    def _standard_instruments(self) -> list[Instrument]:
+        instruments: list[Instrument] = []
+        if self.options.verifying():
+            instruments.append(Verify())
+        if self.options.skip_passes:
+            instruments.append(Skip(self.options.skip_passes))
+        if self.options.stop_after:
+            instruments.append(StopAfter(self.options.stop_after))
+        return instruments + list(self.options.instruments)
 
-def pass_manager(target: str, passes: list[str] | None, options: CompileOptions,
-                 extra: list[Instrument] = ()) -> PassManager:
-    names = list(passes) if passes is not None else get_pipeline(options.pipeline or target)
-    instruments: list[Instrument] = []
-    if options.verifying():
-        instruments.append(Verify())
-    if options.skip_passes:
-        instruments.append(Skip(options.skip_passes))
-    if options.stop_after:
-        instruments.append(StopAfter(options.stop_after))
-    return PassManager(names, instruments + list(options.instruments) + list(extra))
+    def trace(self, model: torch.nn.Module, example_inputs, example_kwargs: dict | None = None) -> Graph:
+        args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        self.graph = trace(model, args, example_kwargs, dynamic_shapes=self.options.dynamic_shapes)
+        self.flat_inputs = self.graph.signature.flatten(args, example_kwargs or {})
+        return self.graph
 
+    def optimize(self, extra_instruments: list[Instrument] = ()) -> list[PassRecord]:
+        graph = self._need_graph("optimize")
+        pm = PassManager(self.pass_names, self._instruments + list(extra_instruments))
+        ctx = PassContext(target=self.target, example_inputs=[n.meta["val"] for n in graph.input_nodes()],
+                          options=self.options)
+        self.records = pm.run(graph, ctx)
+        for r in self.records:
+            log.debug("kiln: pass %s: %.1f ms, +%d -%d ~%d", r.name, r.seconds * 1e3, len(r.added), len(r.removed),
+                      len(r.rewritten))
+        return self.records
 
-def run_passes(graph: Graph, pm: PassManager, target: str, options: CompileOptions) -> list[PassRecord]:
-    ctx = PassContext(target=target, example_inputs=_example_flat(graph), options=options)
-    records = pm.run(graph, ctx)
-    for r in records:
-        log.debug("kiln: pass %s: %.1f ms, +%d -%d ~%d", r.name, r.seconds * 1e3, len(r.added), len(r.removed),
-                  len(r.rewritten))
-    return records
+    def lower(self) -> CompiledModel:
+        """Place, partition and lower the graph; package it as an in-memory artifact."""
+        graph = self._need_graph("lower")
+        assign_placement(graph, self.target, self.backends)
+        partitions, outputs = split_by_placement(graph)
+        by_name = {b.name: b for b in self.backends}
+        entries, files, used = [], {}, {}
+        for p in partitions:
+            lowered = by_name[p.backend].lower(p)
+            for fname, data in lowered.files.items():
+                if fname in files:
+                    raise KilnError(f"backend {p.backend!r} produced file {fname!r} twice")
+                files[fname] = data
+            entries.append({
+                "name": p.name, "backend": p.backend, "format": lowered.format,
+                "inputs": p.inputs, "outputs": p.outputs, "weights": p.weight_names,
+                "spec": lowered.spec, "files": sorted(lowered.files), "report": lowered.report,
+            })
+            used.update(p.weights)
+        for o in outputs:
+            if o.get("value") in graph.weights:  # the model returns a weight as is
+                used[o["value"]] = graph.weights[o["value"]]
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "kiln_version": __version__,
+            "torch_version": torch.__version__,
+            "tvm_version": _package_version("apache-tvm"),
+            "target": self.target,
+            "model": graph.name,
+            "signature": graph.signature.to_json(),
+            "partitions": entries,
+            "outputs": outputs,
+            "weight_sources": {k: v for k, v in graph.weight_sources.items() if k in used},
+            "passes": [_record_json(r) for r in self.records],
+        }
+        examples = list(self.flat_inputs) if self.options.keep_example_inputs else None
+        return CompiledModel(Artifact(manifest, used, files, examples))
 
-
-def _example_flat(graph: Graph) -> list[torch.Tensor]:
-    return [n.meta["val"] for n in graph.input_nodes()]  # fake tensors: shapes for passes that need them
-
-
-def lower(graph: Graph, target: str, backends, records: list[PassRecord], options: CompileOptions,
-          example_inputs: list[torch.Tensor] | None = None) -> CompiledModel:
-    """Place, partition and lower an optimised graph; package it as an in-memory artifact."""
-    assign_placement(graph, target, backends)
-    partitions, outputs = split_by_placement(graph)
-    by_name = {b.name: b for b in backends}
-    entries, files, used = [], {}, {}
-    for p in partitions:
-        lowered = by_name[p.backend].lower(p)
-        for fname, data in lowered.files.items():
-            if fname in files:
-                raise KilnError(f"backend {p.backend!r} produced file {fname!r} twice")
-            files[fname] = data
-        entries.append({
-            "name": p.name, "backend": p.backend, "format": lowered.format,
-            "inputs": p.inputs, "outputs": p.outputs, "weights": p.weight_names,
-            "spec": lowered.spec, "files": sorted(lowered.files), "report": lowered.report,
-        })
-        used.update(p.weights)
-    manifest = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "kiln_version": __version__,
-        "torch_version": torch.__version__,
-        "tvm_version": _package_version("apache-tvm"),
-        "target": target,
-        "model": graph.name,
-        "signature": graph.signature.to_json(),
-        "partitions": entries,
-        "outputs": outputs,
-        "weight_sources": {k: v for k, v in graph.weight_sources.items() if k in used},
-        "passes": [_record_json(r) for r in records],
-    }
-    for o in outputs:
-        if o.get("value") in graph.weights:  # the model returns a weight as is
-            used[o["value"]] = graph.weights[o["value"]]
-    artifact = Artifact(manifest, used, files)
-    model = CompiledModel(artifact)
-    if options.keep_example_inputs and example_inputs is not None:
-        artifact.example_inputs = list(example_inputs)
-    return model
+    def _need_graph(self, stage: str) -> Graph:
+        if self.graph is None:
+            raise KilnError(f"Compilation.{stage}() needs trace() first")
+        return self.graph
 
 
 def _record_json(r: PassRecord) -> dict:
     return {"name": r.name, "skipped": r.skipped, "seconds": round(r.seconds, 6), "modified": r.modified,
-            "added": len(r.added), "removed": len(r.removed), "rewritten": len(r.rewritten), "stats": r.stats}
+            "added": len(r.added), "removed": len(r.removed), "rewritten": len(r.rewritten),
+            "annotated": len(r.annotated), "stats": r.stats}
 
 
 def _package_version(name: str) -> str | None:

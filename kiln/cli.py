@@ -202,14 +202,15 @@ def _describe(value) -> str:
 # ---- kiln compile ------------------------------------------------------------------------------
 
 def _compile(args, out: Console, err: Console) -> None:
-    from . import api
 
-    options, _ = _checked_options(args)
+    compilation = _compilation(args)
     model, inputs = load_factory(args.factory)
     start = time.perf_counter()
     with err.status(f"tracing {type(model).__name__}") as status:
-        options.instruments.append(_progress(status))
-        compiled = api.compile(model, inputs, args.target, options=options)
+        compilation.trace(model, inputs)
+        compilation.optimize([_progress(status)])
+        status.update("lowering")
+        compiled = compilation.lower()
         status.update(f"writing {args.output}")
         path = compiled.save(args.output)
     seconds = time.perf_counter() - start
@@ -225,19 +226,13 @@ def _compile(args, out: Console, err: Console) -> None:
                    f"  artifact    {path} ({_size(size)} in {_count(len(files), 'file')})"))
 
 
-def _checked_options(args):
-    """The compile options and target backends the command line asks for.
-
-    Unknown target, pipeline and pass names are reported before the model is
-    built, which for a large model takes longer than anything else here.
-    """
+def _compilation(args):
+    """The compilation the command line asks for; unknown target, pipeline and pass
+    names are reported here, before the model is built (often the slowest step)."""
     from . import api
-    from .backends import target_backends
 
     options = api.CompileOptions(pipeline=args.pipeline, skip_passes=tuple(args.skip))
-    backends = target_backends(args.target)
-    api.pass_manager(args.target, None, options)  # resolves the pipeline and pass names, or raises
-    return options, backends
+    return api.Compilation(args.target, options=options)
 
 
 def _pass_summary(record: dict) -> str:
@@ -270,10 +265,6 @@ def _progress(status):
 
         def before_pass(self, graph, pass_, ctx):
             status.update(f"pass {pass_.name}")
-
-        def after_pass(self, graph, pass_, ctx, record):
-            # The next pass overwrites this; after the last one, lowering is what runs.
-            status.update("lowering")
 
     return ShowProgress()
 
@@ -319,25 +310,21 @@ def _run(args, out: Console, err: Console) -> None:
 # ---- kiln inspect ------------------------------------------------------------------------------
 
 def _inspect(args, out: Console, err: Console) -> None:
-    from . import api
-    from .ir.trace import trace
     from .passes import Drift, Snapshot
 
-    options, backends = _checked_options(args)
+    compilation = _compilation(args)
     model, inputs = load_factory(args.factory)
     name = type(model).__name__
     with err.status(f"running {name} eagerly") as status:
         reference = _eager_outputs(model, inputs)
         status.update(f"tracing {name}")
-        graph = trace(model, inputs)
-        flat_inputs = graph.signature.flatten(inputs, {})
+        graph = compilation.trace(model, inputs)
+        flat_inputs = compilation.flat_inputs
         traced_drift = _traced_drift(graph, flat_inputs, reference)
         snapshot = Snapshot()
-        pm = api.pass_manager(args.target, None, options,
-                              extra=[snapshot, Drift(flat_inputs, reference), _progress(status)])
-        records = api.run_passes(graph, pm, args.target, options)
+        records = compilation.optimize([snapshot, Drift(flat_inputs, reference), _progress(status)])
         status.update("lowering")
-        compiled = api.lower(graph, args.target, backends, records, options, flat_inputs)
+        compiled = compilation.lower()
 
     out.print(_pass_table(graph, records, traced_drift))
     for entry in compiled.manifest["partitions"]:
@@ -354,10 +341,10 @@ def _eager_outputs(model, inputs) -> list:
     import torch
     from torch.utils import _pytree as pytree
 
-    from .ir.trace import _kv_cache_disabled
+    from .ir.trace import kv_cache_disabled
 
     # The tracer turns HF KV caches off; the reference must be the same computation.
-    with torch.no_grad(), _kv_cache_disabled(model):
+    with torch.no_grad(), kv_cache_disabled(model, announce=False):
         try:
             outputs = model(*inputs)
         except Exception as e:

@@ -73,7 +73,7 @@ def split_by_placement(graph: Graph) -> tuple[list[Partition], list[dict]]:
             env[n] = sub.placeholder(n.name)
             env[n].meta.update(n.meta)
         for n in run:
-            env[n] = sub.node_copy(n, lambda a: env[a])
+            env[n] = sub.node_copy(n, env.__getitem__)
         sub.output(tuple(env[n] for n in outputs))
         placement = graph.meta(run[0]).placement
         partitions.append(Partition(

@@ -35,7 +35,7 @@ def trace(model: torch.nn.Module, example_inputs, example_kwargs: dict | None = 
     kwargs = dict(example_kwargs or {})
     name = type(model).__name__
     tracker = _ModuleTracker(model)
-    with _kv_cache_disabled(model), tracker:
+    with kv_cache_disabled(model), tracker:
         try:
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
         except Exception as e:
@@ -81,13 +81,18 @@ def from_exported_program(ep: torch.export.ExportedProgram, name: str) -> Graph:
 
 
 @contextlib.contextmanager
-def _kv_cache_disabled(model: torch.nn.Module):
+def kv_cache_disabled(model: torch.nn.Module, announce: bool = True):
+    """Within the block, an HF model with ``config.use_cache`` runs without its KV cache.
+
+    The tracer uses it; so must anything that computes the eager reference of a traced model.
+    """
     config = getattr(model, "config", None)
     if not getattr(config, "use_cache", False):
         yield
         return
-    log.info("kiln: %s returns a KV cache by default; tracing it with config.use_cache=False "
-             "(a whole-sequence forward, no cache output)", type(model).__name__)
+    if announce:
+        log.info("kiln: %s returns a KV cache by default; tracing it with config.use_cache=False "
+                 "(a whole-sequence forward, no cache output)", type(model).__name__)
     config.use_cache = False
     try:
         yield

@@ -1,6 +1,7 @@
 """The pass manager: runs passes in order with instruments around each one.
 
-Around every pass it records what changed (nodes added, removed, rewritten),
+Around every pass it records what changed (nodes added, removed, rewritten,
+re-annotated: placement, layer, role, quant, chunk, stage),
 stamps provenance on the nodes (``created_by`` / ``rewritten_by``),
 re-propagates shapes and dtypes when the graph changed, and calls the
 instruments. A failing pass is re-raised as :class:`~kiln.errors.PassError`
@@ -30,6 +31,7 @@ class PassRecord:
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     rewritten: list[str] = field(default_factory=list)
+    annotated: list[str] = field(default_factory=list)  # same op and inputs, new placement/layer/role/quant/...
     stats: dict[str, int] = field(default_factory=dict)
     extra: dict[str, object] = field(default_factory=dict)  # filled by instruments (drift, snapshots)
 
@@ -47,6 +49,9 @@ class Instrument:
         pass
 
     def before_pipeline(self, graph: Graph, ctx: PassContext) -> None:
+        pass
+
+    def after_pipeline(self, graph: Graph, ctx: PassContext, records: list[PassRecord]) -> None:
         pass
 
 
@@ -103,6 +108,8 @@ class PassManager:
             records.append(record)
             if stop:
                 break
+        for inst in self.instruments:
+            inst.after_pipeline(graph, ctx, records)
         return records
 
 
@@ -113,7 +120,12 @@ def _signature(n: fx.Node):
 
 
 def _structure(graph: fx.Graph) -> dict[fx.Node, tuple]:
-    return {n: _signature(n) for n in graph.nodes}
+    return {n: (_signature(n), _annotations(n)) for n in graph.nodes}
+
+
+def _annotations(n: fx.Node) -> dict:
+    meta = n.meta.get(META_KEY)
+    return meta.annotations() if isinstance(meta, NodeMeta) else {}
 
 
 def _record_changes(graph: Graph, pass_name: str, before: dict[fx.Node, tuple], record: PassRecord) -> None:
@@ -129,6 +141,8 @@ def _record_changes(graph: Graph, pass_name: str, before: dict[fx.Node, tuple], 
             fields = dict(meta.__dict__) if isinstance(meta, NodeMeta) else {}
             fields.update(created_by=pass_name, rewritten_by=[])
             n.meta[META_KEY] = NodeMeta(**fields)
-        elif old != _signature(n):
+        elif old[0] != _signature(n):
             record.rewritten.append(n.name)
             Graph.meta(n).rewritten_by.append(pass_name)
+        elif old[1] != _annotations(n):
+            record.annotated.append(n.name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ...ir.serialize import graph_to_json, is_python_target
+from ...ir.serialize import graph_to_json, is_python_target, target_name
 from ..base import Backend, LoweredPartition, Partition, register_backend
 
 _NAMESPACES = ("aten", "prims")
@@ -27,7 +27,7 @@ class CpuBackend(Backend):
         return is_python_target(t)
 
     def lower(self, partition: Partition) -> LoweredPartition:
-        ops = sorted({str(n.target) for n in partition.gm.graph.nodes if n.op == "call_function"})
+        ops = sorted({target_name(n.target) for n in partition.gm.graph.nodes if n.op == "call_function"})
         return LoweredPartition(
             format="torch-graph",
             spec={"graph": graph_to_json(partition.gm)},

@@ -1,0 +1,111 @@
+"""Lower one FX partition to a TVM Relax VM library for this CPU.
+
+``lower_partition`` runs the stages of ``pipeline.py`` and returns the
+``export_library`` bytes with a JSON spec that ``TvmVmKernel`` needs to run
+them (no recompiling at load time) and a report of what went where.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import tvm
+from tvm import relax, tirx
+
+from ...errors import UnsupportedOpError
+from .convert import to_relax
+from .dispatch import plan_dispatch
+from .pipeline import stage
+from .schedule import applied_rule
+from .target import host_target, tvm_version
+
+ENTRY = "main"
+FORMAT = "tvm-vm"
+
+
+@dataclass
+class TvmLowered:
+    library: bytes  # the shared library ``Executable.export_library`` wrote
+    spec: dict  # JSON-serialisable: what TvmVmKernel needs, plus the report
+    kernels: dict[str, str] = field(default_factory=dict)  # TIR kernel name -> scheduled TIR script
+
+    def tir(self, kernel: str) -> str:
+        """The scheduled TIR of one kernel (names as in ``spec["report"]["kernels"]``)."""
+        if kernel not in self.kernels:
+            raise KeyError(f"no TIR kernel {kernel!r}; kernels: {', '.join(sorted(self.kernels))}")
+        return self.kernels[kernel]
+
+
+def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torch.Tensor],
+                    target: dict | None = None) -> TvmLowered:
+    """Compile ``gm`` (placeholders: ``num_inputs`` inputs, then weights by name) for ``target``.
+
+    ``target`` is a TVM JSON target dict; by default this host
+    (``{"kind": "llvm", "mcpu": <LLVM's host CPU>, "num-cores": <cores>}``).
+    """
+    target = dict(target or host_target())
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs, weight_nodes = placeholders[:num_inputs], placeholders[num_inputs:]
+    missing = [n.name for n in weight_nodes if n.name not in weights]
+    if missing:
+        raise UnsupportedOpError(f"partition reads weights {missing} that were not given")
+    times: dict[str, float] = {}
+
+    def timed(name, fn, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        times[name] = round(time.perf_counter() - start, 4)
+        return result
+
+    plan = timed("library_dispatch", plan_dispatch, gm)
+    mod, node_report = timed("convert", to_relax, gm, plan, ENTRY)
+    tvm_target = tvm.target.Target(target)
+    with tvm_target:
+        for name in ("legalize", "fuse", "schedule"):
+            mod = timed(name, stage(name), mod)
+    kernels = {gv.name_hint: func for gv, func in mod.functions_items() if isinstance(func, tirx.PrimFunc)}
+    lower_and_finalize = tvm.transform.Sequential([stage("dataflow_lower"), stage("finalize")])
+    executable = timed("codegen", lambda: tvm.compile(mod, target=tvm_target, relax_pipeline=lower_and_finalize))
+    library = timed("export", _export, executable)
+
+    outputs = [n.meta["val"] for n in _output_nodes(gm)]
+    spec = {
+        "format": FORMAT,
+        "entry": ENTRY,
+        "tvm_version": tvm_version(),
+        "target": target,
+        "mcpu": target.get("mcpu"),
+        "inputs": [_tensor_spec(n.meta["val"], n.name) for n in inputs],
+        "weights": [n.name for n in weight_nodes],
+        "outputs": [_tensor_spec(v) for v in outputs],
+        "report": {
+            "nodes": node_report,
+            "dispatched": dict(Counter(r["function"] for r in node_report if r["how"] == "dispatch")),
+            "kernels": [{"name": name, "schedule": applied_rule(func)} for name, func in sorted(kernels.items())],
+            "stage_seconds": times,
+        },
+    }
+    return TvmLowered(library, spec, {name: func.script() for name, func in kernels.items()})
+
+
+def _output_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    return list(out.args[0])
+
+
+def _tensor_spec(val: torch.Tensor, name: str | None = None) -> dict:
+    spec = {"shape": list(val.shape), "dtype": str(val.dtype).removeprefix("torch.")}
+    return {"name": name, **spec} if name else spec
+
+
+def _export(executable: relax.VMExecutable) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "lib.so")
+        executable.export_library(path)
+        with open(path, "rb") as f:
+            return f.read()

@@ -1,0 +1,77 @@
+"""The CPU compilation pipeline as named stages (the shape of TVM's ``relax/backend/*/pipeline.py``).
+
+    library_dispatch   FX: which nodes run as PyTorch kernels (dispatch.plan_dispatch)
+    convert            FX -> Relax, dispatched nodes as R.call_dps_packed (convert.to_relax)
+    legalize           Relax ops -> TIR PrimFuncs; constants folded
+    fuse               chains of TIR ops -> one kernel each (residual add + norm,
+                       bias/scale + activation, RoPE's mul/neg/cat/add)
+    schedule           every kernel gets a CPU schedule (schedule.default_rules)
+    dataflow_lower     Relax dataflow -> VM calls
+    finalize           memory planning (buffers reused across kernels), VM lowering
+
+The Relax stages are lists of passes per name, so a test or ``kiln inspect``
+can run up to any stage and look at the module.
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from ...errors import UnknownNameError
+from .schedule import schedule_pass
+
+
+def legalize_passes() -> list:
+    return [
+        relax.transform.DeadCodeElimination(),
+        # Scans and sorts (cumsum) have no LegalizeOps rule on CPU; TVM routes them here.
+        relax.backend.DispatchSortScan(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+    ]
+
+
+def fuse_passes() -> list:
+    return [relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()]
+
+
+def schedule_passes() -> list:
+    return [schedule_pass()]
+
+
+def dataflow_lower_passes() -> list:
+    return [
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+    ]
+
+
+def finalize_passes() -> list:
+    return [
+        relax.transform.StaticPlanBlockMemory(),
+        relax.transform.LowerAllocTensor(),
+        relax.transform.KillAfterLastUse(),
+        relax.transform.LowerRuntimeBuiltin(),
+        relax.transform.ComputePrimValue(),
+        relax.transform.VMShapeLower(),
+        relax.transform.AttachGlobalSymbol(),
+    ]
+
+
+# The Relax-level stages, in order (library_dispatch and convert run on FX before them).
+RELAX_STAGES = {
+    "legalize": legalize_passes,
+    "fuse": fuse_passes,
+    "schedule": schedule_passes,
+    "dataflow_lower": dataflow_lower_passes,
+    "finalize": finalize_passes,
+}
+
+
+def stage(name: str) -> tvm.transform.Pass:
+    if name not in RELAX_STAGES:
+        raise UnknownNameError("pipeline stage", name, RELAX_STAGES)
+    return tvm.transform.Sequential(RELAX_STAGES[name](), name=f"kiln.cpu.{name}")

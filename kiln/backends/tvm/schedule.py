@@ -1,0 +1,159 @@
+"""CPU schedules for every TIR kernel left after library dispatch and fusion.
+
+TVM 0.27's ``s_tir.dlight.cpu`` has two rules: ``Reduction`` (softmax,
+layer/RMS norm: reductions whose last block is injective, parallel over rows)
+and ``GEMV``. Element-wise kernels (the bulk of what stays in TIR: RoPE,
+SwiGLU's ``silu * up``, residual adds, casts, copies for transposes) have no
+CPU rule, and unscheduled TIR runs single-threaded and scalar. ``Elementwise``
+fills that gap; ``RowParallel`` catches what no rule takes (plain reductions,
+gathers) so nothing stays serial. Rules are tried in order; the first that
+returns a schedule wins, and ``applied_rules`` reports which one did.
+"""
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+from tvm.s_tir.dlight.analysis import get_root_block, normalize_prim_func
+from tvm.s_tir.dlight.base import get_extent, try_inline
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.target import Target
+from tvm.target.codegen import llvm_get_vector_width
+
+# Below this many output elements a kernel runs on one core: waking TVM's
+# thread pool costs a few microseconds, more than the work it would split.
+PARALLEL_MIN_ELEMENTS = 1 << 14
+
+RULE_ATTR = "kiln.schedule_rule"
+
+
+def _vector_lanes(target: Target, dtype_bits: int) -> int:
+    width = llvm_get_vector_width(target)
+    return max((width if width > 0 else 128) // dtype_bits, 1)
+
+
+def _largest_divisor(extent: int, limit: int) -> int:
+    for lanes in (limit, 16, 8, 4, 2):
+        if lanes <= limit and extent % lanes == 0:
+            return lanes
+    return 1
+
+
+def _output_bits(sch: s_tir.Schedule, block) -> int:
+    writes = sch.get(block).writes
+    return writes[0].source.dtype.bits if writes else 32
+
+
+class Elementwise(CPUScheduleRule):
+    """All-injective kernels: inline into the outputs, then parallel rows x vectorized last axis.
+
+    The innermost axis stays its own loop (not fused with the rest) so that
+    broadcast and transposed reads keep affine indices the vectorizer can
+    turn into vector loads, instead of a div/mod per lane.
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = normalize_prim_func(sch)
+        if not blocks or not all(b.is_injective() for b in blocks):
+            return None
+        for block in try_inline(sch, blocks):
+            _parallel_vectorize(sch, block.block_rv, target)
+        return sch
+
+
+def _parallel_vectorize(sch: s_tir.Schedule, block, target: Target) -> None:
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    extents = [get_extent(sch, lp) for lp in loops]
+    if not all(isinstance(e, int) for e in extents):
+        return
+    total = 1
+    for e in extents:
+        total *= e
+    lanes = _largest_divisor(extents[-1], _vector_lanes(target, _output_bits(sch, block)))
+    inner = loops[-1]
+    outer = list(loops[:-1])
+    if lanes > 1:
+        rest, vec = sch.split(inner, factors=[None, lanes])
+        sch.vectorize(vec)
+        outer.append(rest)
+    elif len(loops) > 1:
+        outer = list(loops)
+    if total >= PARALLEL_MIN_ELEMENTS and outer:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+
+
+class RowParallel(CPUScheduleRule):
+    """Fallback: each remaining block runs its leading spatial loops in parallel."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = normalize_prim_func(sch)
+        if not blocks:
+            return None
+        changed = False
+        for block in try_inline(sch, blocks):
+            kinds = block.dom_kind()
+            lead = len(kinds) - len(kinds.lstrip("S"))
+            loops = sch.get_loops(block.block_rv)[:lead]
+            extents = [get_extent(sch, lp) for lp in loops]
+            if not loops or not all(isinstance(e, int) for e in extents):
+                continue
+            rows = 1
+            for e in extents:
+                rows *= e
+            if rows < 2 or rows * _reduction_size(block) < PARALLEL_MIN_ELEMENTS:
+                continue
+            sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+            changed = True
+        return sch if changed else None
+
+
+def _reduction_size(block) -> int:
+    size = 1
+    for it in block.iters:
+        if it.kind == "R" and isinstance(it.dom, (int, tirx.IntImm)):
+            size *= int(it.dom)
+    return max(size, 1)
+
+
+class _Named(CPUScheduleRule):
+    """Wraps a rule so the scheduled function records which rule produced it."""
+
+    def __init__(self, name: str, rule):
+        self.name = name
+        self.rule = rule
+
+    def apply(self, func, target, tunable):
+        space = self.rule.apply(func, target, tunable)
+        if space is None:
+            return None
+        sch = space[0] if isinstance(space, list) else space
+        sch.annotate(get_root_block(sch), RULE_ATTR, self.name)
+        return sch
+
+
+def applied_rule(func: tirx.PrimFunc) -> str | None:
+    """The rule that scheduled ``func`` (None: no rule matched, it runs as legalized)."""
+    body = func.body
+    block = getattr(body, "block", None)
+    return str(block.annotations[RULE_ATTR]) if block is not None and RULE_ATTR in block.annotations else None
+
+
+def default_rules() -> list:
+    return [
+        _Named("dlight.cpu.Reduction", dlight.cpu.Reduction()),
+        _Named("dlight.cpu.GEMV", dlight.cpu.GEMV()),
+        _Named("kiln.Elementwise", Elementwise()),
+        _Named("kiln.RowParallel", RowParallel()),
+    ]
+
+
+def schedule_pass(rules: list | None = None):
+    """The ``ApplyDefaultSchedule`` pass with kiln's CPU rules."""
+    return dlight.ApplyDefaultSchedule(*(rules or default_rules()))
