@@ -368,18 +368,18 @@ def _pass_table(graph, records: list, traced_drift: float) -> Table:
     table.add_column("#", justify="right")
     table.add_column("pass", no_wrap=True)
     table.add_column("time (ms)", justify="right")
-    for column in ("added", "removed", "rewritten"):
+    for column in ("added", "removed", "rewritten", "annotated"):
         table.add_column(column, justify="right")
     table.add_column("stats")
     table.add_column("drift vs eager", justify="right")
-    table.add_row("", Text("(traced)"), "", "", "", "", "", _drift(traced_drift))
+    table.add_row("", Text("(traced)"), "", "", "", "", "", "", _drift(traced_drift))
     for i, r in enumerate(records, 1):
         if r.skipped:
-            table.add_row(str(i), Text(r.name), "skipped", "", "", "", "", "")
+            table.add_row(str(i), Text(r.name), "skipped", "", "", "", "", "", "")
             continue
         stats = " ".join(f"{k}={v}" for k, v in r.stats.items())
         table.add_row(str(i), Text(r.name), f"{r.seconds * 1e3:.2f}", str(len(r.added)), str(len(r.removed)),
-                      str(len(r.rewritten)), Text(stats), _drift(r.extra.get("drift")))
+                      str(len(r.rewritten)), str(len(r.annotated)), Text(stats), _drift(r.extra.get("drift")))
     table.caption = f"{len(graph.compute_nodes())} compute nodes after the pipeline"
     return table
 

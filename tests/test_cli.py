@@ -169,7 +169,7 @@ def _rows(out: str) -> dict[str, list[str]]:
     rows = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.split("│")[1:-1]]
-        if len(cells) == 8:
+        if len(cells) == 9:
             rows[cells[1]] = cells
     return rows
 

@@ -11,6 +11,8 @@ def test_llama_nodes_carry_layer_and_role_after_the_default_pipeline():
     records = PassManager(get_pipeline("cpu")).run(g, PassContext())
     rec = records[-1]
     assert rec.name == "annotate_regions"
+    assert rec.added == rec.removed == rec.rewritten == []
+    assert len(rec.annotated) == rec.stats["attention"] + rec.stats["ffn"] + rec.stats["other"]
     assert rec.stats["layers"] == model.config.num_hidden_layers
     by_role = {}
     for n in g.compute_nodes():
