@@ -1,0 +1,239 @@
+"""LLM generation with compiled prefill and decode graphs, the KV cache passed in and out as tensors.
+
+``compile_llm(model)`` wraps a transformers causal LM (Llama, Qwen2, Mixtral,
+GPT-2) in :class:`kiln.kv_cache.KVCacheLM` and compiles it with
+``kiln.compile`` once per prompt-length bucket (prefill) and once for a single
+token (decode); each graph is an ordinary kiln artifact. :class:`CompiledLLM`
+runs them for greedy generation; ``CompiledLLM.save`` / :func:`load` store the
+set as one sub-directory per graph plus ``llm.json``.
+
+Every graph is ``(input_ids, start_pos, k_cache, v_cache) -> (logits,
+k_cache_new, v_cache_new)``:
+
+- Cache layout: ``k_cache`` and ``v_cache`` are ``[layers, batch, kv_heads,
+  capacity, head_dim]`` in the model's dtype; slot ``j`` holds the token at
+  position ``j``. The graphs never write in place: the updated cache is an
+  output (backends such as TVM drop in-place buffer updates).
+- ``start_pos`` is a 0-d int64 tensor, so one decode graph serves every step.
+- Attention covers the whole capacity with a mask allowing slot ``j`` for the
+  query at position ``p`` iff ``j <= p``.
+
+Bucket policy: a prompt of ``n`` tokens is right-padded (with token 0) to the
+smallest bucket ``>= n`` and prefilled at ``start_pos=0``; the logits of token
+``n-1`` give the first new token, and decoding continues at position ``n``.
+The padding tokens' keys and values land in slots ``n .. bucket-1``, where the
+mask hides them until a decode step overwrites each slot before reading it, so
+they never affect a result. A generation of ``m`` tokens needs
+``n + m <= capacity``.
+
+Not handled: prompts of different lengths in one batch (no per-row lengths or
+left padding), sampling (greedy only), stopping at an end-of-sequence token,
+sliding-window attention, and sharing weights between the graphs (each
+artifact stores its own copy).
+
+This module is the runtime side too: :func:`load` and :class:`CompiledLLM`
+import nothing from the compiler; :func:`compile_llm` imports it when called.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import ArtifactError, InputMismatchError, KilnError
+from .ir.meta import dtype_from_name
+from .runtime import CompiledModel, load as load_artifact, write_artifact
+
+INDEX = "llm.json"
+FORMAT_NAME = "kiln-llm"
+FORMAT_VERSION = 1
+DECODE = "decode"
+_INPUTS = ("input_ids", "start_pos", "k_cache", "v_cache")
+
+
+class CompiledLLM:
+    """Compiled prefill graphs (one per prompt-length bucket) and a decode graph, run for greedy generation."""
+
+    def __init__(self, prefill: dict[int, CompiledModel], decode: CompiledModel):
+        if not prefill:
+            raise KilnError("a CompiledLLM needs at least one prefill graph")
+        self.prefill_graphs = dict(sorted(prefill.items()))
+        self.decode_graph = decode
+        cache = _cache_type(decode, "decode graph")
+        self.batch = decode.signature.inputs[0].type.shape[0]
+        graphs = [(f"prefill graph for bucket {b}", g, b) for b, g in self.prefill_graphs.items()]
+        for name, graph, length in [("decode graph", decode, 1), *graphs]:
+            ids = graph.signature.inputs[0].type.shape
+            if tuple(ids) != (self.batch, length) or _cache_type(graph, name) != cache:
+                raise KilnError(f"{name} takes input_ids {list(ids)} and a cache {_cache_type(graph, name)}; "
+                                f"expected input_ids {[self.batch, length]} and the decode graph's cache {cache}")
+        self.cache_shape = tuple(cache.shape)
+        self.cache_dtype = dtype_from_name(cache.dtype)
+        self.capacity = self.cache_shape[3]
+
+    @property
+    def buckets(self) -> list[int]:
+        return list(self.prefill_graphs)
+
+    def empty_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.zeros(self.cache_shape, dtype=self.cache_dtype),
+                torch.zeros(self.cache_shape, dtype=self.cache_dtype))
+
+    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the prompt ``[batch, n]`` through the smallest bucket that fits; returns (logits of token n-1, k, v)."""
+        input_ids = self._check_ids(input_ids)
+        n = input_ids.shape[1]
+        bucket = self._bucket(n)
+        padded = torch.zeros(self.batch, bucket, dtype=torch.int64)
+        padded[:, :n] = input_ids
+        logits, k, v = self.prefill_graphs[bucket].run([padded, torch.tensor(0), *self.empty_cache()])
+        return logits[:, n - 1], k, v
+
+    def decode(self, token_ids: torch.Tensor, pos: int, k_cache: torch.Tensor,
+               v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token per row ``[batch, 1]`` at position ``pos``; returns (its logits ``[batch, vocab]``, k, v)."""
+        if not 0 <= pos < self.capacity:
+            raise InputMismatchError(f"decode position {pos} is outside the KV cache (capacity {self.capacity}); "
+                                     "compile_llm(..., capacity=...) sets it")
+        logits, k, v = self.decode_graph.run([self._check_ids(token_ids), torch.tensor(pos), k_cache, v_cache])
+        return logits[:, -1], k, v
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding: ``[batch, n]`` prompt ids -> ``[batch, n + max_new_tokens]`` (prompt, then new tokens)."""
+        input_ids = self._check_ids(input_ids)
+        n = input_ids.shape[1]
+        self._bucket(n)
+        if max_new_tokens < 0 or n + max_new_tokens > self.capacity:
+            raise InputMismatchError(
+                f"a prompt of {n} tokens plus max_new_tokens={max_new_tokens} needs {n + max_new_tokens} cache slots; "
+                f"the KV cache was compiled with capacity {self.capacity} (compile_llm(..., capacity=...))")
+        if max_new_tokens == 0:
+            return input_ids.clone()
+        logits, k, v = self.prefill(input_ids)
+        tokens = [logits.argmax(-1, keepdim=True)]
+        for pos in range(n, n + max_new_tokens - 1):
+            logits, k, v = self.decode(tokens[-1], pos, k, v)
+            tokens.append(logits.argmax(-1, keepdim=True))
+        return torch.cat([input_ids, *tokens], dim=1)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write every graph as a kiln artifact under ``path``, with ``llm.json`` naming them (atomically)."""
+        path = Path(path)
+        if path.exists() and not (path / INDEX).is_file() and (not path.is_dir() or any(path.iterdir())):
+            raise ArtifactError(f"refusing to overwrite {path}: it exists and is not a saved kiln LLM")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            index = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kiln_version": __version__,
+                     "decode": DECODE, "prefill": {}}
+            for bucket, graph in self.prefill_graphs.items():
+                index["prefill"][str(bucket)] = f"prefill_{bucket}"
+                write_artifact(graph.artifact, tmp / f"prefill_{bucket}")
+            write_artifact(self.decode_graph.artifact, tmp / DECODE)
+            (tmp / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; this is an ordinary directory
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+                os.rename(path, old / "a")
+                os.rename(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    def _check_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.is_complex():
+            raise InputMismatchError(f"token ids must be an integer tensor [batch, tokens]; got "
+                                     f"{getattr(ids, 'dtype', type(ids).__name__)} {list(getattr(ids, 'shape', []))}")
+        if ids.shape[0] != self.batch:
+            raise InputMismatchError(f"token ids have batch size {ids.shape[0]}; this LLM was compiled for batch "
+                                     f"{self.batch} (compile_llm(..., batch={ids.shape[0]}))")
+        return ids.to(torch.int64)
+
+    def _bucket(self, n: int) -> int:
+        if n == 0:
+            raise InputMismatchError("the prompt is empty; generation needs at least one token")
+        for bucket in self.prefill_graphs:
+            if bucket >= n:
+                return bucket
+        raise InputMismatchError(f"the prompt has {n} tokens, more than the largest prefill bucket "
+                                 f"({self.buckets[-1]}); compile with a bucket >= {n} in prefill_buckets")
+
+    def __repr__(self) -> str:
+        return (f"<kiln.CompiledLLM target={self.decode_graph.target} batch={self.batch} "
+                f"buckets={self.buckets} capacity={self.capacity}>")
+
+
+def _cache_type(graph: CompiledModel, name: str):
+    names = tuple(i.name for i in graph.signature.inputs)
+    if names != _INPUTS:
+        raise KilnError(f"{name} takes inputs {names}; an LLM graph takes {_INPUTS}")
+    k, v = graph.signature.inputs[2].type, graph.signature.inputs[3].type
+    if k != v or len(k.shape) != 5:
+        raise KilnError(f"{name}: k_cache {k} and v_cache {v} must both be [layers, batch, kv_heads, capacity, head_dim]")
+    return k
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def load(path: str | os.PathLike) -> CompiledLLM:
+    """Load a :class:`CompiledLLM` saved by ``CompiledLLM.save``, verifying every artifact (runtime only)."""
+    path = Path(path)
+    ipath = path / INDEX
+    if not ipath.is_file():
+        raise ArtifactError(f"{path} has no {INDEX}: not a saved kiln LLM")
+    try:
+        index = json.loads(ipath.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{ipath} is not valid JSON (truncated or corrupted): {e}") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"{ipath} is not a kiln LLM index (field 'format' is not {FORMAT_NAME!r})")
+    if index.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{ipath}: LLM index version {index.get('format_version')!r} is not supported "
+                            f"(this runtime reads version {FORMAT_VERSION})")
+    for name in [index["decode"], *index["prefill"].values()]:
+        if Path(name).name != name:
+            raise ArtifactError(f"{ipath}: graph directory {name!r} is not a plain name")
+    prefill = {int(bucket): load_artifact(path / name) for bucket, name in index["prefill"].items()}
+    return CompiledLLM(prefill, load_artifact(path / index["decode"]))
+
+
+def compile_llm(model: torch.nn.Module, *, batch: int = 1, prefill_buckets=(32, 128), capacity: int = 256,
+                target: str = "cpu", options=None) -> CompiledLLM:
+    """Compile a transformers causal LM into prefill graphs (one per bucket) and a single-token decode graph.
+
+    ``options`` (a ``kiln.CompileOptions``) applies to every graph; the shapes
+    are static, so ``options.dynamic_shapes`` must be unset.
+    """
+    from .api import compile as kiln_compile
+    from .kv_cache import KVCacheLM
+
+    buckets = sorted(set(prefill_buckets))
+    if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
+        raise KilnError(f"prefill_buckets must be positive ints; got {prefill_buckets!r}")
+    if not isinstance(batch, int) or batch < 1:
+        raise KilnError(f"batch must be a positive int; got {batch!r}")
+    if buckets[-1] > capacity:
+        raise KilnError(f"the largest prefill bucket ({buckets[-1]}) exceeds the cache capacity ({capacity})")
+    if options is not None and getattr(options, "dynamic_shapes", None) is not None:
+        raise KilnError("compile_llm compiles one static graph per bucket; leave options.dynamic_shapes unset")
+    lm = KVCacheLM(model)
+    k, v = lm.empty_cache(batch, capacity)
+
+    def compile_for(length: int) -> CompiledModel:
+        ids = torch.zeros(batch, length, dtype=torch.int64)
+        return kiln_compile(lm, (ids, torch.tensor(0), k, v), target=target, options=options)
+
+    return CompiledLLM({b: compile_for(b) for b in buckets}, compile_for(1))
