@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 
 import torch
 import torch.fx as fx
@@ -35,7 +36,9 @@ def trace(model: torch.nn.Module, example_inputs, example_kwargs: dict | None = 
     kwargs = dict(example_kwargs or {})
     name = type(model).__name__
     tracker = _ModuleTracker(model)
-    with kv_cache_disabled(model), tracker:
+    with kv_cache_disabled(model), tracker, warnings.catch_warnings():
+        # torch.export itself trips torch's own pytree deprecation; nothing a user can act on.
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
         try:
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
         except Exception as e:
@@ -43,7 +46,7 @@ def trace(model: torch.nn.Module, example_inputs, example_kwargs: dict | None = 
             reason = str(e).strip().splitlines()
             reason = "\n".join(reason[:12]) if reason else type(e).__name__
             raise TraceError(f"torch.export could not trace {name}{where}: {type(e).__name__}: {reason}") from e
-    ep = ep.run_decompositions({})
+        ep = ep.run_decompositions({})
     return from_exported_program(ep, name)
 
 

@@ -87,7 +87,8 @@ class PassManager:
                 if not isinstance(result, PassResult):
                     raise KilnError(f"run() returned {type(result).__name__}, not a PassResult")
                 _record_changes(graph, p.name, before, record)
-                if record.added or record.removed or record.rewritten:  # metadata-only passes skip this
+                # Removing nodes cannot change the types of those left; metadata-only passes change none.
+                if record.added or record.rewritten:
                     graph.propagate_types()
                 record.seconds = time.perf_counter() - start
                 record.modified = result.modified
