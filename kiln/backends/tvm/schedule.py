@@ -21,7 +21,7 @@ from tvm.target.codegen import llvm_get_vector_width
 
 # Below this many output elements a kernel runs on one core: waking TVM's
 # thread pool costs a few microseconds, more than the work it would split.
-PARALLEL_MIN_ELEMENTS = 1 << 14
+PARALLEL_MIN_ELEMENTS = 1 << 18
 
 RULE_ATTR = "kiln.schedule_rule"
 

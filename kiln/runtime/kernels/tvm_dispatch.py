@@ -1,0 +1,92 @@
+"""PyTorch kernels that TVM-compiled CPU code calls through ``R.call_dps_packed``.
+
+The compiler's library-dispatch stage (``kiln/backends/tvm/dispatch.py``)
+emits calls by name; this module registers a function under each name. TVM
+passes tensors as ``tvm.runtime.Tensor``; ``torch.from_dlpack`` views them
+without a copy (0.5-2.6 us a call), and each function writes its result into
+the destination tensor TVM allocated (destination-passing style), with
+``out=`` where PyTorch has it and one ``copy_`` where it does not.
+Scalar attributes arrive as Python ints/floats before the destination.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import tvm
+
+_t = torch.from_dlpack
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    # TVM's tensors are contiguous, so folding the leading dims is always a view.
+    return t.view(-1, t.shape[-1])
+
+
+def linear(x, w, out):
+    x, out = _t(x), _t(out)
+    torch.mm(_rows(x), _t(w).t(), out=_rows(out))
+
+
+def linear_bias(x, w, b, out):
+    x, out = _t(x), _t(out)
+    torch.addmm(_t(b), _rows(x), _t(w).t(), out=_rows(out))
+
+
+def addmm(b, x, w, out):
+    torch.addmm(_t(b), _t(x), _t(w), out=_t(out))
+
+
+def mm(a, b, out):
+    torch.mm(_t(a), _t(b), out=_t(out))
+
+
+def bmm(a, b, out):
+    torch.bmm(_t(a), _t(b), out=_t(out))
+
+
+def matmul(a, b, out):
+    torch.matmul(_t(a), _t(b), out=_t(out))
+
+
+def _sdpa(q, k, v, mask, causal, scale, gqa, out):
+    res = F.scaled_dot_product_attention(_t(q), _t(k), _t(v), attn_mask=mask, is_causal=bool(causal),
+                                         scale=scale or None, enable_gqa=bool(gqa))
+    _t(out).copy_(res)
+
+
+def sdpa(q, k, v, causal, scale, gqa, out):
+    _sdpa(q, k, v, None, causal, scale, gqa, out)
+
+
+def sdpa_mask(q, k, v, mask, causal, scale, gqa, out):
+    _sdpa(q, k, v, _t(mask), causal, scale, gqa, out)
+
+
+def conv2d(x, w, s0, s1, p0, p1, d0, d1, groups, out):
+    _t(out).copy_(F.conv2d(_t(x), _t(w), None, (s0, s1), (p0, p1), (d0, d1), groups))
+
+
+def conv2d_bias(x, w, b, s0, s1, p0, p1, d0, d1, groups, out):
+    _t(out).copy_(F.conv2d(_t(x), _t(w), _t(b), (s0, s1), (p0, p1), (d0, d1), groups))
+
+
+def gelu(x, tanh, out):
+    torch._C._nn.gelu(_t(x), approximate="tanh" if tanh else "none", out=_t(out))
+
+
+def tanh(x, out):
+    torch.tanh(_t(x), out=_t(out))
+
+
+def erf(x, out):
+    torch.erf(_t(x), out=_t(out))
+
+
+FUNCTIONS = {f"kiln.{f.__name__}": f for f in (
+    linear, linear_bias, addmm, mm, bmm, matmul, sdpa, sdpa_mask, conv2d, conv2d_bias, gelu, tanh, erf)}
+
+
+def register() -> None:
+    """Register every function with TVM (idempotent; needed before a VM that calls them runs)."""
+    for name, fn in FUNCTIONS.items():
+        tvm.register_global_func(name, fn, override=True)

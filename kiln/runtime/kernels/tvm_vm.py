@@ -1,0 +1,68 @@
+"""The ``tvm-vm`` kernel format: a TVM Relax VM library built for this CPU and TVM version.
+
+Loading registers the PyTorch kernels the library calls (``tvm_dispatch``),
+checks that the library was built by this TVM for this CPU (code built for
+another CPU can die with an illegal instruction, and another TVM's VM bytecode
+is not compatible), loads the shared library and binds the weights once as
+DLPack views. A call converts only the inputs; outputs come back as views of
+the VM's freshly allocated output tensors (the VM never reuses them, so handing
+them out is safe).
+"""
+from __future__ import annotations
+
+import torch
+import tvm
+from tvm import relax
+from tvm.target import codegen
+
+from ...errors import ArtifactError, InputMismatchError
+from . import tvm_dispatch
+
+FORMAT = "tvm-vm"
+
+
+def check_compatible(spec: dict) -> None:
+    """Raise ArtifactError unless ``spec`` was built by this TVM for this CPU."""
+    problems = []
+    if spec.get("tvm_version") != tvm.__version__:
+        problems.append(f"TVM {spec.get('tvm_version')!r} (this runtime has TVM {tvm.__version__!r})")
+    host = codegen.llvm_get_system_cpu()
+    if spec.get("mcpu") != host:
+        problems.append(f"CPU {spec.get('mcpu')!r} (this machine is {host!r})")
+    if problems:
+        raise ArtifactError("TVM library was built for " + " and ".join(problems)
+                            + "; recompile the model on this machine")
+
+
+class TvmVmKernel:
+    def __init__(self, spec: dict, library_path: str, weights: dict[str, torch.Tensor]):
+        if spec.get("format") != FORMAT:
+            raise ArtifactError(f"spec has format {spec.get('format')!r}, expected {FORMAT!r}")
+        check_compatible(spec)
+        missing = [name for name in spec["weights"] if name not in weights]
+        if missing:
+            raise ArtifactError(f"TVM library needs weights that were not given: {', '.join(missing)}")
+        tvm_dispatch.register()
+        try:
+            library = tvm.runtime.load_module(library_path)
+        except Exception as e:
+            raise ArtifactError(f"cannot load TVM library {library_path}: {e}") from e
+        self._vm = relax.VirtualMachine(library, tvm.cpu())
+        self._main = self._vm[spec["entry"]]
+        # The VM keeps DLPack views, so the tensors must stay alive and contiguous.
+        self._weights = [weights[name].contiguous() for name in spec["weights"]]
+        self._bound = [tvm.runtime.from_dlpack(w) for w in self._weights]
+        self._inputs = [(tuple(i["shape"]), getattr(torch, i["dtype"])) for i in spec["inputs"]]
+        self.spec = spec
+
+    def __call__(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if len(inputs) != len(self._inputs):
+            raise InputMismatchError(f"TVM kernel takes {len(self._inputs)} inputs, got {len(inputs)}")
+        args = []
+        for i, (x, (shape, dtype)) in enumerate(zip(inputs, self._inputs)):
+            if x.shape != shape or x.dtype != dtype:
+                raise InputMismatchError(f"input {i}: expected {dtype} {list(shape)}, got {x.dtype} {list(x.shape)}")
+            args.append(tvm.runtime.from_dlpack(x.contiguous()))
+        outs = self._main(*args, *self._bound)
+        return [torch.from_dlpack(o) for o in outs]
+
