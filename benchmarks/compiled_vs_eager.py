@@ -10,9 +10,9 @@ all of them alike); the table shows medians after warm-up and eager/kiln ratios
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
-import statistics
 import time
 import warnings
 
@@ -27,6 +27,7 @@ from rich.table import Table  # noqa: E402
 
 import kiln  # noqa: E402
 from kiln import zoo  # noqa: E402
+from kiln.timing import median_ms  # noqa: E402
 
 # name -> (factory, kwargs, description); sizes follow the CPU-backend issue's benchmark list.
 WORKLOADS = {
@@ -47,19 +48,6 @@ def _eager_call(model):
         with torch.no_grad():
             return model(*inputs, **kwargs)
     return run
-
-
-def measure(contenders: dict, inputs, repeat: int, warmup: int = 3) -> dict[str, float]:
-    for fn in contenders.values():
-        for _ in range(warmup):
-            fn(*inputs)
-    times = {name: [] for name in contenders}
-    for _ in range(repeat):
-        for name, fn in contenders.items():
-            start = time.perf_counter()
-            fn(*inputs)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def main() -> None:
@@ -90,7 +78,7 @@ def main() -> None:
         contenders = {"eager": _eager_call(model), "kiln": cm}
         if args.inductor:
             contenders["inductor"] = _eager_call(torch.compile(model))
-        ms = measure(contenders, inputs, args.repeat)
+        ms = median_ms({name: functools.partial(fn, *inputs) for name, fn in contenders.items()}, args.repeat)
         row = [name, what, f"{compile_s:.1f}", f"{ms['eager']:.2f}", f"{ms['kiln']:.2f}",
                f"{ms['eager'] / ms['kiln']:.2f}x"]
         if args.inductor:

