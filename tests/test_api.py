@@ -143,3 +143,20 @@ def test_explicit_pass_list_and_unknown_names():
         kiln.compile(m, (x,), passes=["fuse_everything"])
     with pytest.raises(UnknownNameError, match="unknown pipeline 'fast'"):
         kiln.compile(m, (x,), options=kiln.CompileOptions(pipeline="fast"))
+
+
+def test_compilation_checks_names_up_front_and_runs_stages_in_order():
+    with pytest.raises(UnknownNameError, match="unknown target"):
+        kiln.api.Compilation("tpu")
+    with pytest.raises(UnknownNameError, match="unknown pass 'nope'"):
+        kiln.api.Compilation("cpu", passes=["nope"])
+    c = kiln.api.Compilation("cpu")
+    with pytest.raises(KilnError, match="optimize\\(\\) needs trace\\(\\) first"):
+        c.optimize()
+    m, x = nn.Sequential(nn.Linear(3, 3), nn.Tanh()).eval(), torch.randn(2, 3)
+    graph = c.trace(m, (x,))
+    assert [r.name for r in c.optimize()] == kiln.passes.get_pipeline("cpu")
+    assert graph.meta(graph.compute_nodes()[0]).placement is None
+    cm = c.lower()
+    assert {graph.meta(n).placement for n in graph.compute_nodes()} == {"cpu"}
+    torch.testing.assert_close(cm(x), m(x))
