@@ -11,7 +11,9 @@ from torch.utils import _pytree as pytree
 
 import kiln
 from kiln import zoo
+from kiln.api import Compilation
 from kiln.errors import InputMismatchError, KilnError, UnknownNameError
+from kiln.passes import get_pipeline
 
 MODELS = ["llama", "qwen2", "gpt2", "mixtral", "bert", "vit", "minilm"]
 
@@ -147,15 +149,15 @@ def test_explicit_pass_list_and_unknown_names():
 
 def test_compilation_checks_names_up_front_and_runs_stages_in_order():
     with pytest.raises(UnknownNameError, match="unknown target"):
-        kiln.api.Compilation("tpu")
+        Compilation("tpu")
     with pytest.raises(UnknownNameError, match="unknown pass 'nope'"):
-        kiln.api.Compilation("cpu", passes=["nope"])
-    c = kiln.api.Compilation("cpu")
+        Compilation("cpu", passes=["nope"])
+    c = Compilation("cpu")
     with pytest.raises(KilnError, match="optimize\\(\\) needs trace\\(\\) first"):
         c.optimize()
     m, x = nn.Sequential(nn.Linear(3, 3), nn.Tanh()).eval(), torch.randn(2, 3)
     graph = c.trace(m, (x,))
-    assert [r.name for r in c.optimize()] == kiln.passes.get_pipeline("cpu")
+    assert [r.name for r in c.optimize()] == get_pipeline("cpu")
     assert graph.meta(graph.compute_nodes()[0]).placement is None
     cm = c.lower()
     assert {graph.meta(n).placement for n in graph.compute_nodes()} == {"cpu"}
