@@ -1,0 +1,126 @@
+"""The LLM decode path: KVCacheLM against transformers' own cache, compiled greedy generation, save/load, errors.
+
+Logits are compared with ``torch.testing.assert_close``'s fp32 defaults
+(rtol 1.3e-6, atol 1e-5): the wrapper computes the same attention as
+transformers, only over the whole cache capacity with masked slots, so the
+sums differ in order only. Greedy tokens must be equal.
+"""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import DynamicCache
+
+from kiln import zoo
+from kiln.errors import InputMismatchError, KilnError
+from kiln.kv_cache import KVCacheLM
+from kiln.llm import compile_llm
+
+BUCKETS = (8, 16)
+CAPACITY = 64
+NEW_TOKENS = 12
+
+
+def _model(name: str):
+    model, (ids,) = zoo.MODELS[name](seq=11)  # 11 is not a bucket: the prompt is padded to 16
+    model.generation_config.eos_token_id = None  # HF would stop at EOS; CompiledLLM generates exactly N tokens
+    return model, ids
+
+
+def _hf_greedy(model, ids, n):
+    return model.generate(ids, max_new_tokens=n, do_sample=False)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def compiled(request):
+    model, ids = _model(request.param)
+    return model, ids, compile_llm(model, prefill_buckets=BUCKETS, capacity=CAPACITY)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mixtral", "gpt2"])
+def test_wrapper_matches_hf_cache_for_prefill_and_decode(name):
+    model, ids = _model(name)
+    lm = KVCacheLM(model)
+    k, v = lm.empty_cache(1, CAPACITY)
+    with torch.no_grad():
+        ref = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+        # Right-padded to a bucket, as compile_llm's prefill runs it: the real tokens' logits are unchanged.
+        padded = torch.cat([ids, torch.zeros(1, 16 - ids.shape[1], dtype=torch.long)], dim=1)
+        logits, k, v = lm(padded, torch.tensor(0), k, v)
+        torch.testing.assert_close(logits[:, :ids.shape[1]], ref.logits)
+        cache, pos = ref.past_key_values, ids.shape[1]
+        token = ref.logits[:, -1:].argmax(-1)
+        for _ in range(4):
+            ref = model(token, past_key_values=cache, use_cache=True)
+            logits, k, v = lm(token, torch.tensor(pos), k, v)
+            torch.testing.assert_close(logits, ref.logits)
+            token, pos = ref.logits[:, -1:].argmax(-1), pos + 1
+        torch.testing.assert_close(k[:, :, :, :pos], torch.stack([layer.keys for layer in cache.layers]))
+        torch.testing.assert_close(v[:, :, :, :pos], torch.stack([layer.values for layer in cache.layers]))
+
+
+def test_compiled_greedy_generation_equals_hf(compiled):
+    model, ids, llm = compiled
+    torch.testing.assert_close(llm.generate(ids, NEW_TOKENS), _hf_greedy(model, ids, NEW_TOKENS), rtol=0, atol=0)
+    prompt = ids[:, :5]  # a shorter prompt through the smaller bucket
+    torch.testing.assert_close(llm.generate(prompt, NEW_TOKENS), _hf_greedy(model, prompt, NEW_TOKENS), rtol=0, atol=0)
+
+
+def test_graphs_take_start_pos_as_a_tensor_and_write_nothing_in_place(compiled):
+    _, _, llm = compiled
+    start_pos = llm.decode_graph.signature.inputs[1]
+    assert (start_pos.name, start_pos.type.shape, start_pos.type.dtype) == ("start_pos", (), "i64")
+    for graph in [llm.decode_graph, *llm.prefill_graphs.values()]:
+        ops = {op for p in graph.manifest["partitions"] for op in p["report"]["ops"] if op.startswith("aten.")}
+        # TVM drops in-place updates and cannot convert a bool cumsum.
+        assert not [op for op in ops if _mutates(op) or "cumsum" in op], sorted(ops)
+
+
+def _mutates(op: str) -> bool:
+    _, name, overload = op.split(".")
+    return getattr(getattr(torch.ops.aten, name), overload)._schema.is_mutable
+
+
+def test_saved_llm_generates_in_a_fresh_process_without_the_compiler(compiled, tmp_path):
+    model, ids, llm = compiled
+    llm.save(tmp_path / "llm")
+    save_file({"ids": ids, "expected": _hf_greedy(model, ids, NEW_TOKENS)}, str(tmp_path / "io.safetensors"))
+    code = textwrap.dedent(f"""
+        import pickle, sys
+        def refuse(*a, **k):
+            raise AssertionError("something tried to unpickle")
+        pickle.load = pickle.loads = refuse
+        pickle.Unpickler = refuse
+        import torch
+        torch.load = refuse
+        import kiln.llm
+        from safetensors.torch import load_file
+        io = load_file({str(tmp_path / 'io.safetensors')!r})
+        llm = kiln.llm.load({str(tmp_path / 'llm')!r})
+        assert torch.equal(llm.generate(io["ids"], {NEW_TOKENS}), io["expected"])
+        leaked = [m for m in sys.modules if m.startswith(("kiln.passes", "kiln.api", "kiln.ir.trace", "kiln.kv_cache"))]
+        assert not leaked, leaked
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok"
+
+
+def test_requests_outside_the_compiled_shapes_raise_clear_errors(compiled):
+    _, ids, llm = compiled
+    with pytest.raises(InputMismatchError, match=r"17 tokens, more than the largest prefill bucket \(16\)"):
+        llm.generate(torch.zeros(1, 17, dtype=torch.long), 1)
+    with pytest.raises(InputMismatchError, match=r"needs 65 cache slots.*capacity 64"):
+        llm.generate(ids, CAPACITY + 1 - ids.shape[1])
+    with pytest.raises(InputMismatchError, match=r"batch size 2; this LLM was compiled for batch 1"):
+        llm.generate(ids.repeat(2, 1), 1)
+
+
+def test_compile_llm_refuses_a_bucket_larger_than_the_cache():
+    model, _ = _model("llama")
+    with pytest.raises(KilnError, match=r"largest prefill bucket \(128\) exceeds the cache capacity \(64\)"):
+        compile_llm(model, prefill_buckets=(8, 128), capacity=64)
