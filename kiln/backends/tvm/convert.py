@@ -8,6 +8,7 @@ relies on that the frontend lacks or gets wrong:
 - subgraphs that read no input (position ids, causal masks) are evaluated
   once with PyTorch and embedded as constants, so eager decides their exact
   values and none of their bool/int64 ops reach TVM's converters;
+- ``pow(x, 2|3)`` becomes products, as in PyTorch (TIR's pow is scalar libm);
 - ``cumsum`` of a bool tensor is cast to its int64 result type first (LLVM
   codegen fails on a bool scan); ``cat`` drops empty inputs (Relax rejects
   them); ``diff`` and ``_unsafe_view`` get converters;
@@ -58,6 +59,7 @@ class _Bridge:
             aten.cat.default: self._cat,
             aten.diff.default: self._diff,
             aten._unsafe_view.default: self._reshape_to_meta,
+            aten.pow.Tensor_Scalar: self._pow,
         }
 
     # -- entry ---------------------------------------------------------------------------------
@@ -182,6 +184,14 @@ class _Bridge:
             lo = relax.op.strided_slice(x, [dim], [0], [length - 1])
             x = self.bb.emit(relax.op.subtract(hi, lo))
         return x
+
+    def _pow(self, node: fx.Node) -> relax.Var:
+        x, exponent = self.env[node.args[0]], node.args[1]
+        if exponent in (2, 3) and node.meta["val"].dtype.is_floating_point:
+            # PyTorch computes these as products too; TIR's pow is a scalar libm call.
+            sq = relax.op.multiply(x, x)
+            return self.bb.emit(sq if exponent == 2 else relax.op.multiply(sq, x))
+        return self.imp.convert_map["pow.Tensor_Scalar"](node)
 
     def _reshape_to_meta(self, node: fx.Node) -> relax.Var:
         return self.bb.emit(relax.op.reshape(self.env[node.args[0]], list(node.meta["val"].shape)))

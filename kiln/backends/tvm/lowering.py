@@ -51,6 +51,7 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
     target = dict(target or host_target())
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     inputs, weight_nodes = placeholders[:num_inputs], placeholders[num_inputs:]
+    _check_static(gm)
     missing = [n.name for n in weight_nodes if n.name not in weights]
     if missing:
         raise UnsupportedOpError(f"partition reads weights {missing} that were not given")
@@ -91,6 +92,17 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
         },
     }
     return TvmLowered(library, spec, {name: func.script() for name, func in kernels.items()})
+
+
+def _check_static(gm: fx.GraphModule) -> None:
+    # Relax exports symbolic shapes, but tvm.compile of the result fails on this
+    # TVM; a fixed set of shapes (one partition per bucket) is the supported way.
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and not all(isinstance(s, int) for s in val.shape):
+            raise UnsupportedOpError(
+                f"node {node.name} has dynamic shape {list(val.shape)}; the TVM CPU backend compiles static "
+                "shapes only: export one partition per shape bucket (e.g. sequence lengths 64/128/256)")
 
 
 def _output_nodes(gm: fx.GraphModule) -> list[fx.Node]:

@@ -19,6 +19,7 @@ from ...errors import ArtifactError, InputMismatchError
 from . import tvm_dispatch
 
 FORMAT = "tvm-vm"
+_ALIGNMENT = 64
 
 
 def check_compatible(spec: dict) -> None:
@@ -32,6 +33,16 @@ def check_compatible(spec: dict) -> None:
     if problems:
         raise ArtifactError("TVM library was built for " + " and ".join(problems)
                             + "; recompile the model on this machine")
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous, 64-byte aligned tensor (a copy only when it is not one already).
+
+    TVM's generated code assumes 64-byte aligned buffers and ``from_dlpack``
+    refuses others; safetensors' memory-mapped weights are often misaligned.
+    """
+    t = t.contiguous()
+    return t if t.data_ptr() % _ALIGNMENT == 0 else t.clone()
 
 
 class TvmVmKernel:
@@ -49,8 +60,8 @@ class TvmVmKernel:
             raise ArtifactError(f"cannot load TVM library {library_path}: {e}") from e
         self._vm = relax.VirtualMachine(library, tvm.cpu())
         self._main = self._vm[spec["entry"]]
-        # The VM keeps DLPack views, so the tensors must stay alive and contiguous.
-        self._weights = [weights[name].contiguous() for name in spec["weights"]]
+        # The VM keeps DLPack views, so the tensors must stay alive.
+        self._weights = [_aligned(weights[name]) for name in spec["weights"]]
         self._bound = [tvm.runtime.from_dlpack(w) for w in self._weights]
         self._inputs = [(tuple(i["shape"]), getattr(torch, i["dtype"])) for i in spec["inputs"]]
         self.spec = spec
@@ -62,7 +73,7 @@ class TvmVmKernel:
         for i, (x, (shape, dtype)) in enumerate(zip(inputs, self._inputs)):
             if x.shape != shape or x.dtype != dtype:
                 raise InputMismatchError(f"input {i}: expected {dtype} {list(shape)}, got {x.dtype} {list(x.shape)}")
-            args.append(tvm.runtime.from_dlpack(x.contiguous()))
+            args.append(tvm.runtime.from_dlpack(_aligned(x)))
         outs = self._main(*args, *self._bound)
         return [torch.from_dlpack(o) for o in outs]
 

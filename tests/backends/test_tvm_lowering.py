@@ -1,0 +1,215 @@
+"""The TVM CPU lowering: small graphs through lower_partition -> bytes -> file -> TvmVmKernel, against eager."""
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.export.graph_signature import InputKind
+
+from kiln.backends.tvm import lower_partition
+from kiln.backends.tvm.dispatch import RULES
+from kiln.errors import ArtifactError, UnsupportedOpError
+from kiln.runtime.kernels import tvm_dispatch
+from kiln.runtime.kernels.tvm_vm import TvmVmKernel
+
+aten = torch.ops.aten
+
+
+def export_partition(model: nn.Module, args: tuple) -> tuple[fx.GraphModule, int, dict]:
+    """The whole model as one partition: placeholders are the inputs, then the weights by name."""
+    ep = torch.export.export(model, args).run_decompositions({})
+    old = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    inputs, weights = [], {}
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            inputs.append(spec.arg.name)
+        else:
+            value = ep.state_dict.get(spec.target)
+            weights[spec.arg.name] = (value if value is not None else ep.constants[spec.target]).detach()
+    graph, env = fx.Graph(), {}
+    for name in inputs + list(weights):
+        env[old[name]] = graph.placeholder(name)
+        env[old[name]].meta = dict(old[name].meta)
+    for node in ep.graph.nodes:
+        if node.op != "placeholder":
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    return fx.GraphModule(nn.Module(), graph), len(inputs), weights
+
+
+def run_lowered(lowered, weights, inputs, tmp_path):
+    path = tmp_path / "lib.so"
+    path.write_bytes(lowered.library)
+    return TvmVmKernel(lowered.spec, str(path), weights)(list(inputs))
+
+
+def check(model, args, tmp_path, **tol):
+    gm, n, weights = export_partition(model, args)
+    before = gm.graph.python_code("self").src
+    lowered = lower_partition(gm, n, weights)
+    assert gm.graph.python_code("self").src == before, "lower_partition mutated its input"
+    got = run_lowered(lowered, weights, args, tmp_path)
+    with torch.no_grad():
+        want = model(*args)
+    want = list(want) if isinstance(want, (tuple, list)) else [want]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol)
+    return lowered
+
+
+class RMSNormResidual(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x, r):
+        h = x + r
+        y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.weight * y, h
+
+
+class Attention(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.qkv, self.out, self.heads = nn.Linear(d, 3 * d), nn.Linear(d, d), heads
+
+    def forward(self, x, mask):
+        b, s, d = x.shape
+        q, k, v = (t.view(b, s, self.heads, -1).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        o = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(o.transpose(1, 2).reshape(b, s, d))
+
+
+def test_linear_gelu_mlp_dispatches_gemms_and_gelu(tmp_path):
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 32)).eval()
+    lowered = check(mlp, (torch.randn(4, 16, 32),), tmp_path)
+    assert lowered.spec["report"]["dispatched"] == {"kiln.linear_bias": 2, "kiln.gelu": 1}
+    hows = {r["op"]: r["how"] for r in lowered.spec["report"]["nodes"]}
+    assert hows["aten.linear.default"] == "dispatch"
+
+
+def test_rmsnorm_residual_is_one_scheduled_tir_kernel_family(tmp_path):
+    torch.manual_seed(0)
+    x, r = torch.randn(2, 64, 256), torch.randn(2, 64, 256)
+    # TVM sums the row in another order than PyTorch: allow a few ulps more than the fp32 default.
+    lowered = check(RMSNormResidual(256).eval(), (x, r), tmp_path, rtol=1e-5, atol=1e-5)
+    kernels = lowered.spec["report"]["kernels"]
+    assert lowered.spec["report"]["dispatched"] == {}
+    assert all(k["schedule"] is not None for k in kernels), kernels
+    norm = [k["name"] for k in kernels if "mean" in k["name"]]
+    assert norm and "rsqrt" in norm[0], kernels  # mean, eps, rsqrt and both scalings in one kernel
+    assert "T.parallel" in lowered.tir(norm[0]) or "T.vectorized" in lowered.tir(norm[0])
+
+
+def test_attention_with_bool_mask_goes_to_sdpa(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 64)
+    mask = torch.ones(16, 16, dtype=torch.bool).tril().expand(2, 1, 16, 16)
+    lowered = check(Attention(64, 4).eval(), (x, mask), tmp_path)
+    assert lowered.spec["report"]["dispatched"] == {"kiln.linear_bias": 2, "kiln.sdpa_mask": 1}
+
+
+def test_gap_cumsum_of_bool(tmp_path):
+    class M(nn.Module):
+        def forward(self, x):
+            return (x > 0).cumsum(-1), (x > 0).cumsum(0).to(torch.float32) * x
+
+    lowered = check(M(), (torch.randn(4, 33),), tmp_path)
+    assert lowered.spec["outputs"][0]["dtype"] == "int64"
+
+
+def test_gap_cat_with_empty_tensor(tmp_path):
+    class M(nn.Module):
+        def forward(self, x):
+            return torch.cat([x[:, :0], x * 2, x[:, :0]], dim=1), torch.cat([x[:0], x], dim=0)
+
+    check(M(), (torch.randn(3, 8),), tmp_path)
+
+
+def test_gap_dynamic_sequence_length_is_refused_with_buckets_advice():
+    mlp = nn.Sequential(nn.Linear(8, 8)).eval()
+    seq = torch.export.Dim("seq", min=2, max=64)
+    ep = torch.export.export(mlp, (torch.randn(1, 16, 8),), dynamic_shapes=({1: seq},)).run_decompositions({})
+    gm = fx.GraphModule(nn.Module(), ep.graph)
+    weights = {s.arg.name: ep.state_dict[s.target] for s in ep.graph_signature.input_specs if s.kind == InputKind.PARAMETER}
+    with pytest.raises(UnsupportedOpError, match="dynamic shape.*shape bucket"):
+        lower_partition(gm, 0, weights)
+
+
+def _inplace_graph(mutate_input: bool) -> fx.GraphModule:
+    # torch.export functionalizes in-place ops away, so build the partition by hand,
+    # as a pass that emits in-place updates would.
+    g = fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = torch.empty(4, 8)
+    buf = x if mutate_input else g.call_function(aten.clone.default, (x,))
+    upd = g.call_function(aten.add_.Tensor, (buf, 1.0))
+    out = g.call_function(aten.mul.Tensor, (buf, 2.0))  # reads the buffer after the update
+    for node in (buf, upd, out):
+        node.meta["val"] = torch.empty(4, 8)
+    g.output((out, upd))
+    return fx.GraphModule(nn.Module(), g)
+
+
+def test_gap_inplace_update_is_kept(tmp_path):
+    gm = _inplace_graph(mutate_input=False)
+    x = torch.randn(4, 8)
+    want = gm(x.clone())
+    got = run_lowered(lower_partition(gm, 1, {}), {}, [x], tmp_path)
+    torch.testing.assert_close(got, list(want))
+    torch.testing.assert_close(got[0], (x + 1) * 2)
+
+
+def test_gap_inplace_update_of_an_input_is_refused():
+    with pytest.raises(UnsupportedOpError, match="writes to input x"):
+        lower_partition(_inplace_graph(mutate_input=True), 1, {})
+
+
+def test_every_dispatch_rule_has_a_runtime_function():
+    assert {r.function for r in RULES} <= set(tvm_dispatch.FUNCTIONS)
+
+
+def test_version_and_cpu_mismatch_are_refused(tmp_path):
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8).eval()
+    gm, n, weights = export_partition(lin, (torch.randn(2, 8),))
+    lowered = lower_partition(gm, n, weights)
+    path = tmp_path / "lib.so"
+    path.write_bytes(lowered.library)
+    for key, value, message in [("tvm_version", "0.0.1", r"built for TVM '0\.0\.1' \(this runtime has TVM '0\.27"),
+                                ("mcpu", "bogus-cpu", r"built for CPU 'bogus-cpu' \(this machine is ")]:
+        spec = copy.deepcopy(lowered.spec)
+        spec[key] = value
+        with pytest.raises(ArtifactError, match=message):
+            TvmVmKernel(spec, str(path), weights)
+
+
+def test_misaligned_weights_are_accepted(tmp_path):
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8).eval()
+    gm, n, weights = export_partition(lin, (torch.randn(2, 8),))
+    lowered = lower_partition(gm, n, weights)
+    # A weight that starts 4 bytes into its storage, as memory-mapped safetensors often do.
+    shifted = {k: torch.cat([torch.zeros(1), v.flatten()])[1:].view(v.shape) for k, v in weights.items()}
+    assert any(v.data_ptr() % 64 for v in shifted.values())
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(run_lowered(lowered, shifted, [x], tmp_path)[0], lin(x).detach())
+
+
+def test_outputs_of_two_calls_do_not_alias(tmp_path):
+    class M(nn.Module):
+        def forward(self, x):
+            return (x * 3,)
+
+    gm, n, weights = export_partition(M(), (torch.randn(4, 4),))
+    lowered = lower_partition(gm, n, weights)
+    path = tmp_path / "lib.so"
+    path.write_bytes(lowered.library)
+    kernel = TvmVmKernel(lowered.spec, str(path), weights)
+    a, b = torch.ones(4, 4), torch.full((4, 4), 2.0)
+    first = kernel([a])[0]
+    kernel([b])
+    torch.testing.assert_close(first, a * 3)
+
