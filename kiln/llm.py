@@ -100,6 +100,10 @@ class CompiledLLM:
         if not 0 <= pos < self.capacity:
             raise InputMismatchError(f"decode position {pos} is outside the KV cache (capacity {self.capacity}); "
                                      "compile_llm(..., capacity=...) sets it")
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if tuple(cache.shape) != self.cache_shape or cache.dtype != self.cache_dtype:
+                raise InputMismatchError(f"{name} is {cache.dtype} {list(cache.shape)}; the graphs take "
+                                         f"{self.cache_dtype} {list(self.cache_shape)}")
         logits, k, v = self.decode_graph.run([self._check_ids(token_ids), torch.tensor(pos), k_cache, v_cache])
         return logits[:, -1], k, v
 
@@ -107,8 +111,10 @@ class CompiledLLM:
         """Greedy decoding: ``[batch, n]`` prompt ids -> ``[batch, n + max_new_tokens]`` (prompt, then new tokens)."""
         input_ids = self._check_ids(input_ids)
         n = input_ids.shape[1]
-        self._bucket(n)
-        if max_new_tokens < 0 or n + max_new_tokens > self.capacity:
+        self._bucket(n)  # an over-long prompt is refused before the capacity check
+        if max_new_tokens < 0:
+            raise InputMismatchError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
+        if n + max_new_tokens > self.capacity:
             raise InputMismatchError(
                 f"a prompt of {n} tokens plus max_new_tokens={max_new_tokens} needs {n + max_new_tokens} cache slots; "
                 f"the KV cache was compiled with capacity {self.capacity} (compile_llm(..., capacity=...))")

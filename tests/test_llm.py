@@ -69,6 +69,13 @@ def test_compiled_greedy_generation_equals_hf(compiled):
     torch.testing.assert_close(llm.generate(prompt, NEW_TOKENS), _hf_greedy(model, prompt, NEW_TOKENS), rtol=0, atol=0)
 
 
+def test_compiled_greedy_generation_equals_hf_for_a_batch():
+    model, (ids,) = zoo.llama(seq=11, batch=2)  # rows of one length: CompiledLLM has no per-row lengths
+    model.generation_config.eos_token_id = None
+    llm = compile_llm(model, batch=2, prefill_buckets=(16,), capacity=CAPACITY)
+    torch.testing.assert_close(llm.generate(ids, NEW_TOKENS), _hf_greedy(model, ids, NEW_TOKENS), rtol=0, atol=0)
+
+
 def test_graphs_take_start_pos_as_a_tensor_and_write_nothing_in_place(compiled):
     _, _, llm = compiled
     start_pos = llm.decode_graph.signature.inputs[1]
