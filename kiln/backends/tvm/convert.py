@@ -8,6 +8,8 @@ relies on that the frontend lacks or gets wrong:
 - subgraphs that read no input (position ids, causal masks) are evaluated
   once with PyTorch and embedded as constants, so eager decides their exact
   values and none of their bool/int64 ops reach TVM's converters;
+- ``exp``, ``sigmoid``, ``silu``, ``tanh``, ``erf``, ``gelu`` use TVM's fast
+  polynomial versions (see ``_fast``), so they vectorize and fuse;
 - ``pow(x, 2|3)`` becomes products, as in PyTorch (TIR's pow is scalar libm);
 - ``cumsum`` of a bool tensor is cast to its int64 result type first (LLVM
   codegen fails on a bool scan); ``cat`` drops empty inputs (Relax rejects
@@ -30,7 +32,7 @@ import operator
 import torch
 import torch.fx as fx
 import tvm
-from tvm import relax
+from tvm import relax, topi
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
 from ...errors import UnsupportedOpError
@@ -60,6 +62,12 @@ class _Bridge:
             aten.diff.default: self._diff,
             aten._unsafe_view.default: self._reshape_to_meta,
             aten.pow.Tensor_Scalar: self._pow,
+            aten.exp.default: self._fast(lambda x: topi.fast_exp(x)),
+            aten.sigmoid.default: self._fast(lambda x: 1 / (1 + topi.fast_exp(-x))),
+            aten.silu.default: self._fast(lambda x: x / (1 + topi.fast_exp(-x))),
+            aten.tanh.default: self._fast(lambda x: topi.fast_tanh(x)),
+            aten.erf.default: self._fast(lambda x: topi.fast_erf(x)),
+            aten.gelu.default: self._gelu,
         }
 
     # -- entry ---------------------------------------------------------------------------------
@@ -184,6 +192,32 @@ class _Bridge:
             lo = relax.op.strided_slice(x, [dim], [0], [length - 1])
             x = self.bb.emit(relax.op.subtract(hi, lo))
         return x
+
+    def _fast(self, compute):
+        """A float32 transcendental through TVM's vectorizable polynomial (``topi.fast_*``).
+
+        TIR's ``exp``/``tanh``/``erf`` become scalar libm calls (silu alone took
+        1.2 ms on 128x2048 here, tanh 1.5 ms, erf 4.7 ms); ``fast_exp``/``fast_tanh``/
+        ``fast_erf`` vectorize (0.1-0.17 ms, faster than PyTorch's 0.14-0.57 ms)
+        and stay within 4e-7 of PyTorch, inside fp32 ``assert_close`` tolerances.
+        """
+        def convert(node: fx.Node) -> relax.Var:
+            if node.meta["val"].dtype != torch.float32:
+                return self.imp.convert_map[node.target.__name__](node)
+            return self.bb.emit_te(compute, self.env[node.args[0]],
+                                   primfunc_name_hint=node.target.__name__.split(".")[0])
+        return convert
+
+    def _gelu(self, node: fx.Node) -> relax.Var:
+        tanh = node.kwargs.get("approximate", "none") == "tanh"
+        if tanh:
+            # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as PyTorch's approximate="tanh"
+            def gelu(x):
+                return 0.5 * x * (1 + topi.fast_tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+        else:
+            def gelu(x):
+                return 0.5 * x * (1 + topi.fast_erf(x * 0.7071067811865476))
+        return self._fast(gelu)(node)
 
     def _pow(self, node: fx.Node) -> relax.Var:
         x, exponent = self.env[node.args[0]], node.args[1]

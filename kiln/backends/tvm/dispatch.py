@@ -4,8 +4,10 @@ The first stage of the CPU pipeline, like TVM's ``library_dispatch_passes``,
 but on the FX graph: an ATen node says exactly what PyTorch's kernel computes
 (``linear``'s transposed weight, ``scaled_dot_product_attention``'s bool mask,
 scale and GQA flags), so nothing has to be recovered from a decomposed Relax
-pattern. Untuned TIR GEMMs are ~70x slower than PyTorch's, and TVM's scalar
-``erf``/``tanh`` cost more than a whole eager layer, so these go to the library.
+pattern. Untuned TIR GEMMs are ~70x slower than PyTorch's, so GEMM-class ops,
+attention and convolution go to the library. Transcendentals (exp, tanh, erf,
+gelu, silu) do not: TVM's ``fast_*`` polynomials beat PyTorch's kernels here
+and fuse with their neighbours (see ``convert._fast``).
 
 Each rule names the packed function the converter emits with
 ``R.call_dps_packed``; the runtime registers a function of that name in
@@ -104,16 +106,6 @@ def _conv2d_nobias(node):
     return _conv2d(node) if _arg(node, 2, "bias") is None else None
 
 
-def _gelu(node):
-    if not _is_f32(node.args[0]):
-        return None
-    return [node.args[0], int(node.kwargs.get("approximate", "none") == "tanh")]
-
-
-def _unary_f32(node):
-    return [node.args[0]] if _is_f32(node.args[0]) else None
-
-
 RULES: list[DispatchRule] = [
     DispatchRule("linear", aten.linear.default, "kiln.linear", _linear_nobias),
     DispatchRule("linear_bias", aten.linear.default, "kiln.linear_bias", _linear_bias),
@@ -127,10 +119,6 @@ RULES: list[DispatchRule] = [
                  lambda n: _sdpa(n, masked=True)),
     DispatchRule("conv2d", aten.conv2d.default, "kiln.conv2d", _conv2d_nobias),
     DispatchRule("conv2d_bias", aten.conv2d.default, "kiln.conv2d_bias", _conv2d_bias),
-    # Transcendentals: TIR lowers these to scalar libm calls that LLVM cannot vectorize.
-    DispatchRule("gelu", aten.gelu.default, "kiln.gelu", _gelu),
-    DispatchRule("tanh", aten.tanh.default, "kiln.tanh", _unary_f32),
-    DispatchRule("erf", aten.erf.default, "kiln.erf", _unary_f32),
 ]
 
 

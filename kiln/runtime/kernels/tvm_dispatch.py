@@ -70,20 +70,8 @@ def conv2d_bias(x, w, b, s0, s1, p0, p1, d0, d1, groups, out):
     _t(out).copy_(F.conv2d(_t(x), _t(w), _t(b), (s0, s1), (p0, p1), (d0, d1), groups))
 
 
-def gelu(x, tanh, out):
-    torch._C._nn.gelu(_t(x), approximate="tanh" if tanh else "none", out=_t(out))
-
-
-def tanh(x, out):
-    torch.tanh(_t(x), out=_t(out))
-
-
-def erf(x, out):
-    torch.erf(_t(x), out=_t(out))
-
-
 FUNCTIONS = {f"kiln.{f.__name__}": f for f in (
-    linear, linear_bias, addmm, mm, bmm, matmul, sdpa, sdpa_mask, conv2d, conv2d_bias, gelu, tanh, erf)}
+    linear, linear_bias, addmm, mm, bmm, matmul, sdpa, sdpa_mask, conv2d, conv2d_bias)}
 
 
 def register() -> None:
