@@ -86,6 +86,72 @@ def _parallel_vectorize(sch: s_tir.Schedule, block, target: Target) -> None:
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
 
 
+class RowReduction(CPUScheduleRule):
+    """Row-wise reductions with an injective epilogue (layer norm, RMS norm, softmax), vectorized.
+
+    Like ``dlight.cpu.Reduction`` (rows in parallel, every block computed per
+    row), but each reduction first splits its axis into ``lanes`` partial sums
+    (``rfactor``) that accumulate as one vector: a scalar sum is a chain of
+    dependent adds, which made TVM's layer norm 2x slower than PyTorch's. The
+    rfactor happens before ``compute_at``, where TVM still allows it.
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = normalize_prim_func(sch)
+        if not blocks or len(blocks) < 2 or not blocks[-1].is_injective():
+            return None
+        reductions = [b for b in blocks if not b.is_injective()]
+        if not reductions or any(b.dom_kind().rstrip("R") != b.dom_kind().rstrip("R").lstrip("S")
+                                 and b.dom_kind().rstrip("R").strip("S") for b in blocks):
+            return None
+        lead = min(len(b.dom_kind()) - len(b.dom_kind().lstrip("S")) for b in blocks)
+        if not lead or any(b.dom_kind().count("R") > 1 for b in reductions):
+            return None
+        lanes = _vector_lanes(target, _output_bits(sch, blocks[-1].block_rv))
+        factored = {}  # reduction block name -> its rfactor block
+        for block in reductions:
+            loops = sch.get_loops(block.block_rv)
+            extent = get_extent(sch, loops[-1])
+            if not isinstance(extent, int) or extent % lanes or extent < 2 * lanes:
+                continue
+            _, lane = sch.split(loops[-1], factors=[None, lanes])
+            # The lane axis goes last in the partial-sum buffer, so a vector of lanes is contiguous.
+            ndim = len(sch.get(block.block_rv).writes[0].source.shape)
+            factored[block.name] = sch.rfactor(lane, factor_axis=ndim)
+        last = blocks[-1].block_rv
+        loops = sch.get_loops(last)
+        row = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
+        sch.parallel(row)
+        _vectorize_innermost(sch, last, lanes)
+        # Consumers first: compute_at needs every consumer of a block already under ``row``.
+        for block in reversed(blocks[:-1]):
+            sch.compute_at(block.block_rv, row, preserve_unit_loops=True)
+            if block.name in factored:
+                sch.compute_at(factored[block.name], row, preserve_unit_loops=True)
+        for rf in factored.values():
+            # compute_at recreates the loops in block-iter order, lane (rfactor's new
+            # spatial iter) first; put it innermost so the partial sums are one vector.
+            lane, ko = [lp for lp in sch.get_loops(rf)[1:] if get_extent(sch, lp) != 1]
+            sch.reorder(ko, lane)
+            sch.vectorize(lane)
+        for block in blocks[:-1]:
+            if block.is_injective():
+                _vectorize_innermost(sch, block.block_rv, lanes)
+        return sch
+
+
+def _vectorize_innermost(sch: s_tir.Schedule, block, lanes: int) -> None:
+    inner = sch.get_loops(block)[-1]
+    extent = get_extent(sch, inner)
+    if isinstance(extent, int) and extent > 1:
+        width = _largest_divisor(extent, lanes)
+        if width > 1:
+            sch.vectorize(sch.split(inner, factors=[None, width])[1] if extent > width else inner)
+
+
 class RowParallel(CPUScheduleRule):
     """Fallback: each remaining block runs its leading spatial loops in parallel."""
 
@@ -147,6 +213,7 @@ def applied_rule(func: tirx.PrimFunc) -> str | None:
 
 def default_rules() -> list:
     return [
+        _Named("kiln.RowReduction", RowReduction()),
         _Named("dlight.cpu.Reduction", dlight.cpu.Reduction()),
         _Named("dlight.cpu.GEMV", dlight.cpu.GEMV()),
         _Named("kiln.Elementwise", Elementwise()),
