@@ -117,7 +117,7 @@ def test_compile_writes_an_artifact_and_summarises_it(artifact):
     assert "compiled MLP for cpu" in out
     for name in get_pipeline("cpu"):
         assert name in out
-    assert "part0_cpu (cpu, torch-graph)" in out
+    assert "part0_torch (torch, torch-graph)" in out
     assert str(path) in out
 
 
@@ -185,7 +185,7 @@ def test_inspect_shows_every_pass_with_its_drift(inspected):
         if name in EXACT_PASSES:
             assert rows[name][-1] == "0", (name, rows[name])
     assert rows["fold_constants"][3] != "0"  # it added the folded scale
-    assert "partition part0_cpu: backend cpu, format torch-graph" in out
+    assert "partition part0_torch: backend torch, format torch-graph" in out
     assert "aten.softmax" in out  # the cpu backend's report lists the ops it runs
 
 
@@ -215,7 +215,7 @@ def test_dump_dir_holds_snapshots_diffs_and_pictures(inspected):
     dot = (dump / "graph.dot").read_text()
     assert dot.startswith("digraph") and dot.count(" -> ") == len(edges) > 0
     html = (dump / "graph.html").read_text()
-    assert "<svg" in html and "placement: cpu" in html
+    assert "<svg" in html and "placement: torch" in html
 
 
 def test_dump_dir_reused_drops_stale_dumps_and_keeps_other_files(factories, tmp_path):

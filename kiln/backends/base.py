@@ -62,7 +62,8 @@ _BACKENDS: dict[str, type[Backend]] = {}
 
 # target name -> backends it may place nodes on, most preferred first
 TARGETS: dict[str, list[str]] = {
-    "cpu": ["cpu"],
+    "cpu": ["torch"],
+    "torch": ["torch"],  # the reference: PyTorch's kernels only
 }
 
 

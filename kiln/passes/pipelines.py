@@ -14,6 +14,7 @@ STAGES: dict[str, list[str]] = {
 
 PIPELINES: dict[str, list[str]] = {
     "cpu": ["cleanup", "analysis"],
+    "torch": ["cleanup", "analysis"],
     "none": [],
 }
 

@@ -6,7 +6,7 @@ from torch import nn
 import kiln
 from kiln.backends import base as backends_base
 from kiln.backends.base import Backend, LoweredPartition, register_backend
-from kiln.backends.cpu import CpuBackend
+from kiln.backends.pytorch import TorchBackend
 from kiln.errors import UnknownNameError, UnsupportedOpError
 
 
@@ -51,7 +51,7 @@ def test_unknown_target_lists_known_ones():
 
 @pytest.fixture
 def relu_backend(monkeypatch):
-    """A second backend that only runs relu, lowered to the same kernel format as cpu."""
+    """A second backend that only runs relu, lowered to the same kernel format as torch."""
 
     class ReluOnly(Backend):
         name = "relu_only"
@@ -60,11 +60,11 @@ def relu_backend(monkeypatch):
             return node.target == torch.ops.aten.relu.default
 
         def lower(self, partition):
-            lowered = CpuBackend().lower(partition)
+            lowered = TorchBackend().lower(partition)
             return LoweredPartition(lowered.format, lowered.spec, report={"relu_only": True})
 
     monkeypatch.setitem(backends_base._BACKENDS, "relu_only", ReluOnly)
-    monkeypatch.setitem(backends_base.TARGETS, "mixed", ["relu_only", "cpu"])
+    monkeypatch.setitem(backends_base.TARGETS, "mixed", ["relu_only", "torch"])
     register_backend(ReluOnly)
     monkeypatch.setattr("kiln.passes.pipelines.PIPELINES", {"mixed": ["cleanup"], "cpu": ["cleanup"], "none": []})
 
@@ -83,7 +83,7 @@ def test_nodes_split_into_runs_per_backend_and_run_in_order(relu_backend, tmp_pa
     m, x = Alternating().eval(), torch.randn(5, 4)
     cm = kiln.compile(m, (x,), target="mixed")
     parts = cm.manifest["partitions"]
-    assert [p["backend"] for p in parts] == ["cpu", "relu_only", "cpu", "relu_only", "cpu"]
+    assert [p["backend"] for p in parts] == ["torch", "relu_only", "torch", "relu_only", "torch"]
     assert parts[1]["inputs"] == parts[0]["outputs"]
     torch.testing.assert_close(cm(x), m(x))
     cm.save(tmp_path / "a")

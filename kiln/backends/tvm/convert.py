@@ -36,7 +36,7 @@ from tvm import relax, topi
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
 from ...errors import UnsupportedOpError
-from .dispatch import Args, DispatchRule
+from .dispatch import Args, DispatchRule, specialize
 
 aten = torch.ops.aten
 
@@ -97,7 +97,7 @@ class _Bridge:
             self._note(node, "constant")
             return
         if node in self.plan:
-            rule, args = self.plan[node]
+            rule, args = specialize(*self.plan[node], constants)
             self.env[node] = self._emit_dispatch(node, rule, args)
             self._note(node, "dispatch", function=rule.function, rule=rule.name)
             return

@@ -122,6 +122,21 @@ RULES: list[DispatchRule] = [
 ]
 
 
+def specialize(rule: DispatchRule, args: Args, constants: dict[fx.Node, torch.Tensor]) -> tuple[DispatchRule, Args]:
+    """A cheaper equivalent call once constant inputs are known (the converter folds them).
+
+    An attention mask that is a constant all-True bool (HF builds one for
+    encoders without padding, e.g. ViT) masks nothing: drop it, so PyTorch
+    does not convert and apply it on every call.
+    """
+    if rule.name == "sdpa_mask":
+        mask = args[3]
+        value = constants.get(mask)
+        if value is not None and value.dtype == torch.bool and bool(value.all()):
+            return _BY_NAME["sdpa"], args[:3] + args[4:]
+    return rule, args
+
+
 def plan_dispatch(gm: fx.GraphModule, rules: list[DispatchRule] = RULES) -> dict[fx.Node, tuple[DispatchRule, Args]]:
     """The nodes of ``gm`` that go to the library, with the rule and arguments for each."""
     by_op: dict = {}
@@ -137,3 +152,6 @@ def plan_dispatch(gm: fx.GraphModule, rules: list[DispatchRule] = RULES) -> dict
                 plan[node] = (rule, args)
                 break
     return plan
+
+
+_BY_NAME = {rule.name: rule for rule in RULES}

@@ -20,6 +20,7 @@ from tvm import relax, tirx
 from ...errors import UnsupportedOpError
 from .convert import to_relax
 from .dispatch import plan_dispatch
+from .fusion import FUSED
 from .pipeline import stage
 from .schedule import applied_rule
 from .target import host_target, tvm_version
@@ -67,6 +68,9 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
     mod, node_report = timed("convert", to_relax, gm, plan, ENTRY)
     tvm_target = tvm.target.Target(target)
     with tvm_target:
+        mod = timed("fuse_norm", stage("fuse_norm"), mod)
+        fused = Counter(str(f.attrs[FUSED]) for _, f in mod.functions_items()
+                        if isinstance(f, relax.Function) and f.attrs is not None and FUSED in f.attrs)
         for name in ("legalize", "fuse", "schedule"):
             mod = timed(name, stage(name), mod)
     kernels = {gv.name_hint: func for gv, func in mod.functions_items() if isinstance(func, tirx.PrimFunc)}
@@ -87,6 +91,7 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
         "report": {
             "nodes": node_report,
             "dispatched": dict(Counter(r["function"] for r in node_report if r["how"] == "dispatch")),
+            "fused_patterns": dict(fused),
             "kernels": [{"name": name, "schedule": applied_rule(func)} for name, func in sorted(kernels.items())],
             "stage_seconds": times,
         },

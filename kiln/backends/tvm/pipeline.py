@@ -2,6 +2,7 @@
 
     library_dispatch   FX: which nodes run as PyTorch kernels (dispatch.plan_dispatch)
     convert            FX -> Relax, dispatched nodes as R.call_dps_packed (convert.to_relax)
+    fuse_norm          residual add + RMS/layer norm grouped into one kernel (fusion.py)
     legalize           Relax ops -> TIR PrimFuncs; constants folded
     fuse               chains of TIR ops -> one kernel each (residual add + norm,
                        bias/scale + activation, RoPE's mul/neg/cat/add)
@@ -18,7 +19,12 @@ import tvm
 from tvm import relax
 
 from ...errors import UnknownNameError
+from .fusion import fuse_residual_norm
 from .schedule import schedule_pass
+
+
+def fuse_norm_passes() -> list:
+    return [fuse_residual_norm]
 
 
 def legalize_passes() -> list:
@@ -63,6 +69,7 @@ def finalize_passes() -> list:
 
 # The Relax-level stages, in order (library_dispatch and convert run on FX before them).
 RELAX_STAGES = {
+    "fuse_norm": fuse_norm_passes,
     "legalize": legalize_passes,
     "fuse": fuse_passes,
     "schedule": schedule_passes,

@@ -11,6 +11,8 @@ returns a schedule wins, and ``applied_rules`` reports which one did.
 """
 from __future__ import annotations
 
+import re
+
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import get_root_block, normalize_prim_func
@@ -104,12 +106,10 @@ class RowReduction(CPUScheduleRule):
         if not blocks or len(blocks) < 2 or not blocks[-1].is_injective():
             return None
         reductions = [b for b in blocks if not b.is_injective()]
-        if not reductions or any(b.dom_kind().rstrip("R") != b.dom_kind().rstrip("R").lstrip("S")
-                                 and b.dom_kind().rstrip("R").strip("S") for b in blocks):
+        # Every block: spatial axes, then at most one reduction axis (the row).
+        if not reductions or not all(re.fullmatch("S+R?", b.dom_kind()) for b in blocks):
             return None
-        lead = min(len(b.dom_kind()) - len(b.dom_kind().lstrip("S")) for b in blocks)
-        if not lead or any(b.dom_kind().count("R") > 1 for b in reductions):
-            return None
+        lead = min(len(b.dom_kind().rstrip("R")) for b in blocks)
         lanes = _vector_lanes(target, _output_bits(sch, blocks[-1].block_rv))
         factored = {}  # reduction block name -> its rfactor block
         for block in reductions:
@@ -128,6 +128,11 @@ class RowReduction(CPUScheduleRule):
         _vectorize_innermost(sch, last, lanes)
         # Consumers first: compute_at needs every consumer of a block already under ``row``.
         for block in reversed(blocks[:-1]):
+            if _writes_output(sch, block.block_rv, func):
+                # A second output (the residual sum before a norm) cannot move under
+                # ``row``; it keeps its own parallel, vectorized loop.
+                _parallel_vectorize(sch, block.block_rv, target)
+                continue
             sch.compute_at(block.block_rv, row, preserve_unit_loops=True)
             if block.name in factored:
                 sch.compute_at(factored[block.name], row, preserve_unit_loops=True)
@@ -138,9 +143,15 @@ class RowReduction(CPUScheduleRule):
             sch.reorder(ko, lane)
             sch.vectorize(lane)
         for block in blocks[:-1]:
-            if block.is_injective():
+            if block.is_injective() and not _writes_output(sch, block.block_rv, func):
                 _vectorize_innermost(sch, block.block_rv, lanes)
         return sch
+
+
+def _writes_output(sch: s_tir.Schedule, block, func: tirx.PrimFunc) -> bool:
+    # Intermediates are allocated in the root block; anything else is a parameter.
+    written = sch.get(block).writes[0].source
+    return not any(written.same_as(buf) for buf in func.body.block.alloc_buffers)
 
 
 def _vectorize_innermost(sch: s_tir.Schedule, block, lanes: int) -> None:
@@ -196,7 +207,11 @@ class _Named(CPUScheduleRule):
         self.rule = rule
 
     def apply(self, func, target, tunable):
-        space = self.rule.apply(func, target, tunable)
+        try:
+            space = self.rule.apply(func, target, tunable)
+        except s_tir.ScheduleError:
+            # The rule's preconditions missed a case a primitive refuses: let the next rule try.
+            return None
         if space is None:
             return None
         sch = space[0] if isinstance(space, list) else space

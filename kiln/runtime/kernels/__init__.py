@@ -25,6 +25,7 @@ Kernel = Callable[..., tuple[torch.Tensor, ...]]
 # format name -> "module:function" of its loader, relative to this package
 _LOADERS = {
     "torch-graph": "torch_graph:load",
+    "tvm-vm": "tvm_vm:load",
 }
 
 

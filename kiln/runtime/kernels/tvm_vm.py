@@ -77,3 +77,9 @@ class TvmVmKernel:
         outs = self._main(*args, *self._bound)
         return [torch.from_dlpack(o) for o in outs]
 
+
+def load(entry: dict, files, weights: dict[str, torch.Tensor]):
+    """The runtime loader of the ``tvm-vm`` format: the partition's library is its one file."""
+    (library,) = entry["files"]
+    kernel = TvmVmKernel(entry["spec"], files.path(library), weights)
+    return lambda *inputs: kernel(list(inputs))
