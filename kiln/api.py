@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .backends import assign_placement, split_by_placement, target_backends
+from .backends import LoweredPartition, assign_placement, split_by_placement, target_backends
 from .errors import KilnError, UnknownNameError
 from .ir import Graph
 from .ir.trace import trace
@@ -93,6 +93,7 @@ class Compilation:
         self.graph: Graph | None = None
         self.flat_inputs: list[torch.Tensor] = []
         self.records: list[PassRecord] = []
+        self.lowered: dict[str, LoweredPartition] = {}  # by partition name, after lower()
 
     def _standard_instruments(self) -> list[Instrument]:
         instruments: list[Instrument] = []
@@ -130,6 +131,7 @@ class Compilation:
         entries, files, used = [], {}, {}
         for p in partitions:
             lowered = by_name[p.backend].lower(p)
+            self.lowered[p.name] = lowered
             for fname, data in lowered.files.items():
                 if fname in files:
                     raise KilnError(f"backend {p.backend!r} produced file {fname!r} twice")

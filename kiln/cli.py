@@ -15,6 +15,7 @@ it, never at the top of this module, so running an artifact never loads it.
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import difflib
 import importlib.util
 import logging
@@ -330,7 +331,7 @@ def _inspect(args, out: Console, err: Console) -> None:
             written = _write_dumps(Path(args.dump_dir), snapshot.initial, records, graph)
         out.print(Text(f"wrote {len(written)} files to {args.dump_dir}"))
     if args.tir:
-        out.print(Text(_tir(compiled.manifest, args.tir)))
+        out.print(Text(_tir(compilation.lowered, compiled.manifest, args.tir)))
 
 
 def _eager_outputs(model, inputs) -> list:
@@ -394,10 +395,21 @@ def _partition_tree(entry: dict) -> Tree:
     return tree
 
 
+_HOW = {"dispatch": "ops sent to the library (PyTorch kernels)", "tir": "ops compiled to TIR kernels",
+        "constant": "ops folded to constants at compile time"}
+
+
 def _add_report(tree: Tree, report: dict) -> None:
+    summarised = "nodes" in report  # per-op counts below already say what "dispatched" would
     for key, value in report.items():
-        if key == "tir" and isinstance(value, dict):  # whole kernels: too long to show here
-            tree.add(Text(f"tir: {len(value)} kernels ({', '.join(value)}); print one with --tir KERNEL"))
+        if key == "dispatched" and summarised:
+            continue
+        if key == "nodes" and isinstance(value, list) and all(isinstance(v, dict) and "how" in v for v in value):
+            _add_node_summary(tree, value)
+        elif key == "kernels" and isinstance(value, list) and all(isinstance(v, dict) for v in value):
+            branch = tree.add(Text(f"TIR kernels ({len(value)}); print one with --tir KERNEL:"))
+            for k in value:
+                branch.add(Text(f"{k['name']}  [{k.get('schedule', '?')}]"))
         elif isinstance(value, dict):
             _add_report(tree.add(Text(f"{key}:")), value)
         elif isinstance(value, (list, tuple)):
@@ -406,11 +418,22 @@ def _add_report(tree: Tree, report: dict) -> None:
             tree.add(Text(f"{key}: {value}"))
 
 
-def _tir(manifest: dict, kernel: str) -> str:
-    """The TIR text of ``kernel``: backends put ``{"tir": {kernel name: text}}`` in their report."""
+def _add_node_summary(tree: Tree, nodes: list[dict]) -> None:
+    """What happened to each op, grouped: e.g. ``aten.linear.default x15 -> kiln.linear``."""
+    groups: dict[str, Counter] = {}
+    for n in nodes:
+        label = n["op"] + (f" -> {n['function']}" if n.get("function") else "")
+        groups.setdefault(n["how"], Counter())[label] += 1
+    for how, ops in groups.items():
+        tree.add(Text(f"{_HOW.get(how, how)} ({sum(ops.values())}): "
+                      + ", ".join(f"{op} x{count}" for op, count in sorted(ops.items()))))
+
+
+def _tir(lowered: dict, manifest: dict, kernel: str) -> str:
+    """The TIR text of ``kernel``, from the backends' in-memory ``details["tir"]``."""
     kernels: dict[str, str] = {}
-    for entry in manifest["partitions"]:
-        kernels.update((entry.get("report") or {}).get("tir", {}))
+    for part in lowered.values():
+        kernels.update(part.details.get("tir", {}))
     if kernel in kernels:
         return kernels[kernel]
     if kernels:

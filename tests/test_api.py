@@ -160,5 +160,5 @@ def test_compilation_checks_names_up_front_and_runs_stages_in_order():
     assert [r.name for r in c.optimize()] == get_pipeline("cpu")
     assert graph.meta(graph.compute_nodes()[0]).placement is None
     cm = c.lower()
-    assert {graph.meta(n).placement for n in graph.compute_nodes()} == {"torch"}
+    assert {graph.meta(n).placement for n in graph.compute_nodes()} == {"cpu"}
     torch.testing.assert_close(cm(x), m(x))

@@ -16,8 +16,8 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-from kiln.cli import _tir, load_factory, main
-from kiln.errors import FactoryError, KilnError
+from kiln.cli import load_factory, main
+from kiln.errors import FactoryError
 from kiln.passes import PIPELINES, STAGES, get_pipeline
 
 FACTORIES = '''
@@ -117,7 +117,7 @@ def test_compile_writes_an_artifact_and_summarises_it(artifact):
     assert "compiled MLP for cpu" in out
     for name in get_pipeline("cpu"):
         assert name in out
-    assert "part0_torch (torch, torch-graph)" in out
+    assert "part0_cpu (cpu, tvm-vm)" in out
     assert str(path) in out
 
 
@@ -185,7 +185,7 @@ def test_inspect_shows_every_pass_with_its_drift(inspected):
         if name in EXACT_PASSES:
             assert rows[name][-1] == "0", (name, rows[name])
     assert rows["fold_constants"][3] != "0"  # it added the folded scale
-    assert "partition part0_torch: backend torch, format torch-graph" in out
+    assert "partition part0_cpu: backend cpu, format tvm-vm" in out
     assert "aten.softmax" in out  # the cpu backend's report lists the ops it runs
 
 
@@ -215,7 +215,7 @@ def test_dump_dir_holds_snapshots_diffs_and_pictures(inspected):
     dot = (dump / "graph.dot").read_text()
     assert dot.startswith("digraph") and dot.count(" -> ") == len(edges) > 0
     html = (dump / "graph.html").read_text()
-    assert "<svg" in html and "placement: torch" in html
+    assert "<svg" in html and "placement: cpu" in html
 
 
 def test_dump_dir_reused_drops_stale_dumps_and_keeps_other_files(factories, tmp_path):
@@ -229,14 +229,18 @@ def test_dump_dir_reused_drops_stale_dumps_and_keeps_other_files(factories, tmp_
     assert not [n for n in names if "fold_constants" in n]  # a skipped pass leaves no snapshot
 
 
-def test_tir_of_an_unknown_kernel_lists_the_kernels(factories):
-    code, _, err = cli("inspect", f"{factories}:mlp", "--tir", "fused_add")
+def test_tir_prints_a_kernel_and_an_unknown_name_lists_the_kernels(factories):
+    code, _, err = cli("inspect", f"{factories}:mlp", "--tir", "no_such_kernel")
     assert code == 1
-    assert "no TIR kernel named 'fused_add'" in err and "backends used: torch" in err
-    manifest = {"partitions": [{"backend": "tvm", "report": {"tir": {"fused_add": "# tir", "fused_mul": "..."}}}]}
-    assert _tir(manifest, "fused_add") == "# tir"
-    with pytest.raises(KilnError, match="the kernels are: fused_add, fused_mul"):
-        _tir(manifest, "fused_sub")
+    found = re.search(r"no TIR kernel named 'no_such_kernel'; the kernels are: (.+)", err)
+    assert found, err
+    kernel = found.group(1).split(", ")[0]
+    code, out, _ = cli("inspect", f"{factories}:mlp", "--tir", kernel)
+    assert code == 0
+    assert "@T.prim_func" in out and ("T.vectorized" in out or "T.parallel" in out)  # a scheduled kernel
+    code, _, err = cli("inspect", f"{factories}:mlp", "--target", "torch", "--tir", kernel)
+    assert code == 1
+    assert "no partition was lowered to TIR kernels (backends used: torch)" in err
 
 
 # ---- errors ------------------------------------------------------------------------------------

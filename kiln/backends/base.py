@@ -43,7 +43,8 @@ class LoweredPartition:
     format: str  # the runtime kernel format that loads it, e.g. "torch-graph"
     spec: dict  # JSON-serialisable, stored in the manifest
     files: dict[str, bytes] = field(default_factory=dict)  # extra files (libraries), by file name
-    report: dict = field(default_factory=dict)  # what it did, for `kiln inspect`
+    report: dict = field(default_factory=dict)  # what it did, stored in the manifest, for `kiln inspect`
+    details: dict = field(default_factory=dict)  # in memory only: bulky debugging views (e.g. TIR text)
 
 
 class Backend(ABC):
@@ -62,7 +63,7 @@ _BACKENDS: dict[str, type[Backend]] = {}
 
 # target name -> backends it may place nodes on, most preferred first
 TARGETS: dict[str, list[str]] = {
-    "cpu": ["torch"],
+    "cpu": ["cpu", "torch"],  # TVM; PyTorch kernels for what TVM cannot lower
     "torch": ["torch"],  # the reference: PyTorch's kernels only
 }
 

@@ -8,6 +8,9 @@ acyclic, so the schedule is simply their order.
 """
 from __future__ import annotations
 
+import logging
+from collections import Counter
+
 import torch
 import torch.fx as fx
 
@@ -16,9 +19,12 @@ from ..ir import Graph
 from ..ir.printer import op_name
 from .base import Backend, Partition
 
+log = logging.getLogger("kiln")
+
 
 def assign_placement(graph: Graph, target: str, backends: list[Backend]) -> None:
     by_name = {b.name: b for b in backends}
+    fallbacks: Counter[str] = Counter()
     for node in graph.compute_nodes():
         meta = graph.meta(node)
         if meta.placement is not None:
@@ -31,11 +37,16 @@ def assign_placement(graph: Graph, target: str, backends: list[Backend]) -> None
         for backend in backends:
             if backend.supports(node):
                 meta.placement = backend.name
+                if backend is not backends[0]:
+                    fallbacks[f"{op_name(node.target)} -> {backend.name}"] += 1
                 break
         else:
             raise UnsupportedOpError(
                 f"node {node.name}: op {op_name(node.target)} is not supported by target {target!r} "
                 f"(backends tried: {', '.join(by_name)})" + _where(node))
+    if fallbacks:
+        log.info("kiln: target %r: %d nodes not supported by %r fall back: %s", target, sum(fallbacks.values()),
+                 backends[0].name, ", ".join(f"{k} (x{n})" for k, n in sorted(fallbacks.items())))
 
 
 def _where(node: fx.Node) -> str:

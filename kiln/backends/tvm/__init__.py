@@ -2,6 +2,7 @@
 
 See README.md in this folder for the flow and the measured numbers.
 """
+from .convert import convertible
 from .lowering import TvmLowered, lower_partition
 
-__all__ = ["TvmLowered", "lower_partition"]
+__all__ = ["TvmLowered", "convertible", "lower_partition"]

@@ -27,6 +27,7 @@ which are not public API; TVM is pinned, and the tests exercise each path.
 """
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -270,6 +271,21 @@ class _Bridge:
 
     def _dtype(self, dtype: torch.dtype) -> str:
         return self.imp._convert_data_type(dtype)
+
+
+@functools.cache
+def _op_table() -> tuple[frozenset, frozenset]:
+    """The ops kiln converts itself, and the names TVM's frontend has converters for."""
+    bridge = _Bridge(fx.GraphModule(torch.nn.Module(), fx.Graph()), {})
+    return frozenset(bridge._own), frozenset(bridge.imp.convert_map)
+
+
+def convertible(node: fx.Node) -> bool:
+    """Whether ``to_relax`` has a converter for this ``call_function`` node's op (the backend's op table)."""
+    own, frontend = _op_table()
+    target = node.target
+    return (target in _NO_VALUE or target in own or target is operator.getitem
+            or getattr(target, "__name__", None) in frontend)
 
 
 def to_relax(gm: fx.GraphModule, plan: dict[fx.Node, tuple[DispatchRule, Args]],

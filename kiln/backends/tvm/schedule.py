@@ -17,8 +17,10 @@ Rules are tried in order; the first that returns a schedule wins, and
 """
 from __future__ import annotations
 
+import logging
 import re
 
+import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import get_root_block, normalize_prim_func
@@ -33,6 +35,8 @@ from tvm.target.codegen import llvm_get_vector_width
 PARALLEL_MIN_ELEMENTS = 1 << 18
 
 RULE_ATTR = "kiln.schedule_rule"
+
+log = logging.getLogger("kiln")
 
 
 def _vector_lanes(target: Target, dtype_bits: int) -> int:
@@ -226,8 +230,12 @@ class _Named(CPUScheduleRule):
     def apply(self, func, target, tunable):
         try:
             space = self.rule.apply(func, target, tunable)
-        except s_tir.ScheduleError:
-            # The rule's preconditions missed a case a primitive refuses: let the next rule try.
+        except (s_tir.ScheduleError, ValueError, tvm.error.InternalError) as e:
+            # The rule's preconditions missed a case a primitive refuses (ScheduleError, or
+            # ValueError from a stale loop handle). Each rule starts from a fresh schedule of
+            # the unchanged function, so the next rule can safely try.
+            log.debug("kiln: schedule rule %s gave up on %s: %s", self.name,
+                      func.attrs.get("global_symbol", "?") if func.attrs else "?", str(e).splitlines()[0])
             return None
         if space is None:
             return None

@@ -1,13 +1,14 @@
 """Runtime kernel formats: how each backend's lowered partition is loaded and run.
 
 A loader takes the partition's manifest entry, the artifact's files and the
-weights it reads, and returns a callable from input tensors to a tuple of
-output tensors. Loaders are imported only when an artifact needs them.
+weights it reads, and returns a callable from input tensors to a sequence
+of output tensors. Loaders are imported only when an artifact needs them.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
@@ -20,7 +21,7 @@ class Files(Protocol):
     def path(self, name: str) -> str: ...
 
 
-Kernel = Callable[..., tuple[torch.Tensor, ...]]
+Kernel = Callable[..., Sequence[torch.Tensor]]
 
 # format name -> "module:function" of its loader, relative to this package
 _LOADERS = {
