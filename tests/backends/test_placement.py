@@ -88,3 +88,37 @@ def test_nodes_split_into_runs_per_backend_and_run_in_order(relu_backend, tmp_pa
     torch.testing.assert_close(cm(x), m(x))
     cm.save(tmp_path / "a")
     torch.testing.assert_close(kiln.load(tmp_path / "a")(x), m(x))
+
+
+class WithFrac(nn.Module):
+    """``aten.frac`` has no TVM converter: the cpu target runs it on the torch backend."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.b(torch.frac(self.a(x)) * 3.0)
+
+
+def test_cpu_target_falls_back_to_torch_for_ops_tvm_cannot_lower(caplog, tmp_path):
+    torch.manual_seed(0)
+    m, x = WithFrac().eval(), torch.randn(4, 8)
+    with caplog.at_level("INFO", logger="kiln"):
+        cm = kiln.compile(m, (x,))
+    assert [(p["backend"], p["format"]) for p in cm.manifest["partitions"]] == [
+        ("cpu", "tvm-vm"), ("torch", "torch-graph"), ("cpu", "tvm-vm")]
+    assert "1 nodes not supported by 'cpu' fall back: aten.frac -> torch (x1)" in caplog.text
+    torch.testing.assert_close(cm(x), m(x))
+    cm.save(tmp_path / "a")
+    torch.testing.assert_close(kiln.load(tmp_path / "a")(x), m(x))
+
+
+def test_cpu_target_runs_dynamic_shapes_on_torch():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 4), nn.GELU()).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    cm = kiln.compile(m, (torch.randn(2, 4),), options=kiln.CompileOptions(dynamic_shapes=({0: batch},)))
+    assert {p["backend"] for p in cm.manifest["partitions"]} == {"torch"}
+    x = torch.randn(9, 4)
+    torch.testing.assert_close(cm(x), m(x))
