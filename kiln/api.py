@@ -86,7 +86,7 @@ class Compilation:
             raise KilnError(f"options must be a kiln.CompileOptions, not {type(options).__name__}")
         self.target = target
         self.options = options or CompileOptions()
-        self.backends = target_backends(target)
+        self.backends = target_backends(target, self.options)
         self.pass_names = list(passes) if passes is not None else get_pipeline(self.options.pipeline or target)
         self._instruments = self._standard_instruments()
         PassManager(self.pass_names)  # resolves every pass name now, or raises

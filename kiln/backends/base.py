@@ -48,7 +48,12 @@ class LoweredPartition:
 
 
 class Backend(ABC):
+    """One backend, configured for one compilation by its ``CompileOptions`` (None: defaults)."""
+
     name: ClassVar[str]
+
+    def __init__(self, options=None):
+        self.options = options
 
     @abstractmethod
     def supports(self, node: fx.Node) -> bool:
@@ -75,16 +80,17 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
     return cls
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: str, options=None) -> Backend:
     try:
-        return _BACKENDS[name]()
+        cls = _BACKENDS[name]
     except KeyError:
         raise UnknownNameError("backend", name, _BACKENDS) from None
+    return cls(options)
 
 
-def target_backends(target: str) -> list[Backend]:
+def target_backends(target: str, options=None) -> list[Backend]:
     try:
         names = TARGETS[target]
     except KeyError:
         raise UnknownNameError("target", target, TARGETS) from None
-    return [get_backend(n) for n in names]
+    return [get_backend(n, options) for n in names]
