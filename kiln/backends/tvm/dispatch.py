@@ -85,6 +85,13 @@ def _sdpa(node, masked: bool):
     return [q, k, v] + ([mask] if masked else []) + flags
 
 
+def _embedding(node):
+    # PyTorch's kernel checks every index against the table (IndexError, as in eager);
+    # TVM's `take` would read out of bounds: garbage, or a crash.
+    weight, indices = node.args[:2]
+    return [weight, indices] if weight.meta["val"].dim() == 2 else None
+
+
 def _conv2d(node):
     x, w = node.args[:2]
     b = _arg(node, 2, "bias")
@@ -107,6 +114,7 @@ def _conv2d_nobias(node):
 
 
 RULES: list[DispatchRule] = [
+    DispatchRule("embedding", aten.embedding.default, "kiln.embedding", _embedding),
     DispatchRule("linear", aten.linear.default, "kiln.linear", _linear_nobias),
     DispatchRule("linear_bias", aten.linear.default, "kiln.linear_bias", _linear_bias),
     DispatchRule("addmm", aten.addmm.default, "kiln.addmm", _addmm),

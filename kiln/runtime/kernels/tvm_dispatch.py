@@ -22,6 +22,11 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1, t.shape[-1])
 
 
+def embedding(w, idx, out):
+    w = _t(w)
+    torch.index_select(w, 0, _t(idx).reshape(-1), out=_t(out).view(-1, w.shape[1]))
+
+
 def linear(x, w, out):
     x, out = _t(x), _t(out)
     torch.mm(_rows(x), _t(w).t(), out=_rows(out))
@@ -71,7 +76,7 @@ def conv2d_bias(x, w, b, s0, s1, p0, p1, d0, d1, groups, out):
 
 
 FUNCTIONS = {f"kiln.{f.__name__}": f for f in (
-    linear, linear_bias, addmm, mm, bmm, matmul, sdpa, sdpa_mask, conv2d, conv2d_bias)}
+    embedding, linear, linear_bias, addmm, mm, bmm, matmul, sdpa, sdpa_mask, conv2d, conv2d_bias)}
 
 
 def register() -> None:

@@ -1,0 +1,31 @@
+"""The cpu (TVM) backend through kiln.compile: behaviour a user sees beyond matching eager."""
+import pytest
+import torch
+from torch import nn
+
+import kiln
+
+
+class Embed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.out(self.emb(ids)).softmax(-1)
+
+
+def test_out_of_range_token_ids_raise_like_eager_instead_of_reading_out_of_bounds():
+    torch.manual_seed(0)
+    m, ids = Embed().eval(), torch.randint(0, 50, (2, 6))
+    cm = kiln.compile(m, (ids,))
+    report = cm.manifest["partitions"][0]["report"]
+    assert report["dispatched"]["kiln.embedding"] == 1
+    torch.testing.assert_close(cm(ids), m(ids))
+    bad = ids.clone()
+    bad[1, 2] = 50
+    with pytest.raises(IndexError, match="index out of range"):
+        m(bad)
+    with pytest.raises(IndexError, match="index out of range"):
+        cm(bad)
