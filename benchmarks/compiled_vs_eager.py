@@ -1,11 +1,13 @@
-"""kiln vs PyTorch eager (and optionally torch.compile), measured side by side in one run.
+"""kiln vs PyTorch eager (and torch.compile/inductor), measured side by side in one run.
 
-Each round runs every contender once in turn (interleaved, so machine load hits
-all of them alike); the table shows medians after warm-up and eager/kiln ratios
-(> 1.0 means kiln is faster). Nothing here is asserted: it prints measurements.
+Every model goes through the whole kiln pipeline (trace, passes, the target's
+backend). Each round runs every contender once in turn (interleaved, so machine
+load hits all of them alike); the table shows medians after warm-up and the
+ratios eager/kiln and eager/inductor (> 1.0: faster than eager). Nothing here is
+asserted: it prints measurements.
 
-    .venv/bin/python benchmarks/compiled_vs_eager.py                 # all models
-    .venv/bin/python benchmarks/compiled_vs_eager.py --models llama --repeat 20 --inductor
+    .venv/bin/python benchmarks/compiled_vs_eager.py                       # every workload
+    .venv/bin/python benchmarks/compiled_vs_eager.py --models llama,llama-decode --repeat 20 --no-inductor
 """
 from __future__ import annotations
 
@@ -29,9 +31,13 @@ import kiln  # noqa: E402
 from kiln import zoo  # noqa: E402
 from kiln.timing import median_ms  # noqa: E402
 
-# name -> (factory, kwargs, description); sizes follow the CPU-backend issue's benchmark list.
-WORKLOADS = {
-    "llama": (zoo.llama, dict(hidden=512, layers=4, heads=8, kv_heads=4, vocab=32000, seq=128),
+LLAMA = dict(hidden=512, layers=4, heads=8, kv_heads=4, vocab=32000)
+DECODE_PAST = 127
+
+# name -> (factory, kwargs, description); sizes: the CPU-backend issue's list, real vocabularies.
+MODELS = {
+    "llama": (zoo.llama, dict(**LLAMA, seq=128), "512 wide, 4 layers, prefill 128 tok"),
+    "qwen2": (zoo.qwen2, dict(hidden=512, layers=4, heads=8, kv_heads=4, vocab=32000, seq=128),
               "512 wide, 4 layers, prefill 128 tok"),
     "gpt2": (zoo.gpt2, dict(hidden=768, layers=4, heads=12, vocab=50257, seq=128), "768 wide, 4 layers, 128 tok"),
     "bert": (zoo.bert, dict(hidden=768, layers=4, heads=12, vocab=30522, seq=128, batch=1),
@@ -39,9 +45,10 @@ WORKLOADS = {
     "vit": (zoo.vit, dict(hidden=768, layers=4, heads=12, image=224, patch=16), "768 wide, 4 layers, 224px"),
     "minilm": (zoo.minilm, dict(seq=128, batch=1), "trained, 128 tok"),
 }
+WORKLOADS = [*MODELS, "llama-decode"]
 
 
-def _eager_call(model):
+def _eager(model):
     kwargs = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", False) else {}
 
     def run(*inputs):
@@ -50,42 +57,81 @@ def _eager_call(model):
     return run
 
 
+def whole_model(name: str, target: str, inductor: bool):
+    """Contenders (no-argument callables) for one forward of a zoo model, and kiln's compile seconds."""
+    factory, kwargs, _ = MODELS[name]
+    torch.manual_seed(0)
+    model, inputs = factory(**kwargs)
+    start = time.perf_counter()
+    cm = kiln.compile(model, inputs, target=target)
+    compile_s = time.perf_counter() - start
+    contenders = {"eager": functools.partial(_eager(model), *inputs), "kiln": functools.partial(cm, *inputs)}
+    if inductor:
+        contenders["inductor"] = functools.partial(_eager(torch.compile(model)), *inputs)
+    return contenders, compile_s
+
+
+def llama_decode(target: str, inductor: bool):
+    """One new token after a 127-token prompt: HF with its DynamicCache vs kiln's compiled decode graph."""
+    from kiln.llm import compile_llm
+
+    torch.manual_seed(0)
+    model, (prompt,) = zoo.llama(**LLAMA, seq=DECODE_PAST)
+    with torch.no_grad():
+        cache = model(prompt, use_cache=True).past_key_values
+    token = torch.tensor([[7]])
+
+    def eager():
+        with torch.no_grad():
+            model(token, past_key_values=cache, use_cache=True)
+        cache.crop(-1)  # DynamicCache grows in place: drop the new token, back to 127 past tokens
+
+    start = time.perf_counter()
+    llm = compile_llm(model, prefill_buckets=(DECODE_PAST + 1,), capacity=DECODE_PAST + 1, target=target)
+    compile_s = time.perf_counter() - start
+    _, k, v = llm.prefill(prompt)
+    return {"eager": eager, "kiln": lambda: llm.decode(token, DECODE_PAST, k, v)}, compile_s
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(WORKLOADS), help=f"comma-separated, from {', '.join(WORKLOADS)}")
-    parser.add_argument("--repeat", type=int, default=10, help="timed rounds per model (median reported)")
+    parser.add_argument("--repeat", type=int, default=10, help="timed rounds per workload (median reported)")
     parser.add_argument("--target", default="cpu")
-    parser.add_argument("--inductor", action="store_true", help="also time torch.compile (inductor)")
+    parser.add_argument("--no-inductor", action="store_true", help="skip torch.compile (its compile is slow)")
     args = parser.parse_args()
+    inductor = not args.no_inductor
 
-    console = Console(width=120)
-    console.print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                  f"torch {torch.__version__} ({torch.get_num_threads()} threads), kiln {kiln.__version__}, "
-                  f"target {args.target}, median of {args.repeat} after 3 warm-up runs")
+    console = Console(width=130)
+    console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+                  f"({torch.get_num_threads()} threads), kiln {kiln.__version__}, target {args.target}; "
+                  f"median of {args.repeat} interleaved rounds after 3 warm-up rounds; "
+                  f"load average {os.getloadavg()[0]:.2f}")
     table = Table()
-    for col in ("model", "workload", "compile s", "eager ms", "kiln ms", "kiln speed-up"):
-        table.add_column(col, justify="left" if col in ("model", "workload") else "right")
-    if args.inductor:
+    for col in ("workload", "shape", "kiln compile s", "eager ms", "kiln ms", "kiln speed-up"):
+        table.add_column(col, justify="left" if col in ("workload", "shape") else "right")
+    if inductor:
         table.add_column("inductor ms", justify="right")
         table.add_column("inductor speed-up", justify="right")
     for name in args.models.split(","):
-        factory, kwargs, what = WORKLOADS[name]
-        torch.manual_seed(0)
-        model, inputs = factory(**kwargs)
-        start = time.perf_counter()
-        cm = kiln.compile(model, inputs, target=args.target)
-        compile_s = time.perf_counter() - start
-        contenders = {"eager": _eager_call(model), "kiln": cm}
-        if args.inductor:
-            contenders["inductor"] = _eager_call(torch.compile(model))
-        ms = median_ms({name: functools.partial(fn, *inputs) for name, fn in contenders.items()}, args.repeat)
-        row = [name, what, f"{compile_s:.1f}", f"{ms['eager']:.2f}", f"{ms['kiln']:.2f}",
+        if name == "llama-decode":
+            contenders, compile_s = llama_decode(args.target, inductor)
+            shape = f"512 wide, 4 layers, 1 token after {DECODE_PAST} (compile: prefill + decode graphs)"
+        else:
+            contenders, compile_s = whole_model(name, args.target, inductor)
+            shape = MODELS[name][2]
+        ms = median_ms(contenders, args.repeat)
+        row = [name, shape, f"{compile_s:.1f}", f"{ms['eager']:.2f}", f"{ms['kiln']:.2f}",
                f"{ms['eager'] / ms['kiln']:.2f}x"]
-        if args.inductor:
-            row += [f"{ms['inductor']:.2f}", f"{ms['eager'] / ms['inductor']:.2f}x"]
+        if inductor:
+            row += [f"{ms['inductor']:.2f}", f"{ms['eager'] / ms['inductor']:.2f}x"] if "inductor" in ms \
+                else ["n/a", "n/a"]
         table.add_row(*row)
         console.print(f"  measured {name}")
     console.print(table)
+    if "llama-decode" in args.models and inductor:
+        console.print("llama-decode: inductor not timed (HF's growing DynamicCache recompiles every step)")
+    console.print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
