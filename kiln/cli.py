@@ -240,6 +240,8 @@ def _pass_summary(record: dict) -> str:
         return f"{record['name']} (skipped)"
     counts = [f"{sign}{record[k]}" for sign, k in (("+", "added"), ("-", "removed"), ("~", "rewritten"))
               if record[k]]
+    if record.get("annotated"):
+        counts.append(f"{record['annotated']} annotated")
     return f"{record['name']} ({' '.join(counts) if counts else 'no change'})"
 
 
