@@ -42,8 +42,14 @@ def show_passes(cm) -> None:
                       str(p["rewritten"]), stats)
     console.print(table)
     for part in cm.manifest["partitions"]:
-        console.print(f"  partition {part['name']}: backend {part['backend']}, kernel format {part['format']}, "
-                      f"{len(part['spec'].get('graph', {}).get('nodes', []))} nodes, {len(part['weights'])} weights")
+        report = part["report"]
+        if part["format"] == "tvm-vm":
+            what = (f"{sum(report['dispatched'].values())} ops on PyTorch kernels "
+                    f"({', '.join(f'{f} x{n}' for f, n in sorted(report['dispatched'].items()))}), "
+                    f"{len(report['kernels'])} fused TIR kernels")
+        else:
+            what = f"{len(part['spec']['graph']['nodes'])} nodes on PyTorch kernels"
+        console.print(f"  partition {part['name']}: backend {part['backend']}, format {part['format']}: {what}")
 
 
 def demo(name: str, model, inputs, out_dir: Path, eager_kwargs: dict) -> None:
