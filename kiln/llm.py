@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -48,6 +46,7 @@ from . import __version__
 from .errors import ArtifactError, InputMismatchError, KilnError
 from .ir.meta import dtype_from_name
 from .runtime import CompiledModel, load as load_artifact, write_artifact
+from .runtime.artifact import atomic_directory
 
 INDEX = "llm.json"
 FORMAT_NAME = "kiln-llm"
@@ -130,11 +129,7 @@ class CompiledLLM:
     def save(self, path: str | os.PathLike) -> Path:
         """Write every graph as a kiln artifact under ``path``, with ``llm.json`` naming them (atomically)."""
         path = Path(path)
-        if path.exists() and not (path / INDEX).is_file() and (not path.is_dir() or any(path.iterdir())):
-            raise ArtifactError(f"refusing to overwrite {path}: it exists and is not a saved kiln LLM")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+        with atomic_directory(path, INDEX, "a saved kiln LLM") as tmp:
             index = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kiln_version": __version__,
                      "decode": DECODE, "prefill": {}}
             for bucket, graph in self.prefill_graphs.items():
@@ -142,17 +137,6 @@ class CompiledLLM:
                 write_artifact(graph.artifact, tmp / f"prefill_{bucket}")
             write_artifact(self.decode_graph.artifact, tmp / DECODE)
             (tmp / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; this is an ordinary directory
-            if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-                os.rename(path, old / "a")
-                os.rename(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     def _check_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -186,12 +170,6 @@ def _cache_type(graph: CompiledModel, name: str):
     if k != v or len(k.shape) != 5:
         raise KilnError(f"{name}: k_cache {k} and v_cache {v} must both be [layers, batch, kv_heads, capacity, head_dim]")
     return k
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load(path: str | os.PathLike) -> CompiledLLM:

@@ -21,3 +21,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
         if "requires_cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+
+
+_NO_PICKLE = """
+import pickle
+def _refuse(*args, **kwargs):
+    raise AssertionError("something tried to unpickle")
+pickle.load = pickle.loads = pickle.Unpickler = _refuse
+import torch
+torch.load = _refuse
+"""
+
+
+@pytest.fixture
+def fresh_python():
+    """Run Python source in a new interpreter where unpickling fails; returns its stdout."""
+    import subprocess
+    import sys
+    import textwrap
+
+    def run(code: str) -> str:
+        out = subprocess.run([sys.executable, "-c", _NO_PICKLE + textwrap.dedent(code)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+    return run

@@ -5,9 +5,6 @@ Logits are compared with ``torch.testing.assert_close``'s fp32 defaults
 transformers, only over the whole cache capacity with masked slots, so the
 sums differ in order only. Greedy tokens must be equal.
 """
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -96,18 +93,12 @@ def _mutates(op: str) -> bool:
     return getattr(getattr(torch.ops.aten, name), overload)._schema.is_mutable
 
 
-def test_saved_llm_generates_in_a_fresh_process_without_the_compiler(compiled, tmp_path):
+def test_saved_llm_generates_in_a_fresh_process_without_the_compiler(compiled, tmp_path, fresh_python):
     model, ids, llm = compiled
     llm.save(tmp_path / "llm")
     save_file({"ids": ids, "expected": _hf_greedy(model, ids, NEW_TOKENS)}, str(tmp_path / "io.safetensors"))
-    code = textwrap.dedent(f"""
-        import pickle, sys
-        def refuse(*a, **k):
-            raise AssertionError("something tried to unpickle")
-        pickle.load = pickle.loads = refuse
-        pickle.Unpickler = refuse
-        import torch
-        torch.load = refuse
+    out = fresh_python(f"""
+        import sys
         import kiln.llm
         from safetensors.torch import load_file
         io = load_file({str(tmp_path / 'io.safetensors')!r})
@@ -117,9 +108,7 @@ def test_saved_llm_generates_in_a_fresh_process_without_the_compiler(compiled, t
         assert not leaked, leaked
         print("ok")
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() == "ok"
+    assert out.strip() == "ok"
 
 
 def test_requests_outside_the_compiled_shapes_raise_clear_errors(compiled):

@@ -11,11 +11,13 @@ See ``docs/artifact-format.md``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,16 +76,39 @@ def _shares_storage(t: torch.Tensor, weights: dict[str, torch.Tensor]) -> bool:
     return sum(1 for w in weights.values() if w.numel() and w.untyped_storage().data_ptr() == ptr) > 1
 
 
-def write_artifact(artifact: Artifact, path: str | os.PathLike) -> Path:
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, marker: str, what: str) -> Iterator[Path]:
+    """Build a directory in a temporary sibling that replaces ``path`` only if the block succeeds.
+
+    ``path`` may be missing, empty, or an earlier directory of the same kind
+    (it holds ``marker``); anything else is refused rather than overwritten.
+    On failure the temporary directory is removed and ``path`` is untouched.
+    """
     path = Path(path)
-    if path.exists() and not (path / MANIFEST).is_file() and (not path.is_dir() or any(path.iterdir())):
-        raise ArtifactError(f"refusing to overwrite {path}: it exists and is not a kiln artifact")
+    if path.exists() and not (path / marker).is_file() and (not path.is_dir() or any(path.iterdir())):
+        raise ArtifactError(f"refusing to overwrite {path}: it exists and is not {what}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; an artifact is an ordinary directory
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; this is an ordinary directory
     try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.rename(path, old / "a")
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_artifact(artifact: Artifact, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    with atomic_directory(path, MANIFEST, "a kiln artifact") as tmp:
         weights_blob, aliases = _weights_bytes(artifact.weights)
         blobs = {WEIGHTS: weights_blob, **artifact.files}
         if artifact.example_inputs is not None:
@@ -95,16 +120,6 @@ def write_artifact(artifact: Artifact, path: str | os.PathLike) -> Path:
             (tmp / name).write_bytes(data)
         manifest["manifest_sha256"] = _sha256(_canonical(manifest))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rename(path, old / "a")
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     artifact.manifest = manifest
     artifact.path = path
     return path
