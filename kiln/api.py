@@ -9,14 +9,16 @@ import dataclasses
 import enum
 import importlib.metadata
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import __version__
 from .backends import LoweredPartition, assign_placement, split_by_placement, target_backends
-from .errors import KilnError, UnknownNameError
+from .errors import KilnError, TuningError, UnknownNameError
 from .ir import Graph
 from .ir.trace import trace
 from .passes import (Instrument, PassContext, PassManager, PassRecord, Skip, StopAfter, Verify, get_pipeline,
@@ -44,6 +46,14 @@ class CompileOptions:
     dynamic_shapes: Any = None  # passed to torch.export.export as is
     keep_example_inputs: bool = True  # store them in the artifact, for `kiln run`
     instruments: list[Instrument] = field(default_factory=list)  # extra instruments around every pass
+    # Offline tuning of the cpu target's TIR kernels with MetaSchedule: the number of
+    # candidate schedules measured in total (0: none). Minutes per 100 trials; never needed
+    # to compile or run. See kiln/backends/tvm/README.md, "Tuning".
+    tune_trials: int = 0
+    # A kiln artifact directory (its stored tuning databases, verified) or a MetaSchedule
+    # JSON database directory: its best records are applied, and the kernels it covers
+    # are not tuned again. Works with tune_trials=0 (apply only).
+    tuning_database: str | None = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -56,6 +66,17 @@ class CompileOptions:
                     raise UnknownNameError(f"value for CompileOptions.{f.name}", value,
                                            [m.value for m in enum_type]) from None
         self.skip_passes = tuple(self.skip_passes)
+        if isinstance(self.tune_trials, bool) or not isinstance(self.tune_trials, int) or self.tune_trials < 0:
+            raise TuningError(f"CompileOptions.tune_trials must be a whole number of trials >= 0 (0: no tuning), "
+                              f"not {self.tune_trials!r}")
+        if self.tuning_database is not None:
+            if not isinstance(self.tuning_database, (str, os.PathLike)):
+                raise TuningError("CompileOptions.tuning_database must be a path (str or os.PathLike), "
+                                  f"not {type(self.tuning_database).__name__}")
+            self.tuning_database = os.fspath(self.tuning_database)
+            if not Path(self.tuning_database).is_dir():
+                raise TuningError(f"CompileOptions.tuning_database: {self.tuning_database!r} does not exist or is "
+                                  "not a directory (give a kiln artifact or a MetaSchedule database directory)")
 
     def verifying(self) -> bool:
         return self.verify is VerifyMode.ALWAYS or (self.verify is VerifyMode.AUTO and verification_default())
@@ -139,7 +160,10 @@ class Compilation:
             entries.append({
                 "name": p.name, "backend": p.backend, "format": lowered.format,
                 "inputs": p.inputs, "outputs": p.outputs, "weights": p.weight_names,
-                "spec": lowered.spec, "files": sorted(lowered.files), "report": lowered.report,
+                "spec": lowered.spec, "report": lowered.report,
+                # what the kernel loader reads; compiler_files are stored and hashed, never loaded
+                "files": sorted(set(lowered.files) - set(lowered.compiler_files)),
+                **({"compiler_files": sorted(lowered.compiler_files)} if lowered.compiler_files else {}),
             })
             used.update(p.weights)
         for o in outputs:

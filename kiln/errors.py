@@ -36,6 +36,10 @@ class ArtifactError(KilnError):
     """An artifact on disk is missing, truncated, tampered with or of another version."""
 
 
+class TuningError(KilnError):
+    """Tuning options are invalid, or a tuning database cannot be read; the message names the field or path."""
+
+
 class FactoryError(KilnError):
     """A ``FILE.py:FACTORY`` given to the CLI does not exist or returns the wrong thing."""
 

@@ -43,6 +43,9 @@ class LoweredPartition:
     format: str  # the runtime kernel format that loads it, e.g. "torch-graph"
     spec: dict  # JSON-serialisable, stored in the manifest
     files: dict[str, bytes] = field(default_factory=dict)  # extra files (libraries), by file name
+    # Names in ``files`` the runtime never reads, kept for the compiler (a tuning database):
+    # listed apart in the manifest so a kernel loader sees only its own files.
+    compiler_files: list[str] = field(default_factory=list)
     report: dict = field(default_factory=dict)  # what it did, stored in the manifest, for `kiln inspect`
     details: dict = field(default_factory=dict)  # in memory only: bulky debugging views (e.g. TIR text)
 

@@ -9,6 +9,10 @@ Op table: the ops ``kiln.backends.tvm.convertible`` accepts, with static
 shapes (TVM compiles one library per shape: compile per shape bucket). The
 ``cpu`` target places what this backend cannot take on ``torch``, and says so
 in the log.
+
+With ``CompileOptions.tune_trials`` / ``tuning_database``, MetaSchedule tunes
+the TIR kernels (``kiln/backends/tvm/tuning.py``); each partition's database
+goes into the artifact as ``<partition>.tuning.{workloads,records}.json``.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from .base import Backend, LoweredPartition, Partition, register_backend
-from .tvm import convertible, lower_partition
+from .tvm import Tuning, convertible, database_file_names, lower_partition, read_tuning_databases
 
 
 def _static(node: fx.Node) -> bool:
@@ -32,14 +36,35 @@ class CpuBackend(Backend):
     def supports(self, node: fx.Node) -> bool:
         return _static(node) and convertible(node)
 
+    _tuning: Tuning | None = None
+
+    def tuning(self) -> Tuning | None:
+        """The tuning this compilation asks for (None: none); a database is read once, for every partition."""
+        options = self.options
+        if options is None or (not options.tune_trials and options.tuning_database is None):
+            return None
+        if self._tuning is None:
+            databases = read_tuning_databases(options.tuning_database) if options.tuning_database else ()
+            self._tuning = Tuning(options.tune_trials, databases)
+        return self._tuning
+
     def lower(self, partition: Partition) -> LoweredPartition:
-        lowered = lower_partition(partition.gm, len(partition.inputs), partition.weights)
+        lowered = lower_partition(partition.gm, len(partition.inputs), partition.weights, tuning=self.tuning())
         spec = dict(lowered.spec)
         report = spec.pop("report")
+        files = {f"{partition.name}.so": lowered.library}
+        compiler_files = []
+        if lowered.tuning is not None:
+            # Stored (and hashed) with the artifact so a later compile can reuse it
+            # (tuning_database=<this artifact>); the tuned schedules are already in the .so.
+            compiler_files = list(database_file_names(partition.name))
+            files.update(zip(compiler_files, (lowered.tuning.database.workloads, lowered.tuning.database.records)))
+            report["tuning"]["database_files"] = compiler_files
         return LoweredPartition(
             format=spec["format"],
             spec=spec,
-            files={f"{partition.name}.so": lowered.library},
+            files=files,
+            compiler_files=compiler_files,
             report=report,
             details={"tir": lowered.kernels},
         )

@@ -2,7 +2,9 @@
 
 ``lower_partition`` runs the stages of ``pipeline.py`` and returns the
 ``export_library`` bytes with a JSON spec that ``TvmVmKernel`` needs to run
-them (no recompiling at load time) and a report of what went where.
+them (no recompiling at load time) and a report of what went where. With a
+``tuning`` argument, MetaSchedule tunes and applies schedules between ``fuse``
+and ``schedule`` (``tuning.py``); kiln's rules then schedule only the rest.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from .fusion import FUSED
 from .pipeline import stage
 from .schedule import applied_rule
 from .target import host_target, tvm_version
+from .tuning import META_SCHEDULE, Tuning, TuningResult, tune_kernels
 
 ENTRY = "main"
 FORMAT = "tvm-vm"
@@ -34,6 +37,7 @@ class TvmLowered:
     library: bytes  # the shared library ``Executable.export_library`` wrote
     spec: dict  # JSON-serialisable: what TvmVmKernel needs, plus the report
     kernels: dict[str, str] = field(default_factory=dict)  # TIR kernel name -> scheduled TIR script
+    tuning: TuningResult | None = None  # what the tune stage did (None: it did not run)
 
     def tir(self, kernel: str) -> str:
         """The scheduled TIR of one kernel (names as in ``spec["report"]["kernels"]``)."""
@@ -43,11 +47,14 @@ class TvmLowered:
 
 
 def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torch.Tensor],
-                    target: dict | None = None) -> TvmLowered:
+                    target: dict | None = None, tuning: Tuning | None = None) -> TvmLowered:
     """Compile ``gm`` (placeholders: ``num_inputs`` inputs, then weights by name) for ``target``.
 
     ``target`` is a TVM JSON target dict; by default this host
     (``{"kind": "llvm", "mcpu": <LLVM's host CPU>, "num-cores": <cores>}``).
+    ``tuning``: measure up to ``tuning.trials`` MetaSchedule candidates and apply the
+    best records, starting from ``tuning.databases`` (None, or 0 trials and no
+    database: no tune stage).
     """
     target = dict(target or host_target())
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -71,8 +78,13 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
         mod = timed("fuse_norm", stage("fuse_norm"), mod)
         fused = Counter(str(f.attrs[FUSED]) for _, f in mod.functions_items()
                         if isinstance(f, relax.Function) and f.attrs is not None and FUSED in f.attrs)
-        for name in ("legalize", "fuse", "schedule"):
+        for name in ("legalize", "fuse"):
             mod = timed(name, stage(name), mod)
+        tuned = None
+        if tuning is not None and tuning.active():
+            mod, tuned = timed("tune", tune_kernels, mod, tvm_target, tuning)
+        # Already-scheduled kernels (tirx.is_scheduled, set by the tune stage) are skipped here.
+        mod = timed("schedule", stage("schedule"), mod)
     kernels = {gv.name_hint: func for gv, func in mod.functions_items() if isinstance(func, tirx.PrimFunc)}
     lower_and_finalize = tvm.transform.Sequential([stage("dataflow_lower"), stage("finalize")])
     executable = timed("codegen", lambda: tvm.compile(mod, target=tvm_target, relax_pipeline=lower_and_finalize))
@@ -92,11 +104,21 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
             "nodes": node_report,
             "dispatched": dict(Counter(r["function"] for r in node_report if r["how"] == "dispatch")),
             "fused_patterns": dict(fused),
-            "kernels": [{"name": name, "schedule": applied_rule(func)} for name, func in sorted(kernels.items())],
+            "kernels": [{"name": name, "schedule": _schedule_name(name, func, tuned)}
+                        for name, func in sorted(kernels.items())],
             "stage_seconds": times,
         },
     }
-    return TvmLowered(library, spec, {name: func.script() for name, func in kernels.items()})
+    if tuned is not None:
+        spec["report"]["tuning"] = tuned.report()
+    return TvmLowered(library, spec, {name: func.script() for name, func in kernels.items()}, tuned)
+
+
+def _schedule_name(name: str, func: tirx.PrimFunc, tuned: TuningResult | None) -> str | None:
+    """``meta_schedule`` for a kernel scheduled from the tuning database, else kiln's rule (or None)."""
+    if tuned is not None and name in tuned.applied:
+        return META_SCHEDULE
+    return applied_rule(func)
 
 
 def _check_static(gm: fx.GraphModule) -> None:
