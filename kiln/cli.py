@@ -1,8 +1,9 @@
 """The ``kiln`` command line: compile a model, run an artifact, inspect what each pass does.
 
-    kiln compile FILE.py:FACTORY --target cpu -o DIR [--pipeline NAME] [--skip PASS ...]
+    kiln compile FILE.py:FACTORY --target cpu -o DIR [--pipeline NAME] [--skip PASS ...] [--tune N] [--tuning-db PATH]
     kiln run DIR [--repeat N]
-    kiln inspect FILE.py:FACTORY --target cpu [--pipeline NAME] [--skip PASS ...] [--dump-dir D] [--tir KERNEL]
+    kiln inspect FILE.py:FACTORY --target cpu [--pipeline NAME] [--skip PASS ...] [--tune N] [--tuning-db PATH]
+                 [--dump-dir D] [--tir KERNEL]
 
 ``FACTORY`` is a function in ``FILE.py`` that takes no arguments and returns
 ``(model, example_inputs)``. Every :class:`~kiln.errors.KilnError` is printed
@@ -109,6 +110,22 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline", metavar="NAME", help="named pass pipeline (default: the target's own)")
     p.add_argument("--skip", nargs="+", action="extend", default=[], metavar="PASS",
                    help="passes of the pipeline not to run")
+    p.add_argument("--tune", type=_non_negative_int, default=0, metavar="N",
+                   help="tune the cpu target's TIR kernels with MetaSchedule, N measured trials in total "
+                        "(default 0: no tuning; expect minutes for hundreds of trials)")
+    p.add_argument("--tuning-db", metavar="PATH",
+                   help="reuse a tuning database: a kiln artifact compiled with --tune, or a MetaSchedule "
+                        "database directory; its kernels are applied, not tuned again")
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -209,7 +226,7 @@ def _compile(args, out: Console, err: Console) -> None:
     with err.status(f"tracing {type(model).__name__}") as status:
         compilation.trace(model, inputs)
         compilation.optimize([_progress(status)])
-        status.update("lowering")
+        status.update(f"lowering, tuning {args.tune} trials" if args.tune else "lowering")
         compiled = compilation.lower()
         status.update(f"writing {args.output}")
         path = compiled.save(args.output)
@@ -220,9 +237,14 @@ def _compile(args, out: Console, err: Console) -> None:
     partitions = ", ".join(f"{p['name']} ({p['backend']}, {p['format']})" for p in m["partitions"])
     files = [f for f in path.iterdir() if f.is_file()]
     size = sum(f.stat().st_size for f in files)
+    tuning = [p["report"]["tuning"] for p in m["partitions"] if "tuning" in (p.get("report") or {})]
+    tuned = (f"\n  tuning      {sum(t['trials_run'] for t in tuning)} trials run, "
+             f"{sum(t['tuned'] for t in tuning)} kernels tuned, {sum(t['from_database'] for t in tuning)} "
+             f"from the database, {sum(t['applied'] for t in tuning)} of {sum(t['tasks'] for t in tuning)} "
+             "applied" if tuning else "")
     out.print(Text(f"compiled {m['model']} for {m['target']} in {seconds:.2f} s\n"
                    f"  passes      {passes}\n"
-                   f"  partitions  {partitions}\n"
+                   f"  partitions  {partitions}{tuned}\n"
                    f"  artifact    {path} ({_size(size)} in {_count(len(files), 'file')})"))
 
 
@@ -231,7 +253,8 @@ def _compilation(args):
     names are reported here, before the model is built (often the slowest step)."""
     from . import api
 
-    options = api.CompileOptions(pipeline=args.pipeline, skip_passes=tuple(args.skip))
+    options = api.CompileOptions(pipeline=args.pipeline, skip_passes=tuple(args.skip), tune_trials=args.tune,
+                                 tuning_database=args.tuning_db)
     return api.Compilation(args.target, options=options)
 
 
@@ -409,7 +432,9 @@ def _add_report(tree: Tree, report: dict) -> None:
         if key == "nodes" and isinstance(value, list) and all(isinstance(v, dict) and "how" in v for v in value):
             _add_node_summary(tree, value)
         elif key == "kernels" and isinstance(value, list) and all(isinstance(v, dict) for v in value):
-            branch = tree.add(Text(f"TIR kernels ({len(value)}); print one with --tir KERNEL:"))
+            tuned = sum(1 for k in value if k.get("schedule") == "meta_schedule")
+            branch = tree.add(Text(f"TIR kernels ({len(value)}{f', {tuned} tuned by MetaSchedule' if tuned else ''}); "
+                                   "print one with --tir KERNEL:"))
             for k in value:
                 branch.add(Text(f"{k['name']}  [{k.get('schedule', '?')}]"))
         elif isinstance(value, dict):
