@@ -433,10 +433,13 @@ def _add_report(tree: Tree, report: dict) -> None:
             _add_node_summary(tree, value)
         elif key == "kernels" and isinstance(value, list) and all(isinstance(v, dict) for v in value):
             tuned = sum(1 for k in value if k.get("schedule") == "meta_schedule")
-            branch = tree.add(Text(f"TIR kernels ({len(value)}{f', {tuned} tuned by MetaSchedule' if tuned else ''}); "
-                                   "print one with --tir KERNEL:"))
+            recorded = sum(1 for k in value if k.get("tuning_database"))
+            counts = (f", {tuned} tuned by MetaSchedule" if tuned else "") + \
+                (f", {recorded} scheduled from the tuning database" if recorded else "")
+            branch = tree.add(Text(f"TIR kernels ({len(value)}{counts}); print one with --tir KERNEL:"))
             for k in value:
-                branch.add(Text(f"{k['name']}  [{k.get('schedule', '?')}]"))
+                source = ", from the tuning database" if k.get("tuning_database") else ""
+                branch.add(Text(f"{k['name']}  [{k.get('schedule', '?')}{source}]"))
         elif isinstance(value, dict):
             _add_report(tree.add(Text(f"{key}:")), value)
         elif isinstance(value, (list, tuple)):

@@ -104,7 +104,9 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
             "nodes": node_report,
             "dispatched": dict(Counter(r["function"] for r in node_report if r["how"] == "dispatch")),
             "fused_patterns": dict(fused),
-            "kernels": [{"name": name, "schedule": _schedule_name(name, func, tuned)}
+            # "tuning_database": the schedule is a tuning record's (MetaSchedule's, or kiln's rule measured faster)
+            "kernels": [{"name": name, "schedule": _schedule_name(name, func, tuned),
+                         **({"tuning_database": True} if tuned is not None and name in tuned.applied else {})}
                         for name, func in sorted(kernels.items())],
             "stage_seconds": times,
         },
@@ -115,10 +117,15 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
 
 
 def _schedule_name(name: str, func: tirx.PrimFunc, tuned: TuningResult | None) -> str | None:
-    """``meta_schedule`` for a kernel scheduled from the tuning database, else kiln's rule (or None)."""
-    if tuned is not None and name in tuned.applied:
+    """The rule that scheduled ``func``, else ``meta_schedule`` when its schedule came from the tuning database.
+
+    A database record may be kiln's own rule (measured faster than every candidate):
+    it replays with the rule's annotation and is reported under the rule's name.
+    """
+    rule = applied_rule(func)
+    if rule is None and tuned is not None and name in tuned.applied:
         return META_SCHEDULE
-    return applied_rule(func)
+    return rule
 
 
 def _check_static(gm: fx.GraphModule) -> None:

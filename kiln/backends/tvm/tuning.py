@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tvm
-from tvm import relax, tirx
+from tvm import relax, s_tir, tirx
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.builder import BuilderInput, BuilderResult, PyBuilder
@@ -44,6 +44,7 @@ from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
 from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common, run_evaluator_common
 
 from ...errors import TuningError
+from .schedule import applied_rule, default_rules
 
 log = logging.getLogger("kiln")
 
@@ -132,12 +133,14 @@ class TuningResult:
     from_database: list[str] = field(default_factory=list)  # had a record in the starting database: not re-tuned
     tuned: list[str] = field(default_factory=list)  # got a valid record from this run's trials
     applied: list[str] = field(default_factory=list)  # kernels (functions) scheduled from the database
+    kept_rule: list[str] = field(default_factory=list)  # of those, where kiln's rule measured faster than tuning
     trials: int = 0  # candidates measured in this run
     database: TuningDatabase = field(default_factory=TuningDatabase)
 
     def report(self) -> dict:
         return {"trials_run": self.trials, "tasks": len(self.tasks), "tuned": len(self.tuned),
-                "from_database": len(self.from_database), "applied": len(self.applied)}
+                "from_database": len(self.from_database), "applied": len(self.applied),
+                "kept_rule": len(self.kept_rule)}
 
 
 def tune_kernels(mod: tvm.IRModule, target: tvm.target.Target, tuning: Tuning) -> tuple[tvm.IRModule, TuningResult]:
@@ -164,14 +167,18 @@ def tune_kernels(mod: tvm.IRModule, target: tvm.target.Target, tuning: Tuning) -
             _tune(todo, target, work_dir, tuning.trials, database, runner)
             result.trials = runner.measured
             result.tuned = [t.task_name for t in todo if _best(database, t.dispatched[0], target) is not None]
+            # kiln's own schedule competes with the candidates, so tuning never makes a kernel slower.
+            _add_rule_baselines([t for t in todo if t.task_name in result.tuned], target, database, runner)
         before = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
         with target, database:
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
         result.applied = sorted(name for name, f in before.items()
                                 if not mod[name].same_as(f) and _is_scheduled(mod[name]))
+        result.kept_rule = [name for name in result.applied if applied_rule(mod[name]) is not None]
         result.database = _dump(database, work_dir)
-    log.info("kiln: tuning: %d kernels, %d from the database, %d tuned in %d trials, %d applied",
-             len(result.tasks), len(result.from_database), len(result.tuned), result.trials, len(result.applied))
+    log.info("kiln: tuning: %d kernels, %d from the database, %d tuned in %d trials, %d applied "
+             "(%d of them kiln's rule, measured faster)", len(result.tasks), len(result.from_database),
+             len(result.tuned), result.trials, len(result.applied), len(result.kept_rule))
     return mod, result
 
 
@@ -204,6 +211,40 @@ def _import_tensor_intrinsics() -> None:
         importlib.import_module("tvm.s_tir.tensor_intrin")
     finally:
         inspect.stack = original
+
+
+def _add_rule_baselines(tasks, target: tvm.target.Target, database: ms.Database,
+                        runner: "_InProcessRunner") -> None:
+    """Measure kiln's rule schedule of each task like a candidate and commit it as a record.
+
+    MetaSchedule's best record then is the faster of its candidates and kiln's
+    rule: a small budget sampled at random often finds nothing better than the
+    hand-written rules (RowReduction's rfactor'd sums), and applying it anyway
+    would make tuning a slowdown. The rule's schedule is traced like any other,
+    so its record replays (with its ``kiln.schedule_rule`` annotation) on reuse.
+    Not counted as a trial.
+    """
+    for task in tasks:
+        workload_mod = task.dispatched[0]
+        func = workload_mod["main"]
+        sch = None
+        for rule in default_rules():
+            sch = rule.apply(func, target, False)
+            if sch is not None:
+                break
+        if sch is None:
+            continue  # no rule takes it: kiln would leave it unscheduled, any candidate is better
+        try:
+            # The record must replay from its JSON form, as it will on reuse.
+            replayed = s_tir.Schedule(workload_mod)
+            s_tir.Trace.apply_json_to_schedule(sch.trace.as_json(), replayed)
+            args_info = ms.arg_info.ArgInfo.from_prim_func(func)
+            costs = runner.time(ms.builder.local_builder.default_build(replayed.mod, target, None), args_info)
+        except Exception as e:  # noqa: BLE001 - no baseline: the tuned schedule stands, as without this step
+            log.debug("kiln: tuning: no baseline for %s: %s", task.task_name, str(e).splitlines()[0] if str(e) else e)
+            continue
+        database.commit_tuning_record(ms.database.TuningRecord(
+            replayed.trace, database.commit_workload(workload_mod), costs, target, args_info))
 
 
 def _is_scheduled(func) -> bool:
@@ -355,7 +396,6 @@ class _InProcessRunner(PyRunner):
         self.measured = 0
 
     def run(self, runner_inputs: list[RunnerInput]) -> list[RunnerFuture]:
-        fill = tvm.get_global_func("tvm.contrib.random.random_fill_for_measure")
         futures = []
         for runner_input in runner_inputs:
             module = _BUILT.pop(str(runner_input.artifact_path), None)
@@ -364,10 +404,14 @@ class _InProcessRunner(PyRunner):
                 futures.append(LocalRunnerFuture(error_message="kiln in-process runner: no built module"))
                 continue
             try:
-                device = tvm.runtime.device(str(runner_input.device_type), 0)
-                args = alloc_argument_common(fill, device, [a.as_json() for a in runner_input.args_info], 1)
-                costs = run_evaluator_common(module, device, self.config, args)
-                futures.append(LocalRunnerFuture(res=costs))
+                futures.append(LocalRunnerFuture(res=self.time(module, runner_input.args_info)))
             except Exception as e:  # noqa: BLE001 - a candidate that fails to run is a failed trial
                 futures.append(LocalRunnerFuture(error_message=f"kiln in-process runner: {type(e).__name__}: {e}"))
         return futures
+
+    def time(self, module: tvm.runtime.Module, args_info) -> list[float]:
+        """Seconds per call of ``module`` on random arguments shaped like ``args_info``."""
+        fill = tvm.get_global_func("tvm.contrib.random.random_fill_for_measure")
+        device = tvm.runtime.device("cpu", 0)
+        args = alloc_argument_common(fill, device, [a.as_json() for a in args_info], 1)
+        return run_evaluator_common(module, device, self.config, args)
