@@ -140,7 +140,28 @@ def test_attention_with_bool_mask_goes_to_sdpa(tmp_path):
     x = torch.randn(2, 16, 64)
     mask = torch.ones(16, 16, dtype=torch.bool).tril().expand(2, 1, 16, 16)
     lowered = check(Attention(64, 4).eval(), (x, mask), tmp_path)
-    assert lowered.spec["report"]["dispatched"] == {"kiln.linear_bias": 2, "kiln.sdpa_mask": 1}
+    assert lowered.spec["report"]["dispatched"] == {"kiln.linear_bias": 2, "kiln.sdpa_mask_bshd": 1}
+    # The head split/merge transposes are strided views in the attention call, not TIR copies.
+    assert not [k["name"] for k in lowered.spec["report"]["kernels"] if "transpose" in k["name"]]
+    merged = [r for r in lowered.spec["report"]["nodes"] if r["how"] == "view"]
+    assert [r["op"] for r in merged] == ["aten.transpose.int"]
+
+
+def test_attention_mask_without_padding_at_run_time(tmp_path):
+    # An all-True mask input (an encoder given an all-ones attention mask) gives the unmasked result.
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 64)
+    check(Attention(64, 4).eval(), (x, torch.ones(2, 1, 16, 16, dtype=torch.bool)), tmp_path)
+
+
+def test_constant_causal_mask_becomes_is_causal(tmp_path):
+    class Causal(Attention):
+        def forward(self, x):
+            return super().forward(x, torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril())
+
+    torch.manual_seed(0)
+    lowered = check(Causal(64, 4).eval(), (torch.randn(1, 16, 64),), tmp_path)
+    assert lowered.spec["report"]["dispatched"] == {"kiln.linear_bias": 2, "kiln.sdpa_bshd": 1}
 
 
 def test_constant_all_true_attention_mask_is_dropped(tmp_path):
@@ -150,7 +171,7 @@ def test_constant_all_true_attention_mask_is_dropped(tmp_path):
 
     torch.manual_seed(0)
     lowered = check(NoPadding(64, 4).eval(), (torch.randn(1, 16, 64),), tmp_path)
-    assert lowered.spec["report"]["dispatched"] == {"kiln.linear_bias": 2, "kiln.sdpa": 1}
+    assert lowered.spec["report"]["dispatched"] == {"kiln.linear_bias": 2, "kiln.sdpa_bshd": 1}
 
 
 def test_gap_cumsum_of_bool(tmp_path):

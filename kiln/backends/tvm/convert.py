@@ -37,7 +37,7 @@ from tvm import relax, topi
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
 from ...errors import UnsupportedOpError
-from .dispatch import Args, DispatchRule, specialize
+from .dispatch import BSHD_OUTPUT, Args, DispatchRule, heads_last_source, specialize
 
 aten = torch.ops.aten
 
@@ -49,14 +49,17 @@ _FOLD_MAX_ELEMENTS = 1 << 22
 
 
 class _Bridge:
-    def __init__(self, gm: fx.GraphModule, plan: dict[fx.Node, tuple[DispatchRule, Args]]):
+    def __init__(self, gm: fx.GraphModule, plan: dict[fx.Node, tuple[DispatchRule, Args]],
+                 weights: dict[str, torch.Tensor] | None = None):
         self.gm = gm
         self.plan = plan
+        self.weights = weights or {}
         self.imp = ExportedProgramImporter()
         self.bb = relax.BlockBuilder()
         self.imp.block_builder = self.bb
         self.env = self.imp.env
         self.report: list[dict] = []
+        self._heads_last: dict[fx.Node, relax.Var] = {}  # attention node -> its output as [B, S, H, D]
         self._own = {
             aten.cumsum.default: self._cumsum,
             aten.cat.default: self._cat,
@@ -76,6 +79,9 @@ class _Bridge:
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         params = [relax.Var(n.name, self._type(n.meta["val"])) for n in placeholders]
         constants = self._fold_input_free()
+        # What dispatch specialization may look at: folded values and the weights (kiln's
+        # fold_constants pass turns input-free subgraphs, e.g. ViT's all-True mask, into weights).
+        self.known = {**{n: self.weights[n.name] for n in placeholders if n.name in self.weights}, **constants}
         with self.bb.function(name=name, params=params):
             with self.bb.dataflow():
                 for node, var in zip(placeholders, params):
@@ -98,9 +104,14 @@ class _Bridge:
             self._note(node, "constant")
             return
         if node in self.plan:
-            rule, args = specialize(*self.plan[node], constants)
+            rule, args = specialize(*self.plan[node], self.known)
             self.env[node] = self._emit_dispatch(node, rule, args)
             self._note(node, "dispatch", function=rule.function, rule=rule.name)
+            return
+        merged = self._merged_heads(node)
+        if merged is not None:
+            self.env[node] = merged
+            self._note(node, "view", of=self._heads_last_of(node).name)
             return
         schema = getattr(node.target, "_schema", None)
         value = self._convert(node)
@@ -158,7 +169,34 @@ class _Bridge:
                 relax_args.append(relax.prim_value(tvm.tirx.FloatImm("float64", a)))
             else:
                 relax_args.append(relax.prim_value(int(a)))
-        return self.bb.emit(relax.call_dps_packed(rule.function, relax_args, self._type(node.meta["val"])))
+        out_type = self._type(node.meta["val"])
+        if rule.name in BSHD_OUTPUT:
+            b, h, s, d = node.meta["val"].shape
+            out_type = relax.TensorType([b, s, h, d], self._dtype(node.meta["val"].dtype))
+        if rule.returns:
+            raw = self.bb.emit(relax.op.call_pure_packed(rule.function, *relax_args, ty_args=out_type))
+        else:
+            raw = self.bb.emit(relax.call_dps_packed(rule.function, relax_args, out_type))
+        if rule.name not in BSHD_OUTPUT:
+            return raw
+        # The library gives [B, S, H, D]; the node's [B, H, S, D] value is a transpose of it that
+        # DeadCodeElimination drops when, as usual, only the head-merging transpose reads it.
+        self._heads_last[node] = raw
+        return self.bb.emit(relax.op.permute_dims(raw, [0, 2, 1, 3]))
+
+    def _heads_last_of(self, node: fx.Node) -> fx.Node | None:
+        """The attention node whose [B, S, H, D] output ``node`` (``y.transpose(1, 2)``) equals, if any."""
+        src = heads_last_source(node)
+        # Look through views that keep the shape (HF's ``attn_output.view(B, H, S, D)``).
+        while (src is not None and src not in self._heads_last and src.op == "call_function"
+               and src.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+               and isinstance(src.args[0], fx.Node) and src.args[0].meta["val"].shape == src.meta["val"].shape):
+            src = src.args[0]
+        return src if src in self._heads_last else None
+
+    def _merged_heads(self, node: fx.Node) -> relax.Var | None:
+        attention = self._heads_last_of(node)
+        return None if attention is None else self._heads_last[attention]
 
     # -- converters for what the frontend lacks --------------------------------------------------
     def _cumsum(self, node: fx.Node) -> relax.Var:
@@ -289,7 +327,10 @@ def convertible(node: fx.Node) -> bool:
 
 
 def to_relax(gm: fx.GraphModule, plan: dict[fx.Node, tuple[DispatchRule, Args]],
-             name: str = "main") -> tuple[tvm.IRModule, list[dict]]:
-    """The Relax module for ``gm`` (one function ``name``, params = placeholders) and a per-node report."""
-    bridge = _Bridge(gm, plan)
+             name: str = "main", weights: dict[str, torch.Tensor] | None = None) -> tuple[tvm.IRModule, list[dict]]:
+    """The Relax module for ``gm`` (one function ``name``, params = placeholders) and a per-node report.
+
+    ``weights`` (by placeholder name) are read only to specialize dispatch calls (an all-True mask is dropped).
+    """
+    bridge = _Bridge(gm, plan, weights)
     return bridge.convert(name), bridge.report

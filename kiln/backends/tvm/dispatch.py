@@ -13,6 +13,8 @@ Each rule names the packed function the converter emits with
 ``R.call_dps_packed``; the runtime registers a function of that name in
 ``kiln/runtime/kernels/tvm_dispatch.py`` (a test checks the two tables agree).
 Scalar attributes travel as ``R.prim_value`` arguments before the output.
+Rules marked ``returns`` (attention, which has no ``out=``) are emitted as
+``R.call_pure_packed`` instead and hand PyTorch's result tensor to TVM.
 ``plan_dispatch`` only reads the graph; it must run before conversion.
 """
 from __future__ import annotations
@@ -36,6 +38,9 @@ class DispatchRule:
     op: torch._ops.OpOverload
     function: str  # the registered packed function it calls
     args: Callable[[fx.Node], Args | None]  # None: the rule does not apply to this node
+    # True: the function returns its result (a PyTorch tensor handed to TVM by DLPack, no copy)
+    # instead of writing into a TVM-allocated destination; for ops without ``out=`` (attention).
+    returns: bool = False
 
 
 def _arg(node: fx.Node, i: int, key: str, default=None):
@@ -85,6 +90,39 @@ def _sdpa(node, masked: bool):
     return [q, k, v] + ([mask] if masked else []) + flags
 
 
+def heads_last_source(node) -> fx.Node | None:
+    """``x`` when ``node`` is ``x.transpose(1, 2)`` of a 4-D ``x``: a [B, S, H, D] tensor seen as [B, H, S, D]."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target == aten.transpose.int):
+        return None
+    x = node.args[0]
+    if not isinstance(x, fx.Node) or x.meta["val"].dim() != 4 or sorted(d % 4 for d in node.args[1:3]) != [1, 2]:
+        return None
+    return x
+
+
+def _sdpa_bshd(node, masked: bool):
+    """Attention on [B, S, H, D] buffers: the head split/merge transposes become strided views.
+
+    Eager hands ``q.view(B, S, H, D).transpose(1, 2)`` to sdpa as a strided view,
+    and PyTorch's CPU attention writes its output [B, S, H, D]-contiguous (a
+    transposed view of [B, H, S, D]); as Relax tensors both transposes would be
+    copies. Here each of q, k, v that is such a transpose is passed untransposed
+    (bit i of ``layout``), and the output is returned [B, S, H, D] (PyTorch's
+    own tensor, no copy into a TVM buffer), so the ``transpose(1, 2)`` that
+    merges the heads back reads it as is (convert.py).
+    """
+    args = _sdpa(node, masked)
+    if args is None or node.args[0].meta["val"].dim() != 4:
+        return None
+    layout = 0
+    for i in range(3):
+        src = heads_last_source(args[i])
+        if src is not None:
+            args[i] = src
+            layout |= 1 << i
+    return args + [layout]
+
+
 def _embedding(node):
     # PyTorch's kernel checks every index against the table (IndexError, as in eager);
     # TVM's `take` would read out of bounds: garbage, or a crash.
@@ -121,6 +159,10 @@ RULES: list[DispatchRule] = [
     DispatchRule("mm", aten.mm.default, "kiln.mm", _binary_f32),
     DispatchRule("bmm", aten.bmm.default, "kiln.bmm", _binary_f32),
     DispatchRule("matmul", aten.matmul.default, "kiln.matmul", _binary_f32),
+    DispatchRule("sdpa_bshd", aten.scaled_dot_product_attention.default, "kiln.sdpa_bshd",
+                 lambda n: _sdpa_bshd(n, masked=False), returns=True),
+    DispatchRule("sdpa_mask_bshd", aten.scaled_dot_product_attention.default, "kiln.sdpa_mask_bshd",
+                 lambda n: _sdpa_bshd(n, masked=True), returns=True),
     DispatchRule("sdpa", aten.scaled_dot_product_attention.default, "kiln.sdpa",
                  lambda n: _sdpa(n, masked=False)),
     DispatchRule("sdpa_mask", aten.scaled_dot_product_attention.default, "kiln.sdpa_mask",
@@ -130,18 +172,39 @@ RULES: list[DispatchRule] = [
 ]
 
 
+# Rules whose output is written [B, S, H, D] (the FX node's value is its transpose(1, 2)).
+BSHD_OUTPUT = {"sdpa_bshd", "sdpa_mask_bshd"}
+_UNMASKED = {"sdpa_mask": "sdpa", "sdpa_mask_bshd": "sdpa_bshd"}
+
+
+def _is_causal_mask(mask: torch.Tensor) -> bool:
+    """A bool [.., L, L] mask that is the lower triangle in every batch and head (sdpa's ``is_causal``)."""
+    if mask.dtype != torch.bool or mask.dim() < 2 or mask.shape[-1] != mask.shape[-2]:
+        return False
+    n = mask.shape[-1]
+    return bool(torch.equal(mask, torch.ones(n, n, dtype=torch.bool).tril().expand_as(mask)))
+
+
 def specialize(rule: DispatchRule, args: Args, constants: dict[fx.Node, torch.Tensor]) -> tuple[DispatchRule, Args]:
-    """A cheaper equivalent call once constant inputs are known (the converter folds them).
+    """A cheaper equivalent call once constant inputs are known (folded values and weights).
 
     An attention mask that is a constant all-True bool (HF builds one for
     encoders without padding, e.g. ViT) masks nothing: drop it, so PyTorch
-    does not convert and apply it on every call.
+    does not convert and apply it on every call. A constant lower-triangular
+    mask over a square score matrix (a causal LM traced without padding) is
+    ``is_causal=True``, which is what eager HF passes there: PyTorch then
+    skips the blocks above the diagonal instead of masking them.
     """
-    if rule.name == "sdpa_mask":
+    if rule.name in _UNMASKED:
         mask = args[3]
         value = constants.get(mask)
-        if value is not None and value.dtype == torch.bool and bool(value.all()):
-            return _BY_NAME["sdpa"], args[:3] + args[4:]
+        if value is not None and value.dtype == torch.bool:
+            if bool(value.all()):
+                return _BY_NAME[_UNMASKED[rule.name]], args[:3] + args[4:]
+            q_shape = args[0].meta["val"].shape
+            q_len = q_shape[1] if rule.name == "sdpa_mask_bshd" and args[-1] & 1 else q_shape[-2]
+            if args[4] == 0 and value.shape[-1] == q_len and _is_causal_mask(value):
+                return _BY_NAME[_UNMASKED[rule.name]], args[:3] + [1] + args[5:]
     return rule, args
 
 

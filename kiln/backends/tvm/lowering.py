@@ -72,7 +72,7 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
         return result
 
     plan = timed("library_dispatch", plan_dispatch, gm)
-    mod, node_report = timed("convert", to_relax, gm, plan, ENTRY)
+    mod, node_report = timed("convert", to_relax, gm, plan, ENTRY, weights)
     tvm_target = tvm.target.Target(target)
     with tvm_target:
         mod = timed("fuse_norm", stage("fuse_norm"), mod)

@@ -5,7 +5,8 @@ emits calls by name; this module registers a function under each name. TVM
 passes tensors as ``tvm.runtime.Tensor``; ``torch.from_dlpack`` views them
 without a copy (0.5-2.6 us a call), and each function writes its result into
 the destination tensor TVM allocated (destination-passing style), with
-``out=`` where PyTorch has it and one ``copy_`` where it does not.
+``out=`` where PyTorch has it and one ``copy_`` where it does not; the
+attention functions (``*_bshd``) instead return PyTorch's result to TVM.
 Scalar attributes arrive as Python ints/floats before the destination.
 """
 from __future__ import annotations
@@ -67,6 +68,30 @@ def sdpa_mask(q, k, v, mask, causal, scale, gqa, out):
     _sdpa(q, k, v, _t(mask), causal, scale, gqa, out)
 
 
+def _sdpa_bshd(q, k, v, mask, causal, scale, gqa, layout):
+    # Bit i of ``layout``: q/k/v (i = 0/1/2) is given [B, S, H, D]; view it [B, H, S, D] (no copy).
+    q, k, v = (_t(x).transpose(1, 2) if layout >> i & 1 else _t(x) for i, x in enumerate((q, k, v)))
+    res = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=bool(causal),
+                                         scale=scale or None, enable_gqa=bool(gqa))
+    # Returned [B, S, H, D]: PyTorch's CPU attention already lays its output out so (a view,
+    # no copy); TVM takes the tensor itself by DLPack (its kernels need 64-byte alignment).
+    res = res.transpose(1, 2).contiguous()
+    return tvm.runtime.from_dlpack(res if res.data_ptr() % 64 == 0 else res.clone())
+
+
+def sdpa_bshd(q, k, v, causal, scale, gqa, layout):
+    return _sdpa_bshd(q, k, v, None, causal, scale, gqa, layout)
+
+
+def sdpa_mask_bshd(q, k, v, mask, causal, scale, gqa, layout):
+    mask = _t(mask)
+    # A padding mask with no padding (HF encoders given all-ones attention masks) masks
+    # nothing: eager HF then passes no mask at all; checking costs ~6 us, masking ~50 us.
+    if mask.dtype == torch.bool and mask.numpy().all():
+        mask = None
+    return _sdpa_bshd(q, k, v, mask, causal, scale, gqa, layout)
+
+
 def conv2d(x, w, s0, s1, p0, p1, d0, d1, groups, out):
     _t(out).copy_(F.conv2d(_t(x), _t(w), None, (s0, s1), (p0, p1), (d0, d1), groups))
 
@@ -76,7 +101,8 @@ def conv2d_bias(x, w, b, s0, s1, p0, p1, d0, d1, groups, out):
 
 
 FUNCTIONS = {f"kiln.{f.__name__}": f for f in (
-    embedding, linear, linear_bias, addmm, mm, bmm, matmul, sdpa, sdpa_mask, conv2d, conv2d_bias)}
+    embedding, linear, linear_bias, addmm, mm, bmm, matmul, sdpa, sdpa_mask, sdpa_bshd, sdpa_mask_bshd,
+    conv2d, conv2d_bias)}
 
 
 def register() -> None:
