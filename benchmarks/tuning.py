@@ -7,7 +7,8 @@ reaches what stays in TIR. This model is exactly that part of a llama layer at
 the sizes of ``benchmarks/tvm_lowering.py`` (hidden 512, 128 tokens, 8 heads):
 residual add + RMS norm, silu(gate) * up, and a softmax over attention scores.
 It is compiled twice — kiln's rules, then ``tune_trials=N`` — and the two
-artifacts and eager are timed interleaved (median per call). Tuning time is
+are timed interleaved (median per call). Eager is left out: on 2 shared cores its
+OpenMP threads swing from 1.7 ms to 60 ms with the neighbours' load. Tuning time is
 printed too; a second compile that reuses the tuned artifact shows reuse cost.
 """
 from __future__ import annotations
@@ -70,16 +71,18 @@ def main() -> None:
             torch.testing.assert_close(g, w)
 
     report = tuned.manifest["partitions"][0]["report"]
-    print(f"tuning: {report['tuning']}")
+    tuning = report["tuning"]
+    print(f"tuning: {', '.join(f'{k} {v}' for k, v in tuning.items() if isinstance(v, int))}")
+    print("kernel (us measured while tuning: kiln's rule / best MetaSchedule candidate) -> schedule applied")
     for kernel in report["kernels"]:
-        print(f"  {kernel['name']:<40} {kernel['schedule']}")
+        us = tuning["kernel_us"].get(kernel["name"], {})
+        print(f"  {kernel['name'][:60]:<60} {us.get('rule')} / {us.get('meta_schedule')} -> {kernel['schedule']}")
     print(f"compile s: rules {rules_s:.1f}, tune_trials={args.trials} {tuned_s:.1f}, reuse of that database "
           f"{reuse_s:.1f}")
-    with torch.no_grad():
-        ms = median_ms({"eager": lambda: model(*inputs), "kiln rules": lambda: rules(*inputs),
-                        "kiln tuned": lambda: tuned(*inputs)}, repeat=args.rounds, warmup=5)
+    ms = median_ms({"kiln rules": lambda: rules(*inputs), "kiln tuned": lambda: tuned(*inputs)},
+                   repeat=args.rounds, warmup=5)
     print("median ms per call: " + ", ".join(f"{k} {v:.3f}" for k, v in ms.items()))
-    print(f"rules/tuned {ms['kiln rules'] / ms['kiln tuned']:.2f}  eager/tuned {ms['eager'] / ms['kiln tuned']:.2f}")
+    print(f"rules/tuned {ms['kiln rules'] / ms['kiln tuned']:.2f}")
 
 
 if __name__ == "__main__":

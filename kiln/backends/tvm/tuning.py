@@ -9,7 +9,8 @@ between ``fuse`` and ``schedule``:
 
 ``tune_kernels`` extracts one task per distinct kernel, loads the records of a
 starting database, tunes only the kernels that have no record there (within a
-budget of ``trials`` measured candidates in total), applies the best record of
+budget of ``trials`` measured candidates in total), measures kiln's own rule
+schedule of each tuned kernel as one more record (so the faster wins), applies the best record of
 every kernel the database now covers (``relax.transform.MetaScheduleApplyDatabase``,
 which marks them ``tirx.is_scheduled`` so kiln's rules leave them alone), and
 returns the database in MetaSchedule's JSON format (a workload file and a
@@ -19,7 +20,8 @@ Nothing here pickles or forks: MetaSchedule's ``local`` builder and runner
 send work to worker processes with cloudpickle, so kiln uses an in-process
 builder and runner instead (``_InProcessBuilder`` / ``_InProcessRunner``), and
 the ``random`` cost model (the ``xgb`` one needs xgboost, which kiln does not
-depend on, and saves its state with numpy pickles).
+depend on, and saves its state with numpy pickles). Without a learned cost
+model the search is ``ReplayTrace``: random samples of the design space.
 """
 from __future__ import annotations
 
@@ -134,13 +136,15 @@ class TuningResult:
     tuned: list[str] = field(default_factory=list)  # got a valid record from this run's trials
     applied: list[str] = field(default_factory=list)  # kernels (functions) scheduled from the database
     kept_rule: list[str] = field(default_factory=list)  # of those, where kiln's rule measured faster than tuning
+    # per kernel tuned in this run: microseconds of kiln's rule schedule and of the best candidate, as measured
+    kernel_us: dict[str, dict[str, float | None]] = field(default_factory=dict)
     trials: int = 0  # candidates measured in this run
     database: TuningDatabase = field(default_factory=TuningDatabase)
 
     def report(self) -> dict:
         return {"trials_run": self.trials, "tasks": len(self.tasks), "tuned": len(self.tuned),
                 "from_database": len(self.from_database), "applied": len(self.applied),
-                "kept_rule": len(self.kept_rule)}
+                "kept_rule": len(self.kept_rule), "kernel_us": self.kernel_us}
 
 
 def tune_kernels(mod: tvm.IRModule, target: tvm.target.Target, tuning: Tuning) -> tuple[tvm.IRModule, TuningResult]:
@@ -168,7 +172,10 @@ def tune_kernels(mod: tvm.IRModule, target: tvm.target.Target, tuning: Tuning) -
             result.trials = runner.measured
             result.tuned = [t.task_name for t in todo if _best(database, t.dispatched[0], target) is not None]
             # kiln's own schedule competes with the candidates, so tuning never makes a kernel slower.
-            _add_rule_baselines([t for t in todo if t.task_name in result.tuned], target, database, runner)
+            tuned = [t for t in todo if t.task_name in result.tuned]
+            candidates = {t.task_name: _mean_us(_best(database, t.dispatched[0], target)) for t in tuned}
+            rules = _add_rule_baselines(tuned, target, database, runner)
+            result.kernel_us = {name: {"rule": rules.get(name), "meta_schedule": us} for name, us in candidates.items()}
         before = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
         with target, database:
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
@@ -213,8 +220,14 @@ def _import_tensor_intrinsics() -> None:
         inspect.stack = original
 
 
+def _mean_us(record) -> float | None:
+    if record is None or not record.run_secs:
+        return None
+    return round(sum(float(t) for t in record.run_secs) / len(record.run_secs) * 1e6, 2)
+
+
 def _add_rule_baselines(tasks, target: tvm.target.Target, database: ms.Database,
-                        runner: "_InProcessRunner") -> None:
+                        runner: "_InProcessRunner") -> dict[str, float]:
     """Measure kiln's rule schedule of each task like a candidate and commit it as a record.
 
     MetaSchedule's best record then is the faster of its candidates and kiln's
@@ -222,8 +235,9 @@ def _add_rule_baselines(tasks, target: tvm.target.Target, database: ms.Database,
     hand-written rules (RowReduction's rfactor'd sums), and applying it anyway
     would make tuning a slowdown. The rule's schedule is traced like any other,
     so its record replays (with its ``kiln.schedule_rule`` annotation) on reuse.
-    Not counted as a trial.
+    Not counted as a trial. Returns the rule's microseconds per kernel.
     """
+    measured = {}
     for task in tasks:
         workload_mod = task.dispatched[0]
         func = workload_mod["main"]
@@ -245,6 +259,8 @@ def _add_rule_baselines(tasks, target: tvm.target.Target, database: ms.Database,
             continue
         database.commit_tuning_record(ms.database.TuningRecord(
             replayed.trace, database.commit_workload(workload_mod), costs, target, args_info))
+        measured[task.task_name] = round(sum(costs) / len(costs) * 1e6, 2)
+    return measured
 
 
 def _is_scheduled(func) -> bool:
