@@ -168,7 +168,10 @@ def tune_kernels(mod: tvm.IRModule, target: tvm.target.Target, tuning: Tuning) -
                 todo.append(task)
         if tuning.trials > 0 and todo:
             runner = _InProcessRunner()
-            _tune(todo, target, work_dir, tuning.trials, database, runner)
+            try:
+                _tune(todo, target, work_dir, tuning.trials, database, runner)
+            finally:
+                _BUILT.clear()  # candidates built but never measured (a round cut short by an error)
             result.trials = runner.measured
             result.tuned = [t.task_name for t in todo if _best(database, t.dispatched[0], target) is not None]
             # kiln's own schedule competes with the candidates, so tuning never makes a kernel slower.
