@@ -91,6 +91,17 @@ def test_linear_gelu_mlp_dispatches_gemms_and_compiles_gelu(tmp_path):
     assert [k["schedule"] for k in lowered.spec["report"]["kernels"]] == ["kiln.Elementwise"]
 
 
+def test_wide_linear_runs_in_column_blocks_with_the_same_result(tmp_path):
+    # An LM-head-like GEMM wider than tvm_dispatch._BLOCKED_FROM columns (last block partial).
+    torch.manual_seed(0)
+    head = nn.Linear(64, 3 * tvm_dispatch.COLUMN_BLOCK + 100).eval()
+    x = torch.randn(2, 8, 64)
+    gm, n, weights = export_partition(head, (x,))
+    (got,) = run_lowered(lower_partition(gm, n, weights), weights, (x,), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(got, head(x))
+
+
 def test_transcendentals_use_fast_tir_within_fp32_tolerance(tmp_path):
     class Activations(nn.Module):
         def forward(self, x):
