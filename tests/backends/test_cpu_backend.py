@@ -52,3 +52,23 @@ def test_a_library_for_another_cpu_or_tvm_is_refused_on_load(tmp_path, field, va
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=re.escape(message)):
         kiln.load(path)
+
+
+class Gathers(nn.Module):
+    def forward(self, x, rows, cols):
+        picked = torch.index_select(x, 0, rows)
+        return torch.gather(picked, 1, cols).sum(-1)
+
+
+def test_gathers_with_run_time_indices_are_bounds_checked_like_eager():
+    x, rows, cols = torch.randn(6, 5), torch.tensor([0, 5, 2]), torch.tensor([[0, 4], [1, 1], [3, 2]])
+    cm = kiln.compile(Gathers(), (x, rows, cols))
+    dispatched = cm.manifest["partitions"][0]["report"]["dispatched"]
+    assert dispatched["kiln.index_select"] == 1 and dispatched["kiln.gather"] == 1
+    torch.testing.assert_close(cm(x, rows, cols), Gathers()(x, rows, cols))
+    with pytest.raises(IndexError, match="out of range"):
+        cm(x, torch.tensor([0, 6, 2]), cols)
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        Gathers()(x, rows, torch.tensor([[0, 5], [1, 1], [3, 2]]))
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        cm(x, rows, torch.tensor([[0, 5], [1, 1], [3, 2]]))

@@ -130,6 +130,15 @@ def _embedding(node):
     return [weight, indices] if weight.meta["val"].dim() == 2 else None
 
 
+def _gather_like(node):
+    # index_select / gather with indices computed at run time: PyTorch bounds-checks
+    # every index (IndexError / RuntimeError, as in eager); TVM's lowering does not.
+    x, dim, index = node.args[:3]
+    if not isinstance(index, fx.Node) or not isinstance(dim, int):
+        return None
+    return [x, index, dim % x.meta["val"].dim()]
+
+
 def _conv2d(node):
     x, w = node.args[:2]
     b = _arg(node, 2, "bias")
@@ -153,6 +162,8 @@ def _conv2d_nobias(node):
 
 RULES: list[DispatchRule] = [
     DispatchRule("embedding", aten.embedding.default, "kiln.embedding", _embedding),
+    DispatchRule("index_select", aten.index_select.default, "kiln.index_select", _gather_like),
+    DispatchRule("gather", aten.gather.default, "kiln.gather", _gather_like),
     DispatchRule("linear", aten.linear.default, "kiln.linear", _linear_nobias),
     DispatchRule("linear_bias", aten.linear.default, "kiln.linear_bias", _linear_bias),
     DispatchRule("addmm", aten.addmm.default, "kiln.addmm", _addmm),

@@ -54,6 +54,14 @@ def _gemm(x, w_t, out, bias=None):
             torch.addmm(bias[..., cols], x, w_t[:, cols], out=out[:, cols])
 
 
+def index_select(x, idx, dim, out):
+    torch.index_select(_t(x), dim, _t(idx), out=_t(out))
+
+
+def gather(x, idx, dim, out):
+    torch.gather(_t(x), dim, _t(idx), out=_t(out))
+
+
 def linear(x, w, out):
     x, out = _t(x), _t(out)
     _gemm(_rows(x), _t(w).t(), _rows(out))
@@ -127,7 +135,7 @@ def conv2d_bias(x, w, b, s0, s1, p0, p1, d0, d1, groups, out):
 
 
 FUNCTIONS = {f"kiln.{f.__name__}": f for f in (
-    embedding, linear, linear_bias, addmm, mm, bmm, matmul, sdpa, sdpa_mask, sdpa_bshd, sdpa_mask_bshd,
+    embedding, index_select, gather, linear, linear_bias, addmm, mm, bmm, matmul, sdpa, sdpa_mask, sdpa_bshd, sdpa_mask_bshd,
     conv2d, conv2d_bias)}
 
 
