@@ -4,7 +4,7 @@
 
 GEMMs and attention run as PyTorch kernels in the cpu backend, so tuning only
 reaches what stays in TIR. This model is exactly that part of a llama layer at
-the sizes of ``benchmarks/tvm_lowering.py`` (hidden 512, 128 tokens, 8 heads):
+the Llama sizes of ``benchmarks/compiled_vs_eager.py`` (hidden 512, 128 tokens, 8 heads):
 residual add + RMS norm, silu(gate) * up, and a softmax over attention scores.
 It is compiled twice — kiln's rules, then ``tune_trials=N`` — and the two
 are timed interleaved (median per call). Eager is left out: on 2 shared cores its
