@@ -20,7 +20,7 @@ from . import __version__
 from .backends import LoweredPartition, assign_placement, split_by_placement, target_backends
 from .errors import KilnError, TuningError, UnknownNameError
 from .ir import Graph
-from .ir.trace import trace
+from .ir.tracing import trace
 from .passes import (Instrument, PassContext, PassManager, PassRecord, Skip, StopAfter, Verify, get_pipeline,
                      verification_default)
 from .runtime import Artifact, CompiledModel

@@ -363,7 +363,7 @@ def _eager_outputs(model, inputs) -> list:
     import torch
     from torch.utils import _pytree as pytree
 
-    from .ir.trace import kv_cache_disabled
+    from .ir.tracing import kv_cache_disabled
 
     # The tracer turns HF KV caches off; the reference must be the same computation.
     with torch.no_grad(), kv_cache_disabled(model, announce=False):

@@ -104,7 +104,7 @@ def test_saved_llm_generates_in_a_fresh_process_without_the_compiler(compiled, t
         io = load_file({str(tmp_path / 'io.safetensors')!r})
         llm = kiln.llm.load({str(tmp_path / 'llm')!r})
         assert torch.equal(llm.generate(io["ids"], {NEW_TOKENS}), io["expected"])
-        leaked = [m for m in sys.modules if m.startswith(("kiln.passes", "kiln.api", "kiln.ir.trace", "kiln.kv_cache"))]
+        leaked = [m for m in sys.modules if m.startswith(("kiln.passes", "kiln.api", "kiln.ir.tracing", "kiln.kv_cache"))]
         assert not leaked, leaked
         print("ok")
     """)

@@ -7,6 +7,6 @@ __all__ = ["Graph", "NodeMeta", "QuantSpec", "TensorType", "InputSpec", "Signatu
 
 
 def trace(*args, **kwargs) -> Graph:
-    from .trace import trace as _trace
+    from .tracing import trace as _trace
 
     return _trace(*args, **kwargs)

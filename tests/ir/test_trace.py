@@ -118,3 +118,10 @@ def test_networkx_view_is_the_dataflow_dag():
     assert d.number_of_nodes() == len(list(g.fx.nodes))
     linear = next(n for n, a in d.nodes(data=True) if a["target"] == "aten.linear")
     assert set(d.predecessors(linear)) == {"x", "p_proj_weight", "p_proj_bias"}
+
+
+def test_kiln_ir_trace_stays_the_function_after_the_tracer_module_is_imported():
+    import kiln.api  # noqa: F401  (imports kiln.ir.tracing)
+    import kiln.ir
+
+    assert callable(kiln.ir.trace) and kiln.ir.trace.__module__ == "kiln.ir"

@@ -11,7 +11,7 @@ import kiln
 
 def test_runtime_imports_without_passes():
     code = "import sys, kiln.runtime; bad = [m for m in sys.modules if m.startswith(('kiln.passes', 'kiln.api', " \
-           "'kiln.backends', 'kiln.ir.trace'))]; assert not bad, bad"
+           "'kiln.backends', 'kiln.ir.tracing'))]; assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -28,7 +28,7 @@ def test_fresh_process_loads_and_matches_eager_without_compiler_or_pickle(tmp_pa
         io = load_file({str(tmp_path / 'io.safetensors')!r})
         cm = kiln.load({str(tmp_path / 'art')!r})
         torch.testing.assert_close(cm(io["x"]), io["expected"])
-        leaked = [m for m in sys.modules if m.startswith(("kiln.passes", "kiln.api", "kiln.ir.trace"))]
+        leaked = [m for m in sys.modules if m.startswith(("kiln.passes", "kiln.api", "kiln.ir.tracing"))]
         assert not leaked, leaked
         print("ok")
     """)
