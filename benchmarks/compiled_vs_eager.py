@@ -96,7 +96,7 @@ def llama_decode(target: str, inductor: bool):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(WORKLOADS), help=f"comma-separated, from {', '.join(WORKLOADS)}")
-    parser.add_argument("--repeat", type=int, default=10, help="timed rounds per workload (median reported)")
+    parser.add_argument("--repeat", type=int, default=20, help="timed rounds per workload (median reported)")
     parser.add_argument("--target", default="cpu")
     parser.add_argument("--no-inductor", action="store_true", help="skip torch.compile (its compile is slow)")
     args = parser.parse_args()
