@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                             description="Load an artifact (without the compiler), run it on the example "
                                         "inputs stored in it, and time it.")
     p.add_argument("artifact", metavar="DIR", help="artifact directory written by `kiln compile`")
-    p.add_argument("--repeat", type=_positive_int, default=10, metavar="N",
+    p.add_argument("--repeat", type=_int_at_least(1), default=10, metavar="N",
                    help="timed runs after one warm-up run (default: 10)")
     p.set_defaults(command=_run)
 
@@ -110,7 +110,7 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline", metavar="NAME", help="named pass pipeline (default: the target's own)")
     p.add_argument("--skip", nargs="+", action="extend", default=[], metavar="PASS",
                    help="passes of the pipeline not to run")
-    p.add_argument("--tune", type=_non_negative_int, default=0, metavar="N",
+    p.add_argument("--tune", type=_int_at_least(0), default=0, metavar="N",
                    help="tune the cpu target's TIR kernels with MetaSchedule, N measured trials in total "
                         "(default 0: no tuning; expect minutes for hundreds of trials)")
     p.add_argument("--tuning-db", metavar="PATH",
@@ -118,24 +118,17 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
                         "database directory; its kernels are applied, not tuned again")
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def _int_at_least(minimum: int):
+    """An argparse type: a whole number >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+    return parse
 
 
 # ---- FILE.py:FACTORY ---------------------------------------------------------------------------
