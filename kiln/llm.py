@@ -46,7 +46,7 @@ from . import __version__
 from .errors import ArtifactError, InputMismatchError, KilnError
 from .ir.meta import dtype_from_name
 from .runtime import CompiledModel, load as load_artifact, write_artifact
-from .runtime.artifact import atomic_directory
+from .runtime.artifact import atomic_directory, read_json_document
 
 INDEX = "llm.json"
 FORMAT_NAME = "kiln-llm"
@@ -176,14 +176,7 @@ def load(path: str | os.PathLike) -> CompiledLLM:
     """Load a :class:`CompiledLLM` saved by ``CompiledLLM.save``, verifying every artifact (runtime only)."""
     path = Path(path)
     ipath = path / INDEX
-    if not ipath.is_file():
-        raise ArtifactError(f"{path} has no {INDEX}: not a saved kiln LLM")
-    try:
-        index = json.loads(ipath.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{ipath} is not valid JSON (truncated or corrupted): {e}") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
-        raise ArtifactError(f"{ipath} is not a kiln LLM index (field 'format' is not {FORMAT_NAME!r})")
+    index = read_json_document(ipath, FORMAT_NAME, "a saved kiln LLM")
     if index.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{ipath}: LLM index version {index.get('format_version')!r} is not supported "
                             f"(this runtime reads version {FORMAT_VERSION})")

@@ -125,19 +125,28 @@ def write_artifact(artifact: Artifact, path: str | os.PathLike) -> Path:
     return path
 
 
+def read_json_document(path: Path, format_name: str, what: str) -> dict:
+    """A kiln JSON file (a manifest, an index) whose field ``format`` is ``format_name``.
+
+    Versions are checked by the caller, which knows what each one means.
+    """
+    if not path.is_file():
+        raise ArtifactError(f"{path.parent} is missing {path.name}: not {what}, or an incomplete copy")
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON (truncated or corrupted): {e}") from None
+    if not isinstance(data, dict) or data.get("format") != format_name:
+        raise ArtifactError(f"{path} is not {what} (field 'format' is not {format_name!r})")
+    return data
+
+
 def read_artifact(path: str | os.PathLike) -> Artifact:
     path = Path(path)
     if not path.is_dir():
         raise ArtifactError(f"no kiln artifact at {path}: not a directory")
     mpath = path / MANIFEST
-    if not mpath.is_file():
-        raise ArtifactError(f"{path} is missing {MANIFEST}: not a kiln artifact, or an incomplete copy")
-    try:
-        manifest = json.loads(mpath.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{mpath} is not valid JSON (truncated or corrupted): {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise ArtifactError(f"{mpath} is not a kiln manifest (field 'format' is not {FORMAT_NAME!r})")
+    manifest = read_json_document(mpath, FORMAT_NAME, "a kiln artifact")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise ArtifactError(
