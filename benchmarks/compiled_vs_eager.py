@@ -2,9 +2,11 @@
 
 Every model goes through the whole kiln pipeline (trace, passes, the target's
 backend). Each round runs every contender once in turn (interleaved, so machine
-load hits all of them alike); the table shows medians after warm-up and the
-ratios eager/kiln and eager/inductor (> 1.0: faster than eager). Nothing here is
-asserted: it prints measurements.
+load hits all of them alike); the table shows median milliseconds after
+warm-up and the speed-ups eager/kiln and eager/inductor (> 1.0: faster than
+eager) as the median of the per-round ratios with their quartiles in brackets
+(a round's contenders ran back to back, so its ratio cancels the drift
+between rounds). Nothing here is asserted: it prints measurements.
 
     .venv/bin/python benchmarks/compiled_vs_eager.py                       # every workload
     .venv/bin/python benchmarks/compiled_vs_eager.py --models llama,llama-decode --repeat 20 --no-inductor
@@ -15,6 +17,7 @@ import argparse
 import functools
 import os
 import platform
+import statistics
 import time
 import warnings
 
@@ -29,7 +32,7 @@ from rich.table import Table  # noqa: E402
 
 import kiln  # noqa: E402
 from kiln import zoo  # noqa: E402
-from kiln.timing import median_ms  # noqa: E402
+from kiln.timing import paired_speedup, rounds_ms  # noqa: E402
 
 LLAMA = dict(hidden=512, layers=4, heads=8, kv_heads=4, vocab=32000)
 DECODE_PAST = 127
@@ -93,6 +96,11 @@ def llama_decode(target: str, inductor: bool):
     return {"eager": eager, "kiln": lambda: llm.decode(token, DECODE_PAST, k, v)}, compile_s
 
 
+def _speedup(times: dict[str, list[float]], who: str) -> str:
+    median, q1, q3 = paired_speedup(times["eager"], times[who])
+    return f"{median:.2f}x [{q1:.2f}-{q3:.2f}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(WORKLOADS), help=f"comma-separated, from {', '.join(WORKLOADS)}")
@@ -105,7 +113,8 @@ def main() -> None:
     console = Console(width=130)
     console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
                   f"({torch.get_num_threads()} threads), kiln {kiln.__version__}, target {args.target}; "
-                  f"median of {args.repeat} interleaved rounds after 3 warm-up rounds; "
+                  f"{args.repeat} interleaved rounds after 3 warm-up rounds (speed-up: median of per-round "
+                  f"ratios [quartiles]); "
                   f"load average {os.getloadavg()[0]:.2f}")
     table = Table()
     for col in ("workload", "shape", "kiln compile s", "eager ms", "kiln ms", "kiln speed-up"):
@@ -120,12 +129,11 @@ def main() -> None:
         else:
             contenders, compile_s = whole_model(name, args.target, inductor)
             shape = MODELS[name][2]
-        ms = median_ms(contenders, args.repeat)
-        row = [name, shape, f"{compile_s:.1f}", f"{ms['eager']:.2f}", f"{ms['kiln']:.2f}",
-               f"{ms['eager'] / ms['kiln']:.2f}x"]
+        times = rounds_ms(contenders, args.repeat)
+        ms = {who: statistics.median(t) for who, t in times.items()}
+        row = [name, shape, f"{compile_s:.1f}", f"{ms['eager']:.2f}", f"{ms['kiln']:.2f}", _speedup(times, "kiln")]
         if inductor:
-            row += [f"{ms['inductor']:.2f}", f"{ms['eager'] / ms['inductor']:.2f}x"] if "inductor" in ms \
-                else ["n/a", "n/a"]
+            row += [f"{ms['inductor']:.2f}", _speedup(times, "inductor")] if "inductor" in ms else ["n/a", "n/a"]
         table.add_row(*row)
         console.print(f"  measured {name}")
     console.print(table)

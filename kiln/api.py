@@ -35,6 +35,14 @@ class VerifyMode(str, enum.Enum):
     NEVER = "never"
 
 
+class GemmKernels(str, enum.Enum):
+    """How the ``cpu`` target picks each GEMM's kernel (kiln/backends/tvm/gemm.py)."""
+
+    MEASURE = "measure"  # time MKL, MKL in column blocks and oneDNN per shape on this machine; run the fastest
+    MKL = "mkl"  # eager's kernel only (column blocks where faster): GEMM results bitwise eager's
+    ONEDNN = "onednn"  # oneDNN wherever it applies, unmeasured (comparisons, tests)
+
+
 @dataclass
 class CompileOptions:
     """Everything that tunes a compilation. Enum fields also accept their string values."""
@@ -54,6 +62,7 @@ class CompileOptions:
     # JSON database directory: its best records are applied, and the kernels it covers
     # are not tuned again. Works with tune_trials=0 (apply only).
     tuning_database: str | None = None
+    gemm_kernels: GemmKernels = GemmKernels.MEASURE
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -82,7 +91,7 @@ class CompileOptions:
         return self.verify is VerifyMode.ALWAYS or (self.verify is VerifyMode.AUTO and verification_default())
 
 
-_ENUM_FIELDS = {"verify": VerifyMode}
+_ENUM_FIELDS = {"verify": VerifyMode, "gemm_kernels": GemmKernels}
 
 
 def compile(model: torch.nn.Module, example_inputs, target: str = "cpu", passes: list[str] | None = None,

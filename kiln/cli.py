@@ -1,9 +1,10 @@
 """The ``kiln`` command line: compile a model, run an artifact, inspect what each pass does.
 
     kiln compile FILE.py:FACTORY --target cpu -o DIR [--pipeline NAME] [--skip PASS ...] [--tune N] [--tuning-db PATH]
+                 [--gemm-kernels {measure,mkl,onednn}]
     kiln run DIR [--repeat N]
     kiln inspect FILE.py:FACTORY --target cpu [--pipeline NAME] [--skip PASS ...] [--tune N] [--tuning-db PATH]
-                 [--dump-dir D] [--tir KERNEL]
+                 [--gemm-kernels {measure,mkl,onednn}] [--dump-dir D] [--tir KERNEL]
 
 ``FACTORY`` is a function in ``FILE.py`` that takes no arguments and returns
 ``(model, example_inputs)``. Every :class:`~kiln.errors.KilnError` is printed
@@ -116,6 +117,10 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tuning-db", metavar="PATH",
                    help="reuse a tuning database: a kiln artifact compiled with --tune, or a MetaSchedule "
                         "database directory; its kernels are applied, not tuned again")
+    p.add_argument("--gemm-kernels", choices=("measure", "mkl", "onednn"), default="measure",
+                   help="cpu target: each GEMM's kernel; measure (default): the fastest of MKL, MKL in column "
+                        "blocks and oneDNN, timed per shape here; mkl: eager's kernel only (bitwise eager GEMMs); "
+                        "onednn: oneDNN wherever it applies")
 
 
 def _int_at_least(minimum: int):
@@ -247,7 +252,7 @@ def _compilation(args):
     from . import api
 
     options = api.CompileOptions(pipeline=args.pipeline, skip_passes=tuple(args.skip), tune_trials=args.tune,
-                                 tuning_database=args.tuning_db)
+                                 tuning_database=args.tuning_db, gemm_kernels=args.gemm_kernels)
     return api.Compilation(args.target, options=options)
 
 

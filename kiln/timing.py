@@ -12,6 +12,11 @@ from collections.abc import Callable
 
 def median_ms(contenders: dict[str, Callable[[], object]], repeat: int = 10, warmup: int = 3) -> dict[str, float]:
     """Median milliseconds per call of each contender over ``repeat`` interleaved rounds, after warm-up."""
+    return {name: statistics.median(t) for name, t in rounds_ms(contenders, repeat, warmup).items()}
+
+
+def rounds_ms(contenders: dict[str, Callable[[], object]], repeat: int = 10, warmup: int = 3) -> dict[str, list[float]]:
+    """Milliseconds of each contender's call in each of ``repeat`` interleaved rounds, after warm-up."""
     for fn in contenders.values():
         for _ in range(warmup):
             fn()
@@ -21,4 +26,15 @@ def median_ms(contenders: dict[str, Callable[[], object]], repeat: int = 10, war
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return {name: [x * 1e3 for x in t] for name, t in times.items()}
+
+
+def paired_speedup(baseline: list[float], contender: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round ratios baseline/contender (> 1: the contender is faster).
+
+    Each round ran both back to back, so a ratio per round cancels what drifts
+    between rounds (clock, other load); its quartiles show how stable it is.
+    """
+    ratios = sorted(b / c for b, c in zip(baseline, contender, strict=True))
+    q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return median, q1, q3

@@ -49,7 +49,9 @@ class CpuBackend(Backend):
         return self._tuning
 
     def lower(self, partition: Partition) -> LoweredPartition:
-        lowered = lower_partition(partition.gm, len(partition.inputs), partition.weights, tuning=self.tuning())
+        gemm_kernels = self.options.gemm_kernels.value if self.options is not None else "measure"
+        lowered = lower_partition(partition.gm, len(partition.inputs), partition.weights, tuning=self.tuning(),
+                                  gemm_kernels=gemm_kernels)
         spec = dict(lowered.spec)
         report = spec.pop("report")
         files = {f"{partition.name}.so": lowered.library}

@@ -2,6 +2,7 @@
 
 See README.md in this folder for the flow and the measured numbers.
 """
+from . import gemm  # noqa: F401  (kiln.backends.tvm.gemm)
 from .convert import convertible
 from .lowering import TvmLowered, lower_partition
 from .tuning import Tuning, TuningDatabase, TuningError, TuningResult, database_file_names, read_tuning_databases

@@ -13,8 +13,11 @@ Each rule names the packed function the converter emits with
 ``R.call_dps_packed``; the runtime registers a function of that name in
 ``kiln/runtime/kernels/tvm_dispatch.py`` (a test checks the two tables agree).
 Scalar attributes travel as ``R.prim_value`` arguments before the output.
-Rules marked ``returns`` (attention, which has no ``out=``) are emitted as
-``R.call_pure_packed`` instead and hand PyTorch's result tensor to TVM.
+Rules marked ``returns`` (attention and oneDNN's GEMMs, which have no
+``out=``) are emitted as ``R.call_pure_packed`` instead and hand PyTorch's
+result tensor to TVM. Which GEMM kernel runs each dispatched GEMM (eager's
+MKL call, in column blocks, or oneDNN) is measured per shape by the next
+stage, ``gemm.select_gemm_kernels``.
 ``plan_dispatch`` only reads the graph; it must run before conversion.
 """
 from __future__ import annotations
@@ -73,6 +76,14 @@ def _addmm(node):
     if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1 or not _is_f32(b, x, w):
         return None
     return [b, x, w]
+
+
+def _one_call(args_of):
+    """The GEMM rules' arguments plus ``block`` 0: one call (``gemm.select_gemm_kernels`` may choose column blocks)."""
+    def args(node):
+        a = args_of(node)
+        return None if a is None else a + [0]
+    return args
 
 
 def _binary_f32(node):
@@ -164,9 +175,9 @@ RULES: list[DispatchRule] = [
     DispatchRule("embedding", aten.embedding.default, "kiln.embedding", _embedding),
     DispatchRule("index_select", aten.index_select.default, "kiln.index_select", _gather_like),
     DispatchRule("gather", aten.gather.default, "kiln.gather", _gather_like),
-    DispatchRule("linear", aten.linear.default, "kiln.linear", _linear_nobias),
-    DispatchRule("linear_bias", aten.linear.default, "kiln.linear_bias", _linear_bias),
-    DispatchRule("addmm", aten.addmm.default, "kiln.addmm", _addmm),
+    DispatchRule("linear", aten.linear.default, "kiln.linear", _one_call(_linear_nobias)),
+    DispatchRule("linear_bias", aten.linear.default, "kiln.linear_bias", _one_call(_linear_bias)),
+    DispatchRule("addmm", aten.addmm.default, "kiln.addmm", _one_call(_addmm)),
     DispatchRule("mm", aten.mm.default, "kiln.mm", _binary_f32),
     DispatchRule("bmm", aten.bmm.default, "kiln.bmm", _binary_f32),
     DispatchRule("matmul", aten.matmul.default, "kiln.matmul", _binary_f32),
@@ -182,6 +193,17 @@ RULES: list[DispatchRule] = [
     DispatchRule("conv2d_bias", aten.conv2d.default, "kiln.conv2d_bias", _conv2d_bias),
 ]
 
+
+# The same GEMMs on oneDNN (no ``out=``: they return their result). Never planned
+# directly: ``gemm.select_gemm_kernels`` swaps one in where it measured faster.
+# Keyed by the rule each replaces; their arguments are that rule's without ``block``.
+ONEDNN_RULES: dict[str, DispatchRule] = {
+    "linear": DispatchRule("linear_onednn", aten.linear.default, "kiln.linear_onednn", _linear_nobias, returns=True),
+    "linear_bias": DispatchRule("linear_bias_onednn", aten.linear.default, "kiln.linear_bias_onednn", _linear_bias,
+                                returns=True),
+    "addmm": DispatchRule("addmm_onednn", aten.addmm.default, "kiln.addmm_onednn", _addmm, returns=True),
+}
+ALL_RULES = RULES + list(ONEDNN_RULES.values())
 
 # Rules whose output is written [B, S, H, D] (the FX node's value is its transpose(1, 2)).
 BSHD_OUTPUT = {"sdpa_bshd", "sdpa_mask_bshd"}

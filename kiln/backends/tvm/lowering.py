@@ -21,8 +21,10 @@ from tvm import relax, tirx
 
 from ...errors import UnsupportedOpError
 from .convert import to_relax
+from ...runtime.kernels import tvm_dispatch
 from .dispatch import plan_dispatch
 from .fusion import FUSED
+from .gemm import select_gemm_kernels
 from .pipeline import stage
 from .schedule import applied_rule
 from .target import host_target, tvm_version
@@ -47,14 +49,16 @@ class TvmLowered:
 
 
 def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torch.Tensor],
-                    target: dict | None = None, tuning: Tuning | None = None) -> TvmLowered:
+                    target: dict | None = None, tuning: Tuning | None = None,
+                    gemm_kernels: str = "measure") -> TvmLowered:
     """Compile ``gm`` (placeholders: ``num_inputs`` inputs, then weights by name) for ``target``.
 
     ``target`` is a TVM JSON target dict; by default this host
     (``{"kind": "llvm", "mcpu": <LLVM's host CPU>, "num-cores": <cores>}``).
     ``tuning``: measure up to ``tuning.trials`` MetaSchedule candidates and apply the
     best records, starting from ``tuning.databases`` (None, or 0 trials and no
-    database: no tune stage).
+    database: no tune stage). ``gemm_kernels``: how each dispatched GEMM's kernel is
+    chosen (``gemm.MODES``; by default measured on this machine).
     """
     target = dict(target or host_target())
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -72,6 +76,7 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
         return result
 
     plan = timed("library_dispatch", plan_dispatch, gm)
+    plan, gemm_report = timed("select_gemm", select_gemm_kernels, plan, gemm_kernels)
     mod, node_report = timed("convert", to_relax, gm, plan, ENTRY, weights)
     tvm_target = tvm.target.Target(target)
     with tvm_target:
@@ -97,12 +102,14 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
         "tvm_version": tvm_version(),
         "target": target,
         "mcpu": target.get("mcpu"),
+        "dispatch_abi": tvm_dispatch.ABI,
         "inputs": [_tensor_spec(n.meta["val"], n.name) for n in inputs],
         "weights": [n.name for n in weight_nodes],
         "outputs": [_tensor_spec(v) for v in outputs],
         "report": {
             "nodes": node_report,
             "dispatched": dict(Counter(r["function"] for r in node_report if r["how"] == "dispatch")),
+            "gemm_kernels": gemm_report,
             "fused_patterns": dict(fused),
             # "tuning_database": the schedule is a tuning record's (MetaSchedule's, or kiln's rule measured faster)
             "kernels": [{"name": name, "schedule": _schedule_name(name, func, tuned),

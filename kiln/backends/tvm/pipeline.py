@@ -1,6 +1,8 @@
 """The CPU compilation pipeline as named stages (the shape of TVM's ``relax/backend/*/pipeline.py``).
 
     library_dispatch   FX: which nodes run as PyTorch kernels (dispatch.plan_dispatch)
+    select_gemm        FX: each dispatched GEMM's kernel (MKL, MKL in column blocks, oneDNN),
+                       measured per shape on this machine (gemm.select_gemm_kernels)
     convert            FX -> Relax, dispatched nodes as R.call_dps_packed (convert.to_relax)
     fuse_norm          residual add + RMS/layer norm grouped into one kernel (fusion.py)
     legalize           Relax ops -> TIR PrimFuncs; constants folded
@@ -67,7 +69,7 @@ def finalize_passes() -> list:
     ]
 
 
-# The Relax-level stages, in order (library_dispatch and convert run on FX before them).
+# The Relax-level stages, in order (library_dispatch, select_gemm and convert run on FX before them).
 RELAX_STAGES = {
     "fuse_norm": fuse_norm_passes,
     "legalize": legalize_passes,

@@ -6,7 +6,8 @@ passes tensors as ``tvm.runtime.Tensor``; ``torch.from_dlpack`` views them
 without a copy (0.5-2.6 us a call), and each function writes its result into
 the destination tensor TVM allocated (destination-passing style), with
 ``out=`` where PyTorch has it and one ``copy_`` where it does not; the
-attention functions (``*_bshd``) instead return PyTorch's result to TVM.
+attention (``*_bshd``) and oneDNN GEMM (``*_onednn``) functions instead return
+PyTorch's result to TVM.
 Scalar attributes arrive as Python ints/floats before the destination.
 """
 from __future__ import annotations
@@ -28,30 +29,31 @@ def embedding(w, idx, out):
     torch.index_select(w, 0, _t(idx).reshape(-1), out=_t(out).view(-1, w.shape[1]))
 
 
-# Wide GEMMs run as blocks of this many output columns. MKL's sgemm on 2 threads
-# is up to 1.3x slower on one [128, 768] x [768, 50257] call (an LM head) than
-# on the same work cut into 1024-column calls, whose output block stays in
-# cache; every output element is the same dot product over the same K, so the
-# result is bitwise the same (checked for every zoo shape).
-COLUMN_BLOCK = 1024
-_BLOCKED_FROM = 3 * COLUMN_BLOCK  # narrower outputs run as one call (2304 columns: no gain measured)
+# The calling convention of the functions below (names, argument order). A library
+# records the ABI it was built against; the runtime refuses another (tvm_vm.check_compatible).
+ABI = 2
 
 
-def _gemm(x, w_t, out, bias=None):
-    """``out = x @ w_t (+ bias)`` with PyTorch's kernel, wide outputs in column blocks (all views)."""
+def _gemm(x, w_t, block, out, bias=None):
+    """``out = x @ w_t (+ bias)`` with eager's kernel (MKL through ``mm``/``addmm``).
+
+    ``block`` > 0: as calls of ``block`` output columns each (views, no copies).
+    Every output element is the same dot product over the same K, so the result
+    is bitwise the same; on a wide output (an LM head) the blocks' outputs stay
+    in cache. The compiler measures whether that is faster (``tvm/gemm.py``).
+    """
     n = out.shape[1]
-    if n < _BLOCKED_FROM:
-        if bias is None:
-            torch.mm(x, w_t, out=out)
-        else:
-            torch.addmm(bias, x, w_t, out=out)
-        return
-    for j in range(0, n, COLUMN_BLOCK):
-        cols = slice(j, min(j + COLUMN_BLOCK, n))
+    for j in range(0, n, block or n):
+        cols = slice(j, min(j + block, n)) if block else slice(None)
         if bias is None:
             torch.mm(x, w_t[:, cols], out=out[:, cols])
         else:
             torch.addmm(bias[..., cols], x, w_t[:, cols], out=out[:, cols])
+
+
+def _to_tvm(res: torch.Tensor):
+    """A PyTorch result handed to TVM by DLPack (TVM's kernels need 64-byte alignment: copied if not)."""
+    return tvm.runtime.from_dlpack(res if res.data_ptr() % 64 == 0 else res.clone())
 
 
 def index_select(x, idx, dim, out):
@@ -62,18 +64,38 @@ def gather(x, idx, dim, out):
     torch.gather(_t(x), dim, _t(idx), out=_t(out))
 
 
-def linear(x, w, out):
+def linear(x, w, block, out):
     x, out = _t(x), _t(out)
-    _gemm(_rows(x), _t(w).t(), _rows(out))
+    _gemm(_rows(x), _t(w).t(), block, _rows(out))
 
 
-def linear_bias(x, w, b, out):
+def linear_bias(x, w, b, block, out):
     x, out = _t(x), _t(out)
-    _gemm(_rows(x), _t(w).t(), _rows(out), _t(b))
+    _gemm(_rows(x), _t(w).t(), block, _rows(out), _t(b))
 
 
-def addmm(b, x, w, out):
-    _gemm(_t(x), _t(w), _t(out), _t(b))
+def addmm(b, x, w, block, out):
+    _gemm(_t(x), _t(w), block, _t(out), _t(b))
+
+
+# oneDNN's inner product (what inductor's CPU freezing path calls): another
+# accumulation order than MKL's sgemm, so not bitwise eager's result, and on
+# this Zen CPU up to 1.9x faster on wide or single-row GEMMs. It has no
+# ``out=``: the result tensor itself goes back to TVM.
+def _onednn(x, w, b=None):
+    return _to_tvm(torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""))
+
+
+def linear_onednn(x, w):
+    return _onednn(_t(x), _t(w))
+
+
+def linear_bias_onednn(x, w, b):
+    return _onednn(_t(x), _t(w), _t(b))
+
+
+def addmm_onednn(b, x, w):
+    return _onednn(_t(x), _t(w).t(), _t(b))  # w is [K, N]: its transpose is the [N, K] weight (a view)
 
 
 def mm(a, b, out):
@@ -108,9 +130,8 @@ def _sdpa_bshd(q, k, v, mask, causal, scale, gqa, layout):
     res = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=bool(causal),
                                          scale=scale or None, enable_gqa=bool(gqa))
     # Returned [B, S, H, D]: PyTorch's CPU attention already lays its output out so (a view,
-    # no copy); TVM takes the tensor itself by DLPack (its kernels need 64-byte alignment).
-    res = res.transpose(1, 2).contiguous()
-    return tvm.runtime.from_dlpack(res if res.data_ptr() % 64 == 0 else res.clone())
+    # no copy); TVM takes the tensor itself.
+    return _to_tvm(res.transpose(1, 2).contiguous())
 
 
 def sdpa_bshd(q, k, v, causal, scale, gqa, layout):
@@ -135,7 +156,9 @@ def conv2d_bias(x, w, b, s0, s1, p0, p1, d0, d1, groups, out):
 
 
 FUNCTIONS = {f"kiln.{f.__name__}": f for f in (
-    embedding, index_select, gather, linear, linear_bias, addmm, mm, bmm, matmul, sdpa, sdpa_mask, sdpa_bshd, sdpa_mask_bshd,
+    embedding, index_select, gather,
+    linear, linear_bias, addmm, linear_onednn, linear_bias_onednn, addmm_onednn, mm, bmm, matmul,
+    sdpa, sdpa_mask, sdpa_bshd, sdpa_mask_bshd,
     conv2d, conv2d_bias)}
 
 

@@ -23,13 +23,16 @@ _ALIGNMENT = 64
 
 
 def check_compatible(spec: dict) -> None:
-    """Raise ArtifactError unless ``spec`` was built by this TVM for this CPU."""
+    """Raise ArtifactError unless ``spec`` was built by this TVM, for this CPU, against these dispatch functions."""
     problems = []
     if spec.get("tvm_version") != tvm.__version__:
         problems.append(f"TVM {spec.get('tvm_version')!r} (this runtime has TVM {tvm.__version__!r})")
     host = codegen.llvm_get_system_cpu()
     if spec.get("mcpu") != host:
         problems.append(f"CPU {spec.get('mcpu')!r} (this machine is {host!r})")
+    if spec.get("dispatch_abi") != tvm_dispatch.ABI:
+        problems.append(f"kiln's dispatch functions ABI {spec.get('dispatch_abi')!r} (this runtime has ABI "
+                        f"{tvm_dispatch.ABI}: the functions the library calls take other arguments)")
     if problems:
         raise ArtifactError("TVM library was built for " + " and ".join(problems)
                             + "; recompile the model on this machine")

@@ -1,0 +1,186 @@
+"""GEMM kernel selection: time each dispatched GEMM's kernels on this machine, keep the fastest.
+
+The stage after ``library_dispatch``. Every ``linear`` / ``addmm`` the plan
+sends to the library can run three ways, all PyTorch's own kernels:
+
+    mkl        one ``mm``/``addmm`` call: MKL's sgemm, the kernel eager runs (bitwise eager's result)
+    mkl_cols   the same call per block of ``COLUMN_BLOCK`` output columns: every
+               output element is the same dot product, so bitwise the same; the
+               block's output stays in cache (wide LM heads)
+    onednn     oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``):
+               another accumulation order, so not bitwise eager (its error
+               against a float64 reference is of eager's order; tests hold it
+               to fp32 tolerance), and measured here up to 1.9x faster on LM
+               heads and single-row (decode) GEMMs, slower on some others
+
+Which is fastest depends on the shape and the CPU, so it is measured, not
+guessed: the runtime's own functions (``tvm_dispatch``) run on random tensors
+of the node's shapes, interleaved, for about ``BUDGET_S`` per shape. A kernel
+other than a single ``mkl`` call is kept only when it is at least ``MARGIN``
+faster than the best of those before it, so noise never trades eager's exact
+kernel for a tie. Results are memoised per process (a model's layers share
+a handful of shapes; LLM shape buckets share most of theirs).
+
+Modes (``CompileOptions.gemm_kernels``): ``measure`` (the default: all three),
+``mkl`` (only eager's kernel, blocked where that measured faster: GEMM
+results bitwise eager's) and ``onednn`` (oneDNN wherever it applies, not
+measured; for tests and for comparing).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ...errors import UnknownNameError
+from ...runtime.kernels import tvm_dispatch
+from .dispatch import ONEDNN_RULES, Args, DispatchRule
+
+MODES = ("measure", "mkl", "onednn")
+COLUMN_BLOCK = 1024  # measured on LM heads here: 512-2048 within 4% of each other, 256 slower
+MARGIN = 0.05  # a kernel replaces the one before it only when this much faster
+BUDGET_S = 0.1  # measuring time per candidate and shape (at least MIN_ROUNDS rounds)
+MIN_ROUNDS, MAX_ROUNDS = 3, 15
+
+
+@dataclass(frozen=True)
+class GemmShape:
+    """One dispatched GEMM: ``[m, k] x [k, n] (+ bias)`` through rule ``rule`` (its weight layout)."""
+
+    rule: str
+    m: int
+    k: int
+    n: int
+
+    def label(self) -> str:
+        return f"{self.rule} [{self.m}x{self.k}] x [{self.k}x{self.n}]"
+
+
+@dataclass
+class GemmChoice:
+    kernel: str  # "mkl", "mkl_cols" or "onednn"
+    us: dict[str, float]  # measured microseconds per candidate (empty: not measured)
+
+    def to_json(self, shape: GemmShape, count: int) -> dict:
+        return {"gemm": shape.label(), "nodes": count, "kernel": self.kernel,
+                **({"us": {k: round(v, 1) for k, v in self.us.items()}} if self.us else {})}
+
+
+_MEMO: dict[tuple[str, GemmShape], GemmChoice] = {}
+
+
+def gemm_shape(rule: DispatchRule, args: Args) -> GemmShape | None:
+    """The GEMM a planned node computes, if it is one whose kernel is selectable."""
+    if rule.name not in ONEDNN_RULES:
+        return None
+    x, w = (args[1], args[2]) if rule.name == "addmm" else (args[0], args[1])
+    xs, ws = x.meta["val"].shape, w.meta["val"].shape
+    n = ws[1] if rule.name == "addmm" else ws[0]
+    return GemmShape(rule.name, math.prod(xs[:-1]), xs[-1], n)
+
+
+def candidates(shape: GemmShape, mode: str) -> list[str]:
+    """Kernels to consider, in order of preference (eager's own first)."""
+    names = ["mkl"]
+    if shape.n >= 2 * COLUMN_BLOCK:
+        names.append("mkl_cols")
+    if mode == "measure":
+        names.append("onednn")
+    return names
+
+
+def _callables(shape: GemmShape, kernels: list[str]) -> dict[str, Callable[[], object]]:
+    """The runtime function of each kernel on random tensors of ``shape``, called as the library will."""
+    m, k, n = shape.m, shape.k, shape.n
+    x = torch.randn(m, k)
+    w = torch.randn(k, n) if shape.rule == "addmm" else torch.randn(n, k)
+    b = torch.randn(n)
+    tensors = {"linear": [x, w], "linear_bias": [x, w, b], "addmm": [b, x, w]}[shape.rule]
+    out = torch.empty(m, n)
+
+    def call(kernel: str) -> Callable[[], object]:
+        if kernel == "onednn":
+            fn = tvm_dispatch.FUNCTIONS[ONEDNN_RULES[shape.rule].function]
+            return lambda: fn(*tensors)
+        fn = tvm_dispatch.FUNCTIONS[f"kiln.{shape.rule}"]
+        block = COLUMN_BLOCK if kernel == "mkl_cols" else 0
+        return lambda: fn(*tensors, block, out)
+    return {kernel: call(kernel) for kernel in kernels}
+
+
+def measure(shape: GemmShape, kernels: list[str]) -> dict[str, float]:
+    """Median microseconds per call of each kernel, interleaved rounds after one warm-up call each."""
+    fns = _callables(shape, kernels)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    start = time.perf_counter()
+    for i in range(MAX_ROUNDS):
+        if i >= MIN_ROUNDS and time.perf_counter() - start > BUDGET_S * len(fns):
+            break
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(t) * 1e6 for name, t in times.items()}
+
+
+def choose(us: dict[str, float]) -> str:
+    """The kernel to run: the first candidate, replaced by each later one at least ``MARGIN`` faster."""
+    names = list(us)
+    best = names[0]
+    for name in names[1:]:
+        if us[name] < us[best] * (1 - MARGIN):
+            best = name
+    return best
+
+
+def select_gemm_kernels(plan: dict[fx.Node, tuple[DispatchRule, Args]], mode: str = "measure",
+                        timer: Callable[[GemmShape, list[str]], dict[str, float]] = measure,
+                        ) -> tuple[dict[fx.Node, tuple[DispatchRule, Args]], list[dict]]:
+    """``plan`` with each selectable GEMM on its chosen kernel, and a report entry per distinct shape.
+
+    ``timer`` measures candidates (tests pass a fake one).
+    """
+    if mode not in MODES:
+        raise UnknownNameError("GEMM kernel mode", mode, MODES)
+    chosen: dict[fx.Node, tuple[DispatchRule, Args]] = {}
+    shapes: dict[GemmShape, list[fx.Node]] = {}
+    for node, (rule, args) in plan.items():
+        shape = gemm_shape(rule, args)
+        if shape is None:
+            chosen[node] = (rule, args)
+        else:
+            shapes.setdefault(shape, []).append(node)
+    report = []
+    for shape, nodes in shapes.items():
+        choice = _choice(shape, mode, timer)
+        for node in nodes:
+            rule, args = plan[node]
+            if choice.kernel == "onednn":
+                chosen[node] = (ONEDNN_RULES[rule.name], args[:-1])
+            else:
+                chosen[node] = (rule, args[:-1] + [COLUMN_BLOCK if choice.kernel == "mkl_cols" else 0])
+        report.append(choice.to_json(shape, len(nodes)))
+    return {node: chosen[node] for node in plan}, report
+
+
+def _choice(shape: GemmShape, mode: str, timer) -> GemmChoice:
+    if mode == "onednn":
+        return GemmChoice("onednn", {})
+    kernels = candidates(shape, mode)
+    if len(kernels) == 1:
+        return GemmChoice(kernels[0], {})
+    key = (mode, shape)
+    if timer is not measure:
+        us = timer(shape, kernels)
+        return GemmChoice(choose(us), us)
+    if key not in _MEMO:
+        us = timer(shape, kernels)
+        _MEMO[key] = GemmChoice(choose(us), us)
+    return _MEMO[key]
