@@ -438,6 +438,11 @@ def _add_report(tree: Tree, report: dict) -> None:
             for k in value:
                 source = ", from the tuning database" if k.get("tuning_database") else ""
                 branch.add(Text(f"{k['name']}  [{k.get('schedule', '?')}{source}]"))
+        elif key == "gemm_kernels" and isinstance(value, list) and all(isinstance(v, dict) for v in value):
+            branch = tree.add(Text(f"GEMM kernels ({len(value)} shapes; measured here, us per call):"))
+            for g in value:
+                measured = ", ".join(f"{k} {us:g}" for k, us in g.get("us", {}).items()) or "not measured"
+                branch.add(Text(f"{g['gemm']} x{g['nodes']} -> {g['kernel']}  ({measured})"))
         elif isinstance(value, dict):
             _add_report(tree.add(Text(f"{key}:")), value)
         elif isinstance(value, (list, tuple)):

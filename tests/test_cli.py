@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import subprocess
 import sys
@@ -187,6 +188,19 @@ def test_inspect_shows_every_pass_with_its_drift(inspected):
     assert rows["fold_constants"][3] != "0"  # it added the folded scale
     assert "partition part0_cpu: backend cpu, format tvm-vm" in out
     assert "aten.softmax" in out  # the cpu backend's report lists the ops it runs
+    # The GEMM's kernel, chosen from the times measured for each candidate.
+    assert re.search(r"linear_bias \[6x8\] x \[8x8\] x1 -> (mkl|onednn)  \(mkl [\d.]+, onednn [\d.]+\)", out), out
+
+
+def test_compile_with_gemm_kernels_onednn_records_the_choice(factories, tmp_path):
+    code, _, err = cli("compile", f"{factories}:mlp", "-o", str(tmp_path / "a"), "--gemm-kernels", "onednn")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    (part,) = manifest["partitions"]
+    assert part["report"]["dispatched"] == {"kiln.linear_bias_onednn": 2}
+    assert [g["kernel"] for g in part["report"]["gemm_kernels"]] == ["onednn", "onednn"]
+    code, out, _ = cli("run", str(tmp_path / "a"), "--repeat", "1")
+    assert code == 0
 
 
 def test_dump_dir_holds_snapshots_diffs_and_pictures(inspected):
@@ -291,6 +305,7 @@ def test_kiln_errors_exit_1_with_one_line(factories, argv, message):
 
 @pytest.mark.parametrize("argv", [
     [], ["compile", "m.py:f"], ["run", "dir", "--repeat", "0"], ["inspect"], ["frobnicate"],
+    ["compile", "m.py:f", "-o", "d", "--gemm-kernels", "fastest"],
 ])
 def test_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
