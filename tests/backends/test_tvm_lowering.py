@@ -192,6 +192,16 @@ def test_gap_cat_with_empty_tensor(tmp_path):
     check(M(), (torch.randn(3, 8),), tmp_path)
 
 
+def test_gap_select_with_a_negative_index_is_exact(tmp_path):
+    # TVM's converter used an unchecked take: x[:, -1] (last-token pooling) read out of bounds.
+    class M(nn.Module):
+        def forward(self, x):
+            return x[:, -1, :] * 2 + x[:, 0, :], x[-1, 1:3], x[0, -5]
+
+    lowered = check(M(), (torch.randn(2, 5, 3),), tmp_path, rtol=0, atol=0)
+    assert not any("take" in k["name"] for k in lowered.spec["report"]["kernels"])
+
+
 def test_gap_dynamic_sequence_length_is_refused_with_buckets_advice():
     mlp = nn.Sequential(nn.Linear(8, 8)).eval()
     seq = torch.export.Dim("seq", min=2, max=64)

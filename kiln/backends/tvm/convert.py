@@ -13,7 +13,8 @@ relies on that the frontend lacks or gets wrong:
 - ``pow(x, 2|3)`` becomes products, as in PyTorch (TIR's pow is scalar libm);
 - ``cumsum`` of a bool tensor is cast to its int64 result type first (LLVM
   codegen fails on a bool scan); ``cat`` drops empty inputs (Relax rejects
-  them); ``diff`` and ``_unsafe_view`` get converters;
+  them); ``diff`` and ``_unsafe_view`` get converters; ``select`` is a slice
+  (the frontend's unchecked ``take`` read out of bounds for a negative index);
 - an in-place op (``add_``, ``index_put_``, ``copy_``) rebinds the tensor it
   mutates, because the frontend returns a new value and later readers of the
   old one would silently see stale data; mutating an input or a view (which
@@ -65,6 +66,7 @@ class _Bridge:
             aten.cat.default: self._cat,
             aten.diff.default: self._diff,
             aten._unsafe_view.default: self._reshape_to_meta,
+            aten.select.int: self._select,
             aten.pow.Tensor_Scalar: self._pow,
             aten.exp.default: self._fast(lambda x: topi.fast_exp(x)),
             aten.sigmoid.default: self._fast(lambda x: 1 / (1 + topi.fast_exp(-x))),
@@ -216,6 +218,19 @@ class _Bridge:
         if len(parts) == 1:
             return self.env[parts[0]]
         return self.bb.emit(relax.op.concat([self.env[t] for t in parts], axis=dim))
+
+    def _select(self, node: fx.Node) -> relax.Var:
+        # TVM's converter emits take(x, index) in its unchecked "fast" mode: a negative index
+        # (x[:, -1]: the last token) read out of bounds, silently wrong. A slice is exact.
+        x, dim, index = node.args[:3]
+        shape = x.meta["val"].shape
+        dim %= len(shape)
+        i = index + shape[dim] if index < 0 else index
+        if not 0 <= i < shape[dim]:
+            raise UnsupportedOpError(f"node {node.name}: index {index} is out of range for dimension {dim} "
+                                     f"of size {shape[dim]}")
+        sliced = relax.op.strided_slice(self.env[x], [dim], [i], [i + 1])
+        return self.bb.emit(relax.op.squeeze(sliced, [dim]))
 
     def _diff(self, node: fx.Node) -> relax.Var:
         n = node.args[1] if len(node.args) > 1 else node.kwargs.get("n", 1)
