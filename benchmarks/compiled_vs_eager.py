@@ -114,7 +114,7 @@ def main() -> None:
     console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
                   f"({torch.get_num_threads()} threads), kiln {kiln.__version__}, target {args.target}; "
                   f"{args.repeat} interleaved rounds after 3 warm-up rounds (speed-up: median of per-round "
-                  f"ratios [quartiles]); "
+                  f"ratios \\[quartiles]); "
                   f"load average {os.getloadavg()[0]:.2f}")
     table = Table()
     for col in ("workload", "shape", "kiln compile s", "eager ms", "kiln ms", "kiln speed-up"):

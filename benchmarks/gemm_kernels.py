@@ -1,0 +1,60 @@
+"""The GEMM kernels kiln's cpu target chooses between, timed per shape on this machine.
+
+For the GEMM shapes of the compiled_vs_eager workloads: microseconds per call
+of MKL as eager calls it, MKL in 1024-column blocks (bitwise the same result)
+and oneDNN, each through the runtime function the compiled library calls
+(``kiln/runtime/kernels/tvm_dispatch.py``), interleaved rounds, medians; the
+ratio is MKL's time over the kernel's (> 1: faster than eager's kernel), and
+"chosen" is what ``select_gemm`` would pick from these times
+(``kiln/backends/tvm/gemm.py``: >= 5% faster to replace eager's).
+
+    .venv/bin/python benchmarks/gemm_kernels.py [--budget 0.5]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from kiln.backends.tvm import gemm
+
+# workload -> (rule, m, k, n) of its GEMMs (the zoo models of benchmarks/compiled_vs_eager.py)
+SHAPES = {
+    "llama prefill 128": [("linear", 128, 512, n) for n in (512, 256, 2048)] + [("linear", 128, 2048, 512),
+                                                                               ("linear", 128, 512, 32000)],
+    "llama decode": [("linear", 1, 512, n) for n in (512, 256, 2048)] + [("linear", 1, 2048, 512),
+                                                                        ("linear", 1, 512, 32000)],
+    "gpt2 128": [("addmm", 128, 768, n) for n in (2304, 768, 3072)] + [("addmm", 128, 3072, 768),
+                                                                      ("linear", 128, 768, 50257)],
+    "vit 197": [("linear_bias", 197, 768, 768), ("linear_bias", 197, 768, 3072), ("linear_bias", 197, 3072, 768)],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=0.5, help="seconds of measuring per kernel and shape")
+    args = parser.parse_args()
+    gemm.BUDGET_S, gemm.MAX_ROUNDS = args.budget, 200
+    console = Console(width=140)
+    console.print(f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads); "
+                  f"median us per call, ~{args.budget} s per kernel and shape; load average {os.getloadavg()[0]:.2f}")
+    table = Table()
+    for col in ("workload", "GEMM", "mkl us", "mkl_cols us", "onednn us", "mkl/cols", "mkl/onednn", "chosen"):
+        table.add_column(col, justify="left" if col in ("workload", "GEMM", "chosen") else "right")
+    for workload, shapes in SHAPES.items():
+        for rule, m, k, n in shapes:
+            shape = gemm.GemmShape(rule, m, k, n)
+            us = gemm.measure(shape, gemm.candidates(shape, "measure"))
+            cols = us.get("mkl_cols")
+            table.add_row(workload, shape.label(), f"{us['mkl']:.0f}", f"{cols:.0f}" if cols else "-",
+                          f"{us['onednn']:.0f}", f"{us['mkl'] / cols:.2f}" if cols else "-",
+                          f"{us['mkl'] / us['onednn']:.2f}", gemm.choose(us))
+    console.print(table)
+    console.print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
