@@ -42,9 +42,15 @@ def _gemm(x, w_t, block, out, bias=None):
     is bitwise the same; on a wide output (an LM head) the blocks' outputs stay
     in cache. The compiler measures whether that is faster (``tvm/gemm.py``).
     """
+    if not block:  # the common case: no slicing (each view costs microseconds)
+        if bias is None:
+            torch.mm(x, w_t, out=out)
+        else:
+            torch.addmm(bias, x, w_t, out=out)
+        return
     n = out.shape[1]
-    for j in range(0, n, block or n):
-        cols = slice(j, min(j + block, n)) if block else slice(None)
+    for j in range(0, n, block):
+        cols = slice(j, min(j + block, n))
         if bias is None:
             torch.mm(x, w_t[:, cols], out=out[:, cols])
         else:
