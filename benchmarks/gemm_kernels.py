@@ -37,7 +37,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=0.5, help="seconds of measuring per kernel and shape")
     args = parser.parse_args()
-    gemm.BUDGET_S, gemm.MAX_ROUNDS = args.budget, 200
     console = Console(width=140)
     console.print(f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads); "
                   f"median us per call, ~{args.budget} s per kernel and shape; load average {os.getloadavg()[0]:.2f}")
@@ -47,7 +46,7 @@ def main() -> None:
     for workload, shapes in SHAPES.items():
         for rule, m, k, n in shapes:
             shape = gemm.GemmShape(rule, m, k, n)
-            us = gemm.measure(shape, gemm.candidates(shape, "measure"))
+            us = gemm.measure(shape, gemm.candidates(shape, "measure"), budget_s=args.budget, max_rounds=200)
             cols = us.get("mkl_cols")
             table.add_row(workload, shape.label(), f"{us['mkl']:.0f}", f"{cols:.0f}" if cols else "-",
                           f"{us['onednn']:.0f}", f"{us['mkl'] / cols:.2f}" if cols else "-",

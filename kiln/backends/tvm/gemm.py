@@ -113,15 +113,19 @@ def _callables(shape: GemmShape, kernels: list[str]) -> dict[str, Callable[[], o
     return {kernel: call(kernel) for kernel in kernels}
 
 
-def measure(shape: GemmShape, kernels: list[str]) -> dict[str, float]:
-    """Median microseconds per call of each kernel, interleaved rounds after one warm-up call each."""
+def measure(shape: GemmShape, kernels: list[str], budget_s: float = BUDGET_S,
+            max_rounds: int = MAX_ROUNDS) -> dict[str, float]:
+    """Median microseconds per call of each kernel, interleaved rounds after one warm-up call each.
+
+    Rounds stop after ``budget_s`` per kernel (at least ``MIN_ROUNDS``, at most ``max_rounds``).
+    """
     fns = _callables(shape, kernels)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()
     start = time.perf_counter()
-    for i in range(MAX_ROUNDS):
-        if i >= MIN_ROUNDS and time.perf_counter() - start > BUDGET_S * len(fns):
+    for i in range(max_rounds):
+        if i >= MIN_ROUNDS and time.perf_counter() - start > budget_s * len(fns):
             break
         for name, fn in fns.items():
             t = time.perf_counter()
