@@ -56,12 +56,8 @@ def llama(*, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 
     """Llama causal LM (GQA, RoPE, SwiGLU MLP) with random weights; input: input_ids."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, intermediate_size=intermediate or 4 * hidden,
-        vocab_size=vocab, max_position_embeddings=max(2 * seq, 64), attn_implementation="sdpa",
-    )
-    return _build(LlamaForCausalLM, config), (_token_ids(vocab, batch, seq),)
+    return _gqa_causal_lm(LlamaConfig, LlamaForCausalLM, hidden, layers, heads, kv_heads, intermediate,
+                          vocab, seq, batch)
 
 
 def qwen2(*, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
@@ -69,12 +65,19 @@ def qwen2(*, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 
     """Qwen2 causal LM (GQA with q/k/v biases, SwiGLU MLP) with random weights; input: input_ids."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(
+    return _gqa_causal_lm(Qwen2Config, Qwen2ForCausalLM, hidden, layers, heads, kv_heads, intermediate,
+                          vocab, seq, batch)
+
+
+def _gqa_causal_lm(config_cls, model_cls, hidden, layers, heads, kv_heads, intermediate, vocab, seq,
+                   batch) -> Example:
+    """A Llama-family causal LM (the same config fields) with random weights, and its input_ids."""
+    config = config_cls(
         hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=kv_heads, intermediate_size=intermediate or 4 * hidden,
         vocab_size=vocab, max_position_embeddings=max(2 * seq, 64), attn_implementation="sdpa",
     )
-    return _build(Qwen2ForCausalLM, config), (_token_ids(vocab, batch, seq),)
+    return _build(model_cls, config), (_token_ids(vocab, batch, seq),)
 
 
 def gpt2(*, hidden: int = 64, layers: int = 2, heads: int = 4, vocab: int = 256,
