@@ -2,7 +2,9 @@
 
 Importing this package registers every pass below by name.
 """
-from . import annotate_regions, eliminate_dead_code, fold_constants, remove_trace_asserts  # noqa: F401  (registers the passes)
+from . import (  # noqa: F401  (registers the passes)
+    annotate_regions, eliminate_dead_code, fold_constants, prune_rows, remove_trace_asserts,
+)
 from .base import Pass, PassContext, PassResult, get_pass, register_pass, registered_passes
 from .instruments import Drift, Skip, Snapshot, StopAfter, Verify, verification_default
 from .manager import Instrument, PassManager, PassRecord, StopPipeline

@@ -9,12 +9,13 @@ from ..errors import UnknownNameError
 
 STAGES: dict[str, list[str]] = {
     "cleanup": ["remove_trace_asserts", "eliminate_dead_code", "fold_constants"],
+    "optimize": ["prune_rows"],
     "analysis": ["annotate_regions"],
 }
 
 PIPELINES: dict[str, list[str]] = {
-    "cpu": ["cleanup", "analysis"],
-    "torch": ["cleanup", "analysis"],
+    "cpu": ["cleanup", "optimize", "analysis"],
+    "torch": ["cleanup", "optimize", "analysis"],
     "none": [],
 }
 
