@@ -81,9 +81,9 @@ def time_prefill_and_decode(model, llm, prompt: torch.Tensor, steps: int, repeat
     eager_cache, first = eager.past_key_values, eager.logits[:, -1:].argmax(-1)
     _, k0, v0 = llm.prefill(prompt)
 
-    def eager_prefill():
+    def eager_prefill():  # as transformers' generate runs it: logits of the last position only
         with torch.no_grad():
-            model(prompt, past_key_values=DynamicCache(config=model.config), use_cache=True)
+            model(prompt, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
 
     def eager_decode():
         eager_cache.crop(n - eager_cache.get_seq_length())  # back to the prompt: every round decodes the same positions

@@ -14,6 +14,16 @@ iff ``j <= p``: that hides the unwritten tail of the cache and keeps causality
 among the new tokens. ``start_pos`` is used only in tensor arithmetic, so
 torch.export keeps it an ordinary input and one decode graph serves every step.
 
+``logits`` are the last position's only, ``[batch, 1, vocab]``: generation
+needs no other (transformers' ``generate`` keeps one too), and kiln's
+``prune_rows`` then computes the LM head and the last layer's queries, MLP
+and norm for that one row. A prompt shorter than its graph is left-padded
+and run at a negative ``start_pos`` (``n - bucket``): the padding's
+positions are below 0, so its keys and values are written nowhere, every
+real query's mask hides it, and the last row is the prompt's last token.
+Positions below 0 are clamped to 0 in ``position_ids`` (GPT-2 looks them up
+in a table); the padding rows they feed are never read.
+
 It hooks into the model through transformers' public extension points only:
 a :class:`transformers.Cache` subclass passed as ``past_key_values`` (whose
 ``update`` returns the updated full-capacity tensors instead of writing in
@@ -101,7 +111,7 @@ class TensorKVCache(Cache):
 
 
 class KVCacheLM(nn.Module):
-    """``(input_ids, start_pos, k_cache, v_cache) -> (logits, k_cache_new, v_cache_new)`` around an HF causal LM."""
+    """``(input_ids, start_pos, k_cache, v_cache) -> (last logits, k_cache_new, v_cache_new)`` around an HF causal LM."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -130,11 +140,11 @@ class KVCacheLM(nn.Module):
         batch, length = input_ids.shape
         capacity = k_cache.shape[3]
         cache = TensorKVCache(k_cache, v_cache, start_pos)
-        position_ids = (start_pos + torch.arange(length, device=input_ids.device))[None].expand(batch, length)
+        positions = (start_pos + torch.arange(length, device=input_ids.device)).clamp(min=0)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask(start_pos, length, capacity, self.dtype),
-                         position_ids=position_ids, past_key_values=cache, use_cache=True)
+                         position_ids=positions[None].expand(batch, length), past_key_values=cache, use_cache=True)
         k_new, v_new = cache.stacked()
-        return out.logits, k_new, v_new
+        return out.logits[:, -1:], k_new, v_new
 
 
 def _uses_sliding_window(config) -> bool:

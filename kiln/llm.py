@@ -8,7 +8,8 @@ runs them for greedy generation; ``CompiledLLM.save`` / :func:`load` store the
 set as one sub-directory per graph plus ``llm.json``.
 
 Every graph is ``(input_ids, start_pos, k_cache, v_cache) -> (logits,
-k_cache_new, v_cache_new)``:
+k_cache_new, v_cache_new)``, ``logits`` being the last position's only
+(``[batch, 1, vocab]``):
 
 - Cache layout: ``k_cache`` and ``v_cache`` are ``[layers, batch, kv_heads,
   capacity, head_dim]`` in the model's dtype; slot ``j`` holds the token at
@@ -18,13 +19,13 @@ k_cache_new, v_cache_new)``:
 - Attention covers the whole capacity with a mask allowing slot ``j`` for the
   query at position ``p`` iff ``j <= p``.
 
-Bucket policy: a prompt of ``n`` tokens is right-padded (with token 0) to the
-smallest bucket ``>= n`` and prefilled at ``start_pos=0``; the logits of token
-``n-1`` give the first new token, and decoding continues at position ``n``.
-The padding tokens' keys and values land in slots ``n .. bucket-1``, where the
-mask hides them until a decode step overwrites each slot before reading it, so
-they never affect a result. A generation of ``m`` tokens needs
-``n + m <= capacity``.
+Bucket policy: a prompt of ``n`` tokens is left-padded (with token 0) to the
+smallest bucket ``>= n`` and prefilled at ``start_pos = n - bucket``, so its
+tokens sit at positions ``0 .. n-1`` and its last token is the graph's last
+row, whose logits give the first new token; decoding continues at position
+``n``. The padding's positions are negative: its keys and values are written
+to no slot, and no real query's mask lets it through, so it never affects a
+result. A generation of ``m`` tokens needs ``n + m <= capacity``.
 
 Not handled: prompts of different lengths in one batch (no per-row lengths or
 left padding), sampling (greedy only), stopping at an end-of-sequence token,
@@ -50,7 +51,7 @@ from .runtime.artifact import atomic_directory, read_json_document
 
 INDEX = "llm.json"
 FORMAT_NAME = "kiln-llm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: graphs return the last position's logits; prompts are left-padded
 DECODE = "decode"
 _INPUTS = ("input_ids", "start_pos", "k_cache", "v_cache")
 
@@ -89,9 +90,9 @@ class CompiledLLM:
         n = input_ids.shape[1]
         bucket = self._bucket(n)
         padded = torch.zeros(self.batch, bucket, dtype=torch.int64)
-        padded[:, :n] = input_ids
-        logits, k, v = self.prefill_graphs[bucket].run([padded, torch.tensor(0), *self.empty_cache()])
-        return logits[:, n - 1], k, v
+        padded[:, bucket - n:] = input_ids
+        logits, k, v = self.prefill_graphs[bucket].run([padded, torch.tensor(n - bucket), *self.empty_cache()])
+        return logits[:, -1], k, v
 
     def decode(self, token_ids: torch.Tensor, pos: int, k_cache: torch.Tensor,
                v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

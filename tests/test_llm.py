@@ -44,11 +44,15 @@ def test_wrapper_matches_hf_cache_for_prefill_and_decode(name):
     k, v = lm.empty_cache(1, CAPACITY)
     with torch.no_grad():
         ref = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
-        # Right-padded to a bucket, as compile_llm's prefill runs it: the real tokens' logits are unchanged.
-        padded = torch.cat([ids, torch.zeros(1, 16 - ids.shape[1], dtype=torch.long)], dim=1)
-        logits, k, v = lm(padded, torch.tensor(0), k, v)
-        torch.testing.assert_close(logits[:, :ids.shape[1]], ref.logits)
-        cache, pos = ref.past_key_values, ids.shape[1]
+        # Left-padded to a bucket and run at a negative start, as compile_llm's prefill runs it:
+        # the last row is the prompt's last token, and the padding is written to no slot.
+        n = ids.shape[1]
+        padded = torch.cat([torch.zeros(1, 16 - n, dtype=torch.long), ids], dim=1)
+        logits, k, v = lm(padded, torch.tensor(n - 16), k, v)
+        assert logits.shape[1] == 1
+        torch.testing.assert_close(logits, ref.logits[:, -1:])
+        assert not k[:, :, :, n:].any() and not v[:, :, :, n:].any()
+        cache, pos = ref.past_key_values, n
         token = ref.logits[:, -1:].argmax(-1)
         for _ in range(4):
             ref = model(token, past_key_values=cache, use_cache=True)
@@ -81,6 +85,16 @@ def test_graphs_take_start_pos_as_a_tensor_and_write_nothing_in_place(compiled):
         ops = {op for p in graph.manifest["partitions"] for op in _ops(p["report"]) if op.startswith("aten.")}
         # TVM drops in-place updates and cannot convert a bool cumsum.
         assert not [op for op in ops if _mutates(op) or "cumsum" in op], sorted(ops)
+
+
+def test_prefill_computes_the_lm_head_for_the_last_row_only(compiled):
+    model, _, llm = compiled
+    hidden, vocab = model.config.hidden_size, model.config.vocab_size
+    for graph in llm.prefill_graphs.values():
+        (pruned,) = [p for p in graph.manifest["passes"] if p["name"] == "prune_rows"]
+        assert pruned["stats"]["ops_narrowed"] > 0
+        gemms = [g["gemm"] for p in graph.manifest["partitions"] for g in p["report"].get("gemm_kernels", [])]
+        assert f"linear [1x{hidden}] x [{hidden}x{vocab}]" in gemms, gemms  # the LM head, on one row
 
 
 def _ops(report: dict) -> list[str]:

@@ -202,6 +202,16 @@ def test_gap_select_with_a_negative_index_is_exact(tmp_path):
     assert not any("take" in k["name"] for k in lowered.spec["report"]["kernels"])
 
 
+def test_gap_clamp_with_one_bound_on_integers(tmp_path):
+    # The frontend filled the missing bound with infinity, which no integer dtype holds.
+    class M(nn.Module):
+        def forward(self, x, pos):
+            shifted = pos + torch.arange(6) - 3
+            return x * 2, shifted.clamp(min=0), shifted.clamp(max=1), x.clamp(min=0.5), x.clamp(-0.5, 0.25)
+
+    check(M(), (torch.randn(2, 6), torch.tensor(1)), tmp_path, rtol=0, atol=0)
+
+
 def test_gap_dynamic_sequence_length_is_refused_with_buckets_advice():
     mlp = nn.Sequential(nn.Linear(8, 8)).eval()
     seq = torch.export.Dim("seq", min=2, max=64)

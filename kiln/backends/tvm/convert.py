@@ -15,6 +15,8 @@ relies on that the frontend lacks or gets wrong:
   codegen fails on a bool scan); ``cat`` drops empty inputs (Relax rejects
   them); ``diff`` and ``_unsafe_view`` get converters; ``select`` is a slice
   (the frontend's unchecked ``take`` read out of bounds for a negative index);
+  ``clamp`` with one bound on an integer tensor takes the dtype's limit for
+  the other (the frontend's infinity does not convert to an integer);
 - an in-place op (``add_``, ``index_put_``, ``copy_``) rebinds the tensor it
   mutates, because the frontend returns a new value and later readers of the
   old one would silently see stale data; mutating an input or a view (which
@@ -67,6 +69,7 @@ class _Bridge:
             aten.diff.default: self._diff,
             aten._unsafe_view.default: self._reshape_to_meta,
             aten.select.int: self._select,
+            aten.clamp.default: self._clamp,
             aten.pow.Tensor_Scalar: self._pow,
             aten.exp.default: self._fast(lambda x: topi.fast_exp(x)),
             aten.sigmoid.default: self._fast(lambda x: 1 / (1 + topi.fast_exp(-x))),
@@ -231,6 +234,19 @@ class _Bridge:
                                      f"of size {shape[dim]}")
         sliced = relax.op.strided_slice(self.env[x], [dim], [i], [i + 1])
         return self.bb.emit(relax.op.squeeze(sliced, [dim]))
+
+    def _clamp(self, node: fx.Node) -> relax.Var:
+        # The frontend fills a missing bound with +-inf, which cannot be cast to an integer
+        # dtype ("Cannot convert infinity to BigInt"): positions.clamp(min=0) failed to compile.
+        names = ("input", "min", "max")
+        given = {**dict(zip(names, node.args)), **node.kwargs}
+        dtype = node.meta["val"].dtype
+        info = torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)
+        lo = -float("inf") if dtype.is_floating_point else info.min
+        hi = float("inf") if dtype.is_floating_point else info.max
+        lo = lo if given.get("min") is None else given["min"]
+        hi = hi if given.get("max") is None else given["max"]
+        return self.bb.emit(relax.op.clip(self.env[given["input"]], lo, hi))
 
     def _diff(self, node: fx.Node) -> relax.Var:
         n = node.args[1] if len(node.args) > 1 else node.kwargs.get("n", 1)
