@@ -27,8 +27,8 @@ row, whose logits give the first new token; decoding continues at position
 to no slot, and no real query's mask lets it through, so it never affects a
 result. A generation of ``m`` tokens needs ``n + m <= capacity``.
 
-Not handled: prompts of different lengths in one batch (no per-row lengths or
-left padding), sampling (greedy only), stopping at an end-of-sequence token,
+Not handled: prompts of different lengths in one batch (every row is padded
+by the same amount), sampling (greedy only), stopping at an end-of-sequence token,
 sliding-window attention, and sharing weights between the graphs (each
 artifact stores its own copy).
 

@@ -241,9 +241,10 @@ class _Bridge:
         names = ("input", "min", "max")
         given = {**dict(zip(names, node.args)), **node.kwargs}
         dtype = node.meta["val"].dtype
-        info = torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)
-        lo = -float("inf") if dtype.is_floating_point else info.min
-        hi = float("inf") if dtype.is_floating_point else info.max
+        if dtype.is_floating_point:
+            lo, hi = -float("inf"), float("inf")
+        else:
+            lo, hi = torch.iinfo(dtype).min, torch.iinfo(dtype).max
         lo = lo if given.get("min") is None else given["min"]
         hi = hi if given.get("max") is None else given["max"]
         return self.bb.emit(relax.op.clip(self.env[given["input"]], lo, hi))
