@@ -7,8 +7,20 @@ is not compatible), loads the shared library and binds the weights once as
 DLPack views. A call converts only the inputs; outputs come back as views of
 the VM's freshly allocated output tensors (the VM never reuses them, so handing
 them out is safe).
+
+Threads: a ``relax.VirtualMachine`` is not reentrant. Each call pushes a frame
+and writes a register file, a program counter and a return register kept in
+the VM object itself, with no lock, and the call runs with the GIL released;
+two threads calling one VM corrupt each other's registers (segfaults in
+``StorageObj::AllocTensor``, ``Check failed: reg < frame->register_file.size()``).
+So each calling thread gets its own VM, made from the one loaded library (the
+executable, its constants and the compiled kernels are shared and read-only;
+a VM costs ~15 us to make). The weights stay bound once, as shared views.
+TVM's own thread pool for parallel loops is already one per calling thread.
 """
 from __future__ import annotations
+
+import threading
 
 import torch
 import tvm
@@ -61,8 +73,9 @@ class TvmVmKernel:
             library = tvm.runtime.load_module(library_path)
         except Exception as e:
             raise ArtifactError(f"cannot load TVM library {library_path}: {e}") from e
-        self._vm = relax.VirtualMachine(library, tvm.cpu())
-        self._main = self._vm[spec["entry"]]
+        self._library, self._entry = library, spec["entry"]
+        self._per_thread = threading.local()
+        self._main()  # the loading thread's VM: a missing entry function fails here, not at the first call
         # The VM keeps DLPack views, so the tensors must stay alive.
         self._weights = [_aligned(weights[name]) for name in spec["weights"]]
         self._bound = [tvm.runtime.from_dlpack(w) for w in self._weights]
@@ -77,8 +90,17 @@ class TvmVmKernel:
             if x.shape != shape or x.dtype != dtype:
                 raise InputMismatchError(f"input {i}: expected {dtype} {list(shape)}, got {x.dtype} {list(x.shape)}")
             args.append(tvm.runtime.from_dlpack(_aligned(x)))
-        outs = self._main(*args, *self._bound)
+        outs = self._main()(*args, *self._bound)
         return [torch.from_dlpack(o) for o in outs]
+
+    def _main(self):
+        """The entry function of this thread's own VM (made on the thread's first call; see the module docstring)."""
+        try:
+            return self._per_thread.main
+        except AttributeError:
+            vm = relax.VirtualMachine(self._library, tvm.cpu())
+            self._per_thread.main = main = vm[self._entry]  # the function holds its VM
+            return main
 
 
 def load(entry: dict, files, weights: dict[str, torch.Tensor]):
