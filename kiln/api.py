@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .backends import LoweredPartition, assign_placement, split_by_placement, target_backends
+from .backends import LoweredPartition, place_and_lower, target_backends
 from .errors import KilnError, TuningError, UnknownNameError
 from .ir import Graph
 from .ir.tracing import trace
@@ -155,13 +155,10 @@ class Compilation:
     def lower(self) -> CompiledModel:
         """Place, partition and lower the graph; package it as an in-memory artifact."""
         graph = self._need_graph("lower")
-        assign_placement(graph, self.target, self.backends)
-        partitions, outputs = split_by_placement(graph)
-        by_name = {b.name: b for b in self.backends}
+        partitions, self.lowered, outputs, fallbacks = place_and_lower(graph, self.target, self.backends)
         entries, files, used = [], {}, {}
         for p in partitions:
-            lowered = by_name[p.backend].lower(p)
-            self.lowered[p.name] = lowered
+            lowered = self.lowered[p.name]
             for fname, data in lowered.files.items():
                 if fname in files:
                     raise KilnError(f"backend {p.backend!r} produced file {fname!r} twice")
@@ -191,6 +188,8 @@ class Compilation:
             "outputs": outputs,
             "weight_sources": {k: v for k, v in graph.weight_sources.items() if k in used},
             "passes": [_record_json(r) for r in self.records],
+            # nodes a backend could not lower after all, and ran on the target's fallback instead
+            **({"fallbacks": fallbacks} if fallbacks else {}),
         }
         examples = list(self.flat_inputs) if self.options.keep_example_inputs else None
         return CompiledModel(Artifact(manifest, used, files, examples))

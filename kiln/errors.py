@@ -25,7 +25,15 @@ class VerificationError(KilnError):
 
 
 class UnsupportedOpError(KilnError):
-    """A backend cannot run a node; the message names the node and its op."""
+    """A backend cannot run a node; the message names the node and its op.
+
+    ``node`` is the node's name when one node is at fault (placement then moves
+    just that node to the target's fallback backend).
+    """
+
+    def __init__(self, message: str, node: str | None = None):
+        super().__init__(message)
+        self.node = node
 
 
 class InputMismatchError(KilnError):

@@ -5,6 +5,13 @@ target that supports it (a placement a pass already set is kept, and checked).
 ``split_by_placement`` then cuts the graph into maximal runs of consecutive
 nodes (in topological order) with one placement; consecutive runs are always
 acyclic, so the schedule is simply their order.
+
+``place_and_lower`` does both and lowers every partition. A backend that
+cannot lower a partition it said it supports (a converter refusing one node,
+or the compiler behind it failing) does not fail the compilation: the node it
+names, else the whole partition, moves to the target's fallback backend (its
+last, ``torch``), the failure is logged and recorded, and placement runs
+again. A result is computed right or by the fallback, never a foreign exception.
 """
 from __future__ import annotations
 
@@ -14,10 +21,10 @@ from collections import Counter
 import torch
 import torch.fx as fx
 
-from ..errors import UnsupportedOpError
+from ..errors import KilnError, UnsupportedOpError
 from ..ir import Graph
 from ..ir.printer import op_name
-from .base import Backend, Partition
+from .base import Backend, LoweredPartition, Partition
 
 log = logging.getLogger("kiln")
 
@@ -104,3 +111,58 @@ def _flat(value) -> list:
     if isinstance(value, (list, tuple)):
         return [x for v in value for x in _flat(v)]
     return [value]
+
+
+def place_and_lower(graph: Graph, target: str, backends: list[Backend]
+                    ) -> tuple[list[Partition], dict[str, LoweredPartition], list[dict], list[dict]]:
+    """Place, partition and lower ``graph``: the partitions, their lowerings by name, the flat outputs,
+    and the fallbacks taken (``{"backend", "nodes", "reason"}`` each, also logged)."""
+    fallback = backends[-1]
+    fallbacks: list[dict] = []
+    while True:
+        assign_placement(graph, target, backends)
+        partitions, outputs = split_by_placement(graph)
+        by_name = {b.name: b for b in backends}
+        lowered: dict[str, LoweredPartition] = {}
+        for p in partitions:
+            backend = by_name[p.backend]
+            if backend is fallback:
+                lowered[p.name] = backend.lower(p)
+                continue
+            try:
+                lowered[p.name] = backend.lower(p)
+            except KilnError as e:
+                if not isinstance(e, UnsupportedOpError):
+                    raise  # the user's options or files are at fault (TuningError...), not the op
+                nodes = _fall_back(graph, p, e, fallback.name)
+                fallbacks.append(_report(p, nodes, e, fallback.name))
+                break
+            except Exception as e:  # noqa: BLE001 - the compiler behind the backend failed: fall back
+                nodes = _fall_back(graph, p, e, fallback.name)
+                fallbacks.append(_report(p, nodes, e, fallback.name))
+                break
+        else:
+            return partitions, lowered, outputs, fallbacks
+
+
+def _report(partition: Partition, nodes: list[str], error: Exception, fallback: str) -> dict:
+    text = str(error).strip()
+    reason = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+    log.warning("kiln: backend %r could not lower %s (%s); %d node(s) run on %r instead: %s", partition.backend,
+                partition.name, reason, len(nodes), fallback, ", ".join(nodes[:8]) + (" ..." if len(nodes) > 8 else ""))
+    return {"backend": partition.backend, "nodes": nodes, "reason": reason}
+
+
+def _fall_back(graph: Graph, partition: Partition, error: Exception, fallback: str) -> list[str]:
+    """Re-place on ``fallback`` the node ``error`` names, else every node of ``partition``; their names."""
+    members = {n.name: n for n in graph.compute_nodes()}
+    named = getattr(error, "node", None)
+    if isinstance(error, UnsupportedOpError) and named in members and graph.meta(members[named]).placement \
+            == partition.backend:
+        chosen = [members[named]]
+    else:
+        inside = {n.name for n in partition.gm.graph.nodes if n.op == "call_function"}
+        chosen = [n for name, n in members.items() if name in inside]
+    for n in chosen:
+        graph.meta(n).placement = fallback
+    return [n.name for n in chosen]

@@ -40,7 +40,7 @@ from tvm import relax, topi
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
 from ...errors import UnsupportedOpError
-from .dispatch import BSHD_OUTPUT, Args, DispatchRule, heads_last_source, specialize
+from .dispatch import BSHD_OUTPUT, DISPATCHED_OPS, Args, DispatchRule, dispatches, heads_last_source, specialize
 
 aten = torch.ops.aten
 
@@ -77,6 +77,14 @@ class _Bridge:
             aten.tanh.default: self._fast(lambda x: topi.fast_tanh(x)),
             aten.erf.default: self._fast(lambda x: topi.fast_erf(x)),
             aten.gelu.default: self._gelu,
+            aten.relu.default: self._relu,
+            aten.hardtanh.default: self._hardtanh,
+            aten.clamp_min.default: lambda n: self._clamp_to(n, n.args[1], None),
+            aten.clamp_max.default: lambda n: self._clamp_to(n, None, n.args[1]),
+            aten.maximum.default: lambda n: self._extremum(n, relax.op.maximum),
+            aten.minimum.default: lambda n: self._extremum(n, relax.op.minimum),
+            aten.layer_norm.default: self._layer_norm,
+            aten.div.Tensor_mode: self._div_mode,
         }
 
     # -- entry ---------------------------------------------------------------------------------
@@ -119,11 +127,31 @@ class _Bridge:
             self._note(node, "view", of=self._heads_last_of(node).name)
             return
         schema = getattr(node.target, "_schema", None)
-        value = self._convert(node)
+        value = self._in_fp32(node) if node.target not in _DATA_MOVEMENT else self._convert(node)
         if schema is not None and schema.is_mutable:
             self._rebind_mutated(node, value)
         self.env[node] = self._check(node, value)
         self._note(node, "tir")
+
+    def _in_fp32(self, node: fx.Node):
+        """Convert ``node`` with its bf16/fp16 inputs cast to fp32; ``_check`` rounds the result back.
+
+        That is what PyTorch's CPU kernels do for these dtypes: element-wise ops
+        compute each element in float and round it once, reductions (sum, mean,
+        softmax, norms) accumulate in float. TVM computing in bf16 itself summed
+        in bf16 (``x.sum(-1)`` off by 0.08) and broke its layer norm, max and
+        vectorized stores; casts around each op fuse into the same kernels.
+        """
+        low = [i for i in node.all_input_nodes if _is_low_float(i)]
+        if not low:
+            return self._convert(node)
+        saved = {i: self.env[i] for i in low}
+        try:
+            for i in low:
+                self.env[i] = self.bb.emit(relax.op.astype(saved[i], "float32"))
+            return self._convert(node)
+        finally:
+            self.env.update(saved)
 
     def _convert(self, node: fx.Node):
         own = self._own.get(node.target)
@@ -133,14 +161,14 @@ class _Bridge:
         converter = self.imp.convert_map.get(key)
         if converter is None:
             raise UnsupportedOpError(f"node {node.name}: op {node.target} has no TVM Relax converter; "
-                                     "place it on another backend")
+                                     "place it on another backend", node=node.name)
         try:
             return converter(node)
         except UnsupportedOpError:
             raise
         except Exception as e:
             raise UnsupportedOpError(f"node {node.name}: TVM could not convert {node.target}: "
-                                     f"{type(e).__name__}: {e}") from e
+                                     f"{type(e).__name__}: {e}", node=node.name) from e
 
     # -- folding -------------------------------------------------------------------------------
     def _fold_input_free(self) -> dict[fx.Node, torch.Tensor]:
@@ -231,23 +259,79 @@ class _Bridge:
         i = index + shape[dim] if index < 0 else index
         if not 0 <= i < shape[dim]:
             raise UnsupportedOpError(f"node {node.name}: index {index} is out of range for dimension {dim} "
-                                     f"of size {shape[dim]}")
+                                     f"of size {shape[dim]}", node=node.name)
         sliced = relax.op.strided_slice(self.env[x], [dim], [i], [i + 1])
         return self.bb.emit(relax.op.squeeze(sliced, [dim]))
 
     def _clamp(self, node: fx.Node) -> relax.Var:
-        # The frontend fills a missing bound with +-inf, which cannot be cast to an integer
-        # dtype ("Cannot convert infinity to BigInt"): positions.clamp(min=0) failed to compile.
         names = ("input", "min", "max")
         given = {**dict(zip(names, node.args)), **node.kwargs}
-        dtype = node.meta["val"].dtype
-        if dtype.is_floating_point:
-            lo, hi = -float("inf"), float("inf")
-        else:
-            lo, hi = torch.iinfo(dtype).min, torch.iinfo(dtype).max
-        lo = lo if given.get("min") is None else given["min"]
-        hi = hi if given.get("max") is None else given["max"]
-        return self.bb.emit(relax.op.clip(self.env[given["input"]], lo, hi))
+        return self._clamp_to(node, given.get("min"), given.get("max"), given["input"])
+
+    def _clamp_to(self, node: fx.Node, lo, hi, x: fx.Node | None = None) -> relax.Var:
+        """``min(max(x, lo), hi)`` as PyTorch computes it: NaN stays NaN, and ``hi`` wins when ``lo > hi``.
+
+        The frontend's ``clip`` returned 3 for ``clamp(3, -3)`` (PyTorch: -3) and
+        dropped NaN (LLVM's min/max); it also filled a missing bound with +-inf,
+        which does not convert to an integer dtype. Two selects keep all three
+        right: ``x < lo`` and ``x > hi`` are false for NaN.
+        """
+        value = self.env[x if x is not None else node.args[0]]
+        dtype = value.ty.dtype
+        for bound, compare in ((lo, relax.op.less), (hi, relax.op.greater)):
+            if bound is None:
+                continue
+            b = self._scalar(bound, dtype)
+            value = self.bb.emit(relax.op.where(compare(value, b), b, value))
+        return value
+
+    def _relu(self, node: fx.Node) -> relax.Var:
+        return self._clamp_to(node, 0, None)
+
+    def _hardtanh(self, node: fx.Node) -> relax.Var:
+        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+        return self._clamp_to(node, lo, hi)
+
+    def _extremum(self, node: fx.Node, op) -> relax.Var:
+        """``maximum``/``minimum``: NaN if either side is NaN (PyTorch), which LLVM's max/min drop."""
+        a, b = (self.env[v] for v in node.args[:2])
+        value = self.bb.emit(op(a, b))
+        if not node.meta["val"].dtype.is_floating_point:
+            return value
+        either_nan = relax.op.logical_or(relax.op.isnan(a), relax.op.isnan(b))
+        return self.bb.emit(relax.op.where(either_nan, relax.op.add(a, b), value))
+
+    def _scalar(self, value, dtype: str) -> relax.Constant:
+        return relax.const(value, dtype)
+
+    def _layer_norm(self, node: fx.Node) -> relax.Var:
+        """``layer_norm`` with or without its affine weight and bias (the frontend needed both)."""
+        x = self.env[node.args[0]]
+        shape = list(node.args[1])
+        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
+        eps = node.args[4] if len(node.args) > 4 else node.kwargs.get("eps", 1e-5)
+        dtype = str(x.ty.dtype)
+        gamma = self.env[weight] if weight is not None else relax.const(torch.ones(shape).numpy().astype(dtype))
+        beta = self.env[bias] if bias is not None else relax.const(torch.zeros(shape).numpy().astype(dtype))
+        axes = list(range(-len(shape), 0))
+        return self.bb.emit(relax.op.nn.layer_norm(x, gamma, beta, axes, eps))
+
+    def _div_mode(self, node: fx.Node) -> relax.Var:
+        """Integer ``div(x, c, rounding_mode="floor"|"trunc")`` by a constant ``c`` (the frontend made it int32).
+
+        The op table (``convertible``) sends every other case to PyTorch: a
+        divisor tensor may hold 0 (PyTorch raises; TVM's integer division traps),
+        and float floor division follows PyTorch's own rounding rules.
+        """
+        x, divisor = self.env[node.args[0]], node.args[1]
+        mode = node.kwargs.get("rounding_mode", node.args[2] if len(node.args) > 2 else None)
+        dtype = x.ty.dtype
+        if mode == "floor":
+            return self.bb.emit(relax.op.floor_divide(x, relax.const(divisor, dtype)))
+        return self.bb.emit_te(lambda t: tvm.te.compute(t.shape, lambda *i: tvm.tirx.truncdiv(
+            t(*i), tvm.tirx.const(divisor, dtype))), x, primfunc_name_hint="trunc_divide")
 
     def _diff(self, node: fx.Node) -> relax.Var:
         n = node.args[1] if len(node.args) > 1 else node.kwargs.get("n", 1)
@@ -327,7 +411,7 @@ class _Bridge:
             return value
         if [int(s) for s in ty.shape] != list(val.shape):
             raise UnsupportedOpError(f"node {node.name}: TVM's converter for {node.target} gives shape "
-                                     f"{[int(s) for s in ty.shape]}, PyTorch {list(val.shape)}")
+                                     f"{[int(s) for s in ty.shape]}, PyTorch {list(val.shape)}", node=node.name)
         want = self._dtype(val.dtype)
         if ty.dtype != want:
             value = self.bb.emit(relax.op.astype(value, want))
@@ -350,12 +434,106 @@ def _op_table() -> tuple[frozenset, frozenset]:
     return frozenset(bridge._own), frozenset(bridge.imp.convert_map)
 
 
+def _is_low_float(node) -> bool:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.dtype in (torch.bfloat16, torch.float16)
+
+
+# Ops that only move or select elements: exact in any dtype, so bf16 stays bf16 through them.
+_DATA_MOVEMENT = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
+    aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+    aten.squeeze.default, aten.expand.default, aten.slice.Tensor, aten.select.int, aten.cat.default,
+    aten.stack.default, aten.clone.default, aten.alias.default, aten.split.Tensor, aten.split_with_sizes.default,
+    aten.unbind.int, aten.flatten.using_ints, aten.narrow.default, aten.contiguous.default, operator.getitem,
+}
+
+
+def _int_divisor(node: fx.Node) -> bool:
+    """An integer tensor divided by a non-zero Python integer (a divisor tensor may hold 0: PyTorch raises)."""
+    x, divisor = node.args[:2]
+    return (isinstance(x, fx.Node) and not x.meta["val"].dtype.is_floating_point
+            and isinstance(divisor, int) and not isinstance(divisor, bool) and divisor != 0)
+
+
+def _floats_or_int_divisor(node: fx.Node) -> bool:
+    """``remainder``/``floor_divide`` on floats, or on integers by a non-zero constant."""
+    x = node.args[0]
+    return (isinstance(x, fx.Node) and x.meta["val"].dtype.is_floating_point
+            and not any(isinstance(a, fx.Node) and not a.meta["val"].dtype.is_floating_point
+                        for a in node.args[1:2])) or _int_divisor(node)
+
+
+def _float_inputs(node: fx.Node) -> bool:
+    """Every tensor argument is floating point (sums of integers accumulate in int64 in PyTorch; integer
+    true division by a tensor may divide by 0, which traps in TVM's integer code)."""
+    return all(a.meta["val"].dtype.is_floating_point for a in node.all_input_nodes
+               if isinstance(a.meta.get("val"), torch.Tensor))
+
+
+# The cpu backend's op table: the ops whose lowering is known right, each with the
+# condition under which it is (None: always). Everything else runs on PyTorch.
+# Known right means: the zoo models' end-to-end tests and the differential fuzzer
+# (tests/fuzz) cover it in fp32 and bf16 against eager and an fp64 reference.
+# Left out on purpose, each for a wrong result seen or a semantics TVM lacks:
+# max/min/argmax/argmin reductions, sort and topk (NaN, ties), conv1d and other TIR
+# convolutions (conv1d k=1 stride 2 was wrong), advanced indexing (``index.Tensor``:
+# an unchecked take read out of bounds), scatter/index_put/take (unchecked indices),
+# integer division by a tensor (0 traps in TVM, PyTorch raises) and random ops.
+_POINTWISE = """
+    abs neg exp log log1p log2 expm1 sqrt rsqrt sin cos tan tanh sigmoid silu gelu erf relu hardtanh
+    leaky_relu elu softplus hardswish hardsigmoid mish reciprocal sign floor ceil round trunc square
+    clamp clamp_min clamp_max maximum minimum where masked_fill
+    add sub rsub mul div pow eq ne lt le gt ge logical_not logical_and logical_or bitwise_and bitwise_or
+    bitwise_xor bitwise_not __and__ __or__ __xor__ isnan isinf
+    _to_copy to type_as full_like zeros_like ones_like
+""".split()
+_STRUCTURED = """
+    sum mean var std prod logsumexp softmax _softmax log_softmax _log_softmax layer_norm cumsum
+    avg_pool1d avg_pool2d adaptive_avg_pool1d adaptive_avg_pool2d pad constant_pad_nd
+    arange full zeros ones scalar_tensor diff
+""".split()
+# Reductions and true division: on floating-point inputs only (see _float_inputs).
+_FLOAT_ONLY = set("""
+    sum mean var std prod logsumexp softmax _softmax log_softmax _log_softmax layer_norm avg_pool1d avg_pool2d
+    adaptive_avg_pool1d adaptive_avg_pool2d
+""".split())
+_CONDITIONS: dict[str, object] = {
+    "div.Tensor_mode": _int_divisor,
+    "remainder.Scalar": _floats_or_int_divisor,
+    "floor_divide.Scalar": _int_divisor,
+}
+_ALLOWED_NAMES = frozenset(_POINTWISE + _STRUCTURED) | {op.__name__ for op in _DATA_MOVEMENT
+                                                         if op is not operator.getitem}
+
+
+def _packet(target) -> str | None:
+    return target.overloadpacket.__name__ if isinstance(target, torch._ops.OpOverload) else None
+
+
 def convertible(node: fx.Node) -> bool:
-    """Whether ``to_relax`` has a converter for this ``call_function`` node's op (the backend's op table)."""
+    """Whether the cpu backend lowers this ``call_function`` node: in its op table, and TVM has a converter."""
     own, frontend = _op_table()
     target = node.target
-    return (target in _NO_VALUE or target in own or target is operator.getitem
-            or getattr(target, "__name__", None) in frontend)
+    if target in _NO_VALUE:
+        return True
+    if target is operator.getitem:  # an element of a tuple: lowered where the tuple is
+        return isinstance(node.args[0], fx.Node) and convertible(node.args[0])
+    if target in DISPATCHED_OPS:
+        return dispatches(node)  # PyTorch's own kernel, called from the library; never as TIR
+    name = getattr(target, "__name__", None)
+    if target not in own and name not in frontend:
+        return False
+    condition = _CONDITIONS.get(name)
+    if condition is not None:
+        return bool(condition(node))
+    if name in _CONDITIONS or _packet(target) not in _ALLOWED_NAMES and name not in _ALLOWED_NAMES:
+        return False
+    if _packet(target) == "div" and name not in ("div.Tensor", "div.Scalar"):
+        return False  # div with a rounding mode: only by _CONDITIONS' rule above
+    if _packet(target) in _FLOAT_ONLY or _packet(target) == "div":
+        return _float_inputs(node)
+    return True
 
 
 def to_relax(gm: fx.GraphModule, plan: dict[fx.Node, tuple[DispatchRule, Args]],

@@ -50,13 +50,19 @@ def _arg(node: fx.Node, i: int, key: str, default=None):
     return node.args[i] if len(node.args) > i else node.kwargs.get(key, default)
 
 
-def _is_f32(*nodes) -> bool:
-    return all(isinstance(n, fx.Node) and n.meta["val"].dtype == torch.float32 for n in nodes)
+# Dtypes PyTorch's library kernels compute exactly as eager does here (the same call).
+_LIBRARY_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _library_dtype(*nodes) -> bool:
+    """All tensors, of one dtype that the library rules take (fp32, or bf16: AMX / AVX512-BF16 GEMMs)."""
+    dtypes = {n.meta["val"].dtype for n in nodes if isinstance(n, fx.Node)}
+    return all(isinstance(n, fx.Node) for n in nodes) and len(dtypes) == 1 and dtypes <= set(_LIBRARY_DTYPES)
 
 
 def _linear(node):
     x, w, b = node.args[0], node.args[1], _arg(node, 2, "bias")
-    if not _is_f32(x, w) or w.meta["val"].dim() != 2:
+    if not _library_dtype(x, w) or w.meta["val"].dim() != 2:
         return None
     return [x, w] if b is None else [x, w, b]
 
@@ -73,7 +79,7 @@ def _linear_nobias(node):
 
 def _addmm(node):
     b, x, w = node.args[:3]
-    if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1 or not _is_f32(b, x, w):
+    if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1 or not _library_dtype(b, x, w):
         return None
     return [b, x, w]
 
@@ -87,13 +93,13 @@ def _one_call(args_of):
 
 
 def _binary_f32(node):
-    return list(node.args[:2]) if _is_f32(*node.args[:2]) else None
+    return list(node.args[:2]) if _library_dtype(*node.args[:2]) else None
 
 
 def _sdpa(node, masked: bool):
     q, k, v = node.args[:3]
     mask = _arg(node, 3, "attn_mask")
-    if (mask is not None) != masked or not _is_f32(q, k, v) or _arg(node, 4, "dropout_p", 0.0) != 0.0:
+    if (mask is not None) != masked or not _library_dtype(q, k, v) or _arg(node, 4, "dropout_p", 0.0) != 0.0:
         return None
     scale = node.kwargs.get("scale")
     flags = [int(bool(_arg(node, 5, "is_causal", False))), 0.0 if scale is None else float(scale),
@@ -153,7 +159,7 @@ def _gather_like(node):
 def _conv2d(node):
     x, w = node.args[:2]
     b = _arg(node, 2, "bias")
-    if not _is_f32(x, w) or (b is not None and not _is_f32(b)):
+    if not _library_dtype(x, w) or (b is not None and not _library_dtype(b)):
         return None
     stride, padding, dilation = (list(_arg(node, i, k, d)) for i, k, d in
                                  ((3, "stride", [1, 1]), (4, "padding", [0, 0]), (5, "dilation", [1, 1])))
@@ -259,3 +265,12 @@ def plan_dispatch(gm: fx.GraphModule, rules: list[DispatchRule] = RULES) -> dict
 
 
 _BY_NAME = {rule.name: rule for rule in RULES}
+
+# Ops that run only as library calls: a node of one of these that no rule takes
+# (another dtype, a 1-D embedding table, a string padding) is not lowered to TIR.
+DISPATCHED_OPS = frozenset(rule.op for rule in RULES)
+
+
+def dispatches(node: fx.Node) -> bool:
+    """Whether a rule of ``RULES`` takes ``node``."""
+    return any(rule.op == node.target and rule.args(node) is not None for rule in RULES)

@@ -56,9 +56,11 @@ class GemmShape:
     m: int
     k: int
     n: int
+    dtype: str = "float32"
 
     def label(self) -> str:
-        return f"{self.rule} [{self.m}x{self.k}] x [{self.k}x{self.n}]"
+        dtype = "" if self.dtype == "float32" else f" {self.dtype}"
+        return f"{self.rule} [{self.m}x{self.k}] x [{self.k}x{self.n}]{dtype}"
 
 
 @dataclass
@@ -81,7 +83,8 @@ def gemm_shape(rule: DispatchRule, args: Args) -> GemmShape | None:
     x, w = (args[1], args[2]) if rule.name == "addmm" else (args[0], args[1])
     xs, ws = x.meta["val"].shape, w.meta["val"].shape
     n = ws[1] if rule.name == "addmm" else ws[0]
-    return GemmShape(rule.name, math.prod(xs[:-1]), xs[-1], n)
+    dtype = str(x.meta["val"].dtype).removeprefix("torch.")
+    return GemmShape(rule.name, math.prod(xs[:-1]), xs[-1], n, dtype)
 
 
 def candidates(shape: GemmShape, mode: str) -> list[str]:
@@ -97,11 +100,12 @@ def candidates(shape: GemmShape, mode: str) -> list[str]:
 def _callables(shape: GemmShape, kernels: list[str]) -> dict[str, Callable[[], object]]:
     """The runtime function of each kernel on random tensors of ``shape``, called as the library will."""
     m, k, n = shape.m, shape.k, shape.n
-    x = torch.randn(m, k)
-    w = torch.randn(k, n) if shape.rule == "addmm" else torch.randn(n, k)
-    b = torch.randn(n)
+    dtype = getattr(torch, shape.dtype)
+    x = torch.randn(m, k, dtype=dtype)
+    w = torch.randn(k, n, dtype=dtype) if shape.rule == "addmm" else torch.randn(n, k, dtype=dtype)
+    b = torch.randn(n, dtype=dtype)
     tensors = {"linear": [x, w], "linear_bias": [x, w, b], "addmm": [b, x, w]}[shape.rule]
-    out = torch.empty(m, n)
+    out = torch.empty(m, n, dtype=dtype)
 
     def call(kernel: str) -> Callable[[], object]:
         if kernel == "onednn":

@@ -69,11 +69,21 @@ class Elementwise(CPUScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         blocks = normalize_prim_func(sch)
-        if not blocks or not all(b.is_injective() for b in blocks):
+        if not blocks or not all(b.is_injective() for b in blocks) or any(_is_reduction(sch, b) for b in blocks):
             return None
         for block in try_inline(sch, blocks):
             _parallel_vectorize(sch, block.block_rv, target)
         return sch
+
+
+def _is_reduction(sch: s_tir.Schedule, block) -> bool:
+    """A block with an init statement: a reduction, even when its reduction axis has extent 1.
+
+    ``normalize_prim_func`` drops unit axes, so ``x.mean(-1)`` of an [N, 1] tensor
+    looks injective; inlining the epilogue into it then applied ``rsqrt`` inside
+    the accumulation (``rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)`` wrong by 17).
+    """
+    return sch.get(block.block_rv).init is not None
 
 
 def _parallel_vectorize(sch: s_tir.Schedule, block, target: Target) -> None:
@@ -138,7 +148,12 @@ class RowReduction(CPUScheduleRule):
         row = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
         if large:
             sch.parallel(row)
-        _vectorize_innermost(sch, last, lanes)
+        if len(loops) > lead:
+            # Only an axis inside the row: when the row loop is the last block's innermost
+            # (a reduction to one value per row, ``x.mean(-1)``), vectorizing it would vectorize
+            # the reductions computed under it across rows: wrong sums, or TVM's
+            # "VectorizeLoop before LiftStorageAlloc" once a partial-sum buffer is inside.
+            _vectorize_innermost(sch, last, lanes)
         # Consumers first: compute_at needs every consumer of a block already under ``row``.
         for block in reversed(blocks[:-1]):
             if _writes_output(sch, block.block_rv, func):
@@ -195,7 +210,9 @@ class RowParallel(CPUScheduleRule):
         if not blocks:
             return None
         changed = False
-        for block in try_inline(sch, blocks):
+        # No inlining next to a reduction: an epilogue inlined into a unit-axis reduction
+        # would run inside its accumulation (see _is_reduction).
+        for block in (blocks if any(_is_reduction(sch, b) for b in blocks) else try_inline(sch, blocks)):
             kinds = block.dom_kind()
             lead = len(kinds) - len(kinds.lstrip("S"))
             loops = sch.get_loops(block.block_rv)[:lead]
