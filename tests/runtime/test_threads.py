@@ -10,9 +10,11 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+import tvm
 from torch import nn
 
 import kiln
+from kiln.runtime.executor import CompiledModel
 
 THREADS, CALLS, INPUTS_PER_THREAD = 4, 200, 4
 
@@ -43,11 +45,18 @@ def model():
     return Block().eval()
 
 
+@pytest.fixture(scope="module")
+def compiled(model):
+    """The model compiled for each target, once for the module."""
+    cms = {t: kiln.compile(model, (torch.randn(2, 8, 32),), target=t) for t in ("cpu", "torch")}
+    # The point is the TVM VM: the cpu model must not have fallen back to torch.
+    assert [p["format"] for p in cms["cpu"].manifest["partitions"]] == ["tvm-vm"]
+    return cms
+
+
 @pytest.mark.parametrize("target", ["cpu", "torch"])
-def test_concurrent_calls_match_eager(model, target):
-    cm = kiln.compile(model, (torch.randn(2, 8, 32),), target=target)
-    if target == "cpu":  # the point is the TVM VM: the model must not have fallen back to torch
-        assert [p["format"] for p in cm.manifest["partitions"]] == ["tvm-vm"]
+def test_concurrent_calls_match_eager(model, compiled, target):
+    cm = compiled[target]
     gen = torch.Generator().manual_seed(1)
     inputs = [[torch.randn(2, 8, 32, generator=gen) for _ in range(INPUTS_PER_THREAD)] for _ in range(THREADS)]
     with torch.no_grad():
@@ -78,3 +87,14 @@ def test_concurrent_calls_match_eager(model, target):
         assert len(outputs[t]) == CALLS
         for j, out in outputs[t]:
             torch.testing.assert_close(out, expected[t][j])
+
+
+def test_loading_a_model_leaves_tvm_functions_alone(compiled, monkeypatch):
+    """TVM's global function table has no lock, and a thread making its VM reads it:
+    a load on another thread must not rewrite it (the dispatch functions are registered once)."""
+    rewrites = []
+    monkeypatch.setattr(tvm, "register_global_func", lambda *args, **kwargs: rewrites.append(args[0]))
+    loaded = CompiledModel(compiled["cpu"].artifact)  # loads the tvm-vm kernel again
+    assert rewrites == []
+    x = torch.randn(2, 8, 32)
+    torch.testing.assert_close(loaded(x), compiled["cpu"](x))

@@ -12,6 +12,8 @@ Scalar attributes arrive as Python ints/floats before the destination.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 import tvm
@@ -179,7 +181,20 @@ FUNCTIONS = {f"kiln.{f.__name__}": f for f in (
     conv2d, conv2d_bias)}
 
 
+_register_lock = threading.Lock()
+_registered = False
+
+
 def register() -> None:
-    """Register every function with TVM (idempotent; needed before a VM that calls them runs)."""
-    for name, fn in FUNCTIONS.items():
-        tvm.register_global_func(name, fn, override=True)
+    """Register every function with TVM, once a process (needed before a VM that calls them runs).
+
+    Once, not at every load: TVM's global function table has no lock, and a
+    thread making its VM (which looks these names up) while another thread
+    loads a model would read the table while it is rewritten.
+    """
+    global _registered
+    with _register_lock:  # a second loading thread waits until the first has registered them all
+        if not _registered:
+            for name, fn in FUNCTIONS.items():
+                tvm.register_global_func(name, fn, override=True)
+            _registered = True
