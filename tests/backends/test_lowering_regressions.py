@@ -1,0 +1,171 @@
+"""Regression tests for wrong results and foreign exceptions that random programs found on the ``cpu`` target.
+
+Each case is a repro from issue 8 ("Correctness and trust"): the compiled model
+must equal eager (NaN where eager has NaN; bf16 at bf16 tolerances), whether kiln
+lowers the op to TVM or sends it to the ``torch`` fallback; an index eager rejects
+must be rejected too. Before the fixes each of these returned a wrong number or
+raised a TVM / Python exception that was not a kiln error.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kiln
+from kiln.backends import get_backend
+
+NAN = float("nan")
+
+
+class Fn(nn.Module):
+    def __init__(self, fn, *modules: nn.Module):
+        super().__init__()
+        self.fn = fn
+        self.mods = nn.ModuleList(modules)
+
+    def forward(self, *args):
+        return self.fn(self, *args)
+
+
+def _check(model: nn.Module, *inputs: torch.Tensor) -> kiln.CompiledModel:
+    model = model.eval()
+    with torch.no_grad():
+        expected = model(*inputs)
+    cm = kiln.compile(model, inputs, target="cpu")
+    got = cm(*inputs)
+    tol = dict(rtol=1.6e-2, atol=1e-2) if expected.dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(got, expected, equal_nan=True, **tol)
+    return cm
+
+
+def _gen(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+WITH_NAN = torch.tensor([1.0, NAN, -2.0, 3.0])
+
+# name -> (forward, inputs, modules): defects 1, 3, 5, 6, 7, 8 and 10 of issue 8
+CASES = {
+    # 1. RowReduction vectorized the row loop around the reduction
+    "mean_dim1_keepdim": (lambda s, x: x.mean(1, keepdim=True), [_gen(2, 4)], []),
+    "mean_dim0": (lambda s, x: x.mean(0), [_gen(3, 2)], []),
+    "mean_middle": (lambda s, x: x.mean(1), [_gen(2, 3, 4)], []),
+    "mean_two_dims_keepdim": (lambda s, x: x.mean((1, 2), keepdim=True), [_gen(2, 4, 8)], []),
+    "avg_pool1d": (lambda s, x: F.avg_pool1d(x, 3), [_gen(1, 2, 4)], []),
+    # a reduction over a unit axis looked element-wise; rsqrt was inlined into the accumulation
+    "rms_unit_axis": (lambda s, x: torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5), [_gen(3, 1)], []),
+    "var": (lambda s, x: x.var(1), [_gen(3, 5)], []),
+    "logsumexp": (lambda s, x: x.logsumexp(1), [_gen(3, 5)], []),
+    # 3. NaN dropped by LLVM's min/max
+    "relu_nan": (lambda s, x: torch.relu(x), [WITH_NAN], []),
+    "hardtanh_nan": (lambda s, x: F.hardtanh(x), [WITH_NAN], []),
+    "clamp_nan": (lambda s, x: x.clamp(-1, 1), [WITH_NAN], []),
+    "maximum_nan": (lambda s, x, y: torch.maximum(x, y), [WITH_NAN, torch.zeros(4)], []),
+    "minimum_nan": (lambda s, x, y: torch.minimum(x, y), [WITH_NAN, torch.zeros(4)], []),
+    "max_dim_nan": (lambda s, x: x.max(-1).values, [WITH_NAN[None]], []),
+    # 4. bf16 max(dim)
+    "max_dim_bf16": (lambda s, x: x.max(1).values, [_gen(2, 5, dtype=torch.bfloat16)], []),
+    "max_dim0_bf16": (lambda s, x: x.max(0).values, [_gen(3, 4, 4, 7, dtype=torch.bfloat16)], []),
+    # 5. conv1d, kernel 1, stride 2, padding 1
+    "conv1d_k1_s2_p1": (lambda s, x: s.mods[0](x), [_gen(1, 1, 9)], [nn.Conv1d(1, 8, 1, stride=2, padding=1)]),
+    # 6. clamp with min > max: PyTorch gives max
+    "clamp_inverted": (lambda s, x: x.clamp(3, -3), [_gen(8) * 5], []),
+    "clamp_inverted_int": (lambda s, x: x.clamp(3, -3), [torch.arange(-5, 5)], []),
+    # 7. InternalError: VectorizeLoop before LiftStorageAlloc
+    "softmax_one_row": (lambda s, x: x.softmax(-1), [_gen(1, 16)], []),
+    "mean_last_16x64": (lambda s, x: x.mean(-1), [_gen(16, 64)], []),
+    # 8. min(dim) returned a tuple the converter could not take
+    "min_dim": (lambda s, x: x.min(1).values, [_gen(3, 4)], []),
+    # 9. bf16 Linear / LayerNorm / attention-like matmuls crashed TVM
+    "linear_bf16_no_bias": (lambda s, x: s.mods[0](x), [_gen(2, 8, dtype=torch.bfloat16)], [nn.Linear(8, 16, bias=False)]),
+    "layer_norm_bf16": (lambda s, x: s.mods[0](x), [_gen(2, 8, dtype=torch.bfloat16)], [nn.LayerNorm(8)]),
+    "matmul_softmax_bf16": (lambda s, x: x + 0.5 * (torch.softmax(x @ x.mT, -1) @ x),
+                            [_gen(2, 1, 11, dtype=torch.bfloat16)], []),
+    "sum_bf16": (lambda s, x: x.sum(-1), [_gen(4, 64, dtype=torch.bfloat16)], []),
+    # 10. refused although the fallback could run them
+    "layer_norm_no_affine": (lambda s, x: s.mods[0](x), [_gen(2, 8)], [nn.LayerNorm(8, elementwise_affine=False)]),
+    "layer_norm_no_bias": (lambda s, x: s.mods[0](x), [_gen(2, 8)], [nn.LayerNorm(8, bias=False)]),
+    "linear_bf16_bias": (lambda s, x: s.mods[0](x), [_gen(2, 8, dtype=torch.bfloat16)], [nn.Linear(8, 16)]),
+    "rsub_bf16": (lambda s, x: 2.5 - x, [_gen(2, 8, dtype=torch.bfloat16)], []),
+    "div_floor_int64": (lambda s, x: torch.div(x, 5, rounding_mode="floor"), [torch.arange(-12, 12)], []),
+    "div_trunc_int64": (lambda s, x: torch.div(x, 5, rounding_mode="trunc"), [torch.arange(-12, 12)], []),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_eager(name):
+    fn, inputs, modules = CASES[name]
+    model = Fn(fn, *modules)
+    if inputs[0].dtype == torch.bfloat16:
+        model = model.to(torch.bfloat16)
+    _check(model, *inputs)
+
+
+@pytest.mark.parametrize("index", [[-1], [3], [-4]])
+def test_advanced_index_in_range_matches_eager(index):
+    # 2. x[:, t]: an unchecked take read the wrong element for t = [-1]
+    _check(Fn(lambda s, x, t: x[:, t]), _gen(2, 4), torch.tensor(index))
+
+
+@pytest.mark.parametrize("index", [[4], [1000], [-5]])
+def test_advanced_index_out_of_range_raises_as_eager(index):
+    # 2. ... and returned memory garbage where eager raises IndexError
+    x, t = _gen(2, 4), torch.tensor(index)
+    cm = kiln.compile(Fn(lambda s, x, t: x[:, t]), (x, torch.tensor([0])), target="cpu")
+    with pytest.raises(IndexError):
+        x[:, t]
+    with pytest.raises(IndexError):
+        cm(x, t)
+
+
+def test_constant_negative_index_matches_eager():
+    # 2. a constant index x[[-1]] gave 1.35e37
+    _check(Fn(lambda s, x: x[[-1]]), _gen(2, 4))
+
+
+def test_bf16_linear_runs_on_the_library_kernel():
+    cm = _check(Fn(lambda s, x: s.mods[0](x), nn.Linear(8, 16)).to(torch.bfloat16), _gen(2, 8, dtype=torch.bfloat16))
+    (part,) = cm.manifest["partitions"]
+    assert part["backend"] == "cpu"
+    # eager's MKL call or oneDNN's, whichever the compile measured faster
+    (function,) = part["report"]["dispatched"]
+    assert function in ("kiln.linear_bias", "kiln.linear_bias_onednn")
+
+
+def test_a_backend_that_fails_to_lower_falls_back_to_torch(monkeypatch, caplog):
+    cpu = type(get_backend("cpu"))
+
+    def broken(self, partition):
+        raise RuntimeError("simulated compiler crash")
+
+    monkeypatch.setattr(cpu, "lower", broken)
+    x = _gen(3, 5)
+    with caplog.at_level(logging.WARNING, logger="kiln"):
+        cm = _check(Fn(lambda s, x: torch.relu(x) * 2), x)
+    assert {p["backend"] for p in cm.manifest["partitions"]} == {"torch"}
+    (fallback,) = cm.manifest["fallbacks"]
+    assert fallback["backend"] == "cpu" and fallback["reason"] == "RuntimeError: simulated compiler crash"
+    assert sorted(fallback["nodes"]) == ["mul", "relu"]
+    assert "simulated compiler crash" in caplog.text
+
+
+def test_a_node_the_converter_refuses_alone_falls_back(monkeypatch):
+    from kiln.backends.tvm import convert
+    from kiln.errors import UnsupportedOpError
+
+    real = convert._Bridge._convert
+
+    def refuse_mul(self, node):
+        if node.name == "mul":
+            raise UnsupportedOpError(f"node {node.name}: refused for the test", node=node.name)
+        return real(self, node)
+
+    monkeypatch.setattr(convert._Bridge, "_convert", refuse_mul)
+    cm = _check(Fn(lambda s, x: (torch.relu(x) * 2).exp()), _gen(3, 5))
+    placed = [p["backend"] for p in cm.manifest["partitions"]]
+    assert placed == ["cpu", "torch", "cpu"]
+    assert cm.manifest["fallbacks"][0]["nodes"] == ["mul"]
