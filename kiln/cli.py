@@ -8,7 +8,9 @@
 
 ``FACTORY`` is a function in ``FILE.py`` that takes no arguments and returns
 ``(model, example_inputs)``. Every :class:`~kiln.errors.KilnError` is printed
-as ``error: <message>`` with exit status 1; usage errors exit with 2.
+as ``error: <message>`` with exit status 1 (whatever a factory raises or exits
+with becomes a ``FactoryError``); usage errors exit with 2; Ctrl-C prints
+``interrupted`` and exits with 130, as a shell reports a SIGINT.
 
 ``kiln run`` is the runtime side only. The compiler (``kiln.api``,
 ``kiln.passes``, ``kiln.backends``) is imported inside the commands that need
@@ -56,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except KilnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the user stopped it: a traceback would only say where it was
+        print("interrupted", file=sys.stderr)
+        return 130
     finally:
         logger.removeHandler(handler)
         logger.setLevel(saved_level)
@@ -163,9 +168,18 @@ def load_factory(spec: str):
             raise FactoryError(f"{path}:{name} is not a function (it is of type {type(factory).__name__})")
         try:
             result = factory()
-        except Exception as e:
+        except KeyboardInterrupt:
+            raise
+        except SystemExit as e:  # else kiln would exit with the factory's status and no word why
+            raise FactoryError(f"factory {path}:{name} called {_exit_call(e)}") from None
+        except BaseException as e:  # an Exception, or a library's own BaseException
             raise FactoryError(f"{path}:{name}() raised {type(e).__name__}: {e}") from e
     return _check_factory_result(result, f"{path}:{name}()")
+
+
+def _exit_call(e: SystemExit) -> str:
+    """The ``sys.exit(...)`` call that raised ``e``, as written."""
+    return "sys.exit()" if e.code is None else f"sys.exit({e.code!r})"
 
 
 @contextmanager
@@ -189,8 +203,12 @@ def _import_file(path: Path):
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as e:
+    except BaseException as e:  # as for the factory's call, in load_factory
         sys.modules.pop(module_name, None)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        if isinstance(e, SystemExit):
+            raise FactoryError(f"importing {path} called {_exit_call(e)}") from None
         raise FactoryError(f"importing {path} raised {type(e).__name__}: {e}") from e
     return module
 

@@ -312,3 +312,88 @@ def test_usage_errors_exit_2(argv, capsys):
         main(argv)
     assert e.value.code == 2
     assert "usage: kiln" in capsys.readouterr().err
+
+
+# ---- factories that exit, are interrupted or do not trace ------------------------------------
+
+UNRULY = '''
+import signal
+import sys
+
+import torch
+from torch import nn
+
+
+def exits():
+    sys.exit(3)
+
+
+def exits_bare():
+    sys.exit()
+
+
+def raises_base_exception():
+    class Cancelled(BaseException):  # what some libraries raise: not an Exception
+        pass
+    raise Cancelled("task cancelled")
+
+
+def ctrl_c():
+    signal.raise_signal(signal.SIGINT)  # what Ctrl-C does: Python raises KeyboardInterrupt here
+
+
+class Interrupted(nn.Module):
+    def forward(self, x):
+        raise KeyboardInterrupt
+
+
+def ctrl_c_while_tracing():
+    return Interrupted(), (torch.randn(2),)
+
+
+def shape_error():
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(12, 4)).eval(), (torch.randn(2, 8),)
+'''
+
+
+@pytest.fixture(scope="module")
+def unruly(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("unruly") / "unruly.py"
+    path.write_text(UNRULY)
+    return str(path)
+
+
+def kiln_process(*argv: str) -> subprocess.CompletedProcess:
+    """``kiln ARGV`` in a fresh interpreter: what a user at a shell sees (and a Ctrl-C cannot stop pytest)."""
+    return subprocess.run([sys.executable, "-m", "kiln", *argv], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("factory, message", [
+    ("exits", "error: factory {file}:exits called sys.exit(3)\n"),
+    ("exits_bare", "error: factory {file}:exits_bare called sys.exit()\n"),
+    ("raises_base_exception", "error: {file}:raises_base_exception() raised Cancelled: task cancelled\n"),
+])
+def test_factory_that_exits_is_a_factory_error(unruly, tmp_path, factory, message):
+    code, out, err = cli("compile", f"{unruly}:{factory}", "-o", str(tmp_path / "x"))
+    assert (code, out, err) == (1, "", message.format(file=unruly))
+
+
+def test_factory_file_that_exits_on_import(tmp_path):
+    bad = tmp_path / "script.py"
+    bad.write_text("import sys\nsys.exit('run me as a script')\n")
+    with pytest.raises(FactoryError, match=r"importing .*script.py called sys.exit\('run me as a script'\)$"):
+        load_factory(f"{bad}:make")
+
+
+@pytest.mark.parametrize("factory", ["ctrl_c", "ctrl_c_while_tracing"])
+def test_ctrl_c_prints_interrupted_and_exits_130(unruly, tmp_path, factory):
+    proc = kiln_process("compile", f"{unruly}:{factory}", "-o", str(tmp_path / "x"))
+    assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "interrupted\n")
+
+
+def test_shape_error_prints_only_kilns_error(unruly, tmp_path):
+    proc = kiln_process("compile", f"{unruly}:shape_error", "-o", str(tmp_path / "x"))
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: torch.export could not trace Sequential in submodule '2': RuntimeError: "
+                                  "a and b must have same reduction dim"), proc.stderr
+    assert len(proc.stderr.splitlines()) < 5, proc.stderr

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import threading
 import warnings
 
 import torch
@@ -36,7 +38,7 @@ def trace(model: torch.nn.Module, example_inputs, example_kwargs: dict | None = 
     kwargs = dict(example_kwargs or {})
     name = type(model).__name__
     tracker = _ModuleTracker(model)
-    with kv_cache_disabled(model), tracker, warnings.catch_warnings():
+    with kv_cache_disabled(model), tracker, torch_trace_logs_silenced(), warnings.catch_warnings():
         # torch.export itself trips torch's own pytree deprecation; nothing a user can act on.
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
         try:
@@ -81,6 +83,45 @@ def from_exported_program(ep: torch.export.ExportedProgram, name: str) -> Graph:
     gm = fx.GraphModule(torch.nn.Module(), ep.graph)
     sig = Signature(inputs, ep.call_spec.in_spec, ep.call_spec.out_spec)
     return Graph(gm, weights, sig, name, sources)
+
+
+# What torch.export logs while it fails: fake tensors log the whole traceback of a failed
+# meta kernel at ERROR (~20 lines for a shape mismatch), symbolic shapes a graph dump at
+# WARNING. The exception itself reaches the user as a TraceError naming the submodule;
+# the logs only repeat it, before it, in torch's own terms.
+_TRACE_LOGGERS = ("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes",
+                  "torch.export", "torch._export")
+_silenced_lock = threading.Lock()
+_silenced_depth = 0  # traces running now (threads may compile at once): levels come back when the last ends
+_saved_levels: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def torch_trace_logs_silenced():
+    """Within the block, torch's fake-tensor, symbolic-shape and export loggers print nothing.
+
+    Their levels are restored after the block. ``TORCH_LOGS`` set in the
+    environment means someone is debugging torch itself: then nothing is silenced.
+    """
+    global _silenced_depth
+    if os.environ.get("TORCH_LOGS"):
+        yield
+        return
+    with _silenced_lock:
+        if _silenced_depth == 0:
+            for name in _TRACE_LOGGERS:
+                logger = logging.getLogger(name)
+                _saved_levels[name] = logger.level
+                logger.setLevel(logging.CRITICAL + 1)
+        _silenced_depth += 1
+    try:
+        yield
+    finally:
+        with _silenced_lock:
+            _silenced_depth -= 1
+            if _silenced_depth == 0:
+                for name, level in _saved_levels.items():
+                    logging.getLogger(name).setLevel(level)
 
 
 @contextlib.contextmanager

@@ -125,3 +125,31 @@ def test_kiln_ir_trace_stays_the_function_after_the_tracer_module_is_imported():
     import kiln.ir
 
     assert callable(kiln.ir.trace) and kiln.ir.trace.__module__ == "kiln.ir"
+
+
+@pytest.mark.parametrize("model, x", [
+    (nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(12, 4)), torch.randn(2, 8)),  # shape error
+    (Outer(), torch.randn(2, 2)),  # data-dependent control flow
+])
+def test_failed_trace_leaves_only_kilns_error_and_restores_torch_log_levels(model, x):
+    """torch.export's own logs only repeat, in torch's terms and before it, what the TraceError says:
+    fake tensors log a failed meta kernel's traceback (~20 lines), symbolic shapes a graph dump."""
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    loggers = [logging.getLogger(n) for n in ("torch._subclasses.fake_tensor", "torch.fx.experimental.symbolic_shapes")]
+    levels = [lg.level for lg in loggers]
+    keep = Keep()
+    for lg in loggers:
+        lg.addHandler(keep)
+    try:
+        with pytest.raises(TraceError, match="could not trace"):
+            trace(model.eval(), (x,))
+    finally:
+        for lg in loggers:
+            lg.removeHandler(keep)
+    assert [f"{r.name}: {r.getMessage()[:80]}" for r in records] == []
+    assert [lg.level for lg in loggers] == levels
