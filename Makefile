@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kiln-installed
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all bench fuzz clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,15 @@ test-all: setup
 
 bench: setup
 	$(PY) benchmarks/compiled_vs_eager.py
+
+# Differential fuzzing against eager (tests/fuzz): N cases from SEED (default: from the clock, printed);
+# report in out/fuzz/report.{json,md}. One case again: $(PY) -m tests.fuzz --case SEED
+N ?= 200
+SEED ?=
+TARGET ?= cpu
+JOBS ?= 1
+fuzz: setup
+	$(PY) -m tests.fuzz -n $(N) $(if $(SEED),--seed $(SEED)) --target $(TARGET) -j $(JOBS) --out out/fuzz
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

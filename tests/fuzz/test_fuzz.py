@@ -1,0 +1,57 @@
+"""A fixed-seed subset of the differential fuzzer: no wrong result, foreign exception or crash.
+
+Each seed is one generated program (``python -m tests.fuzz --case SEED`` prints it
+and its outcome), run in a worker process that may die. ``refused`` (a
+KilnError) and ``eager_error`` (eager and kiln both raise) pass; ``wrong``,
+``mismatch``, ``foreign`` and ``crash`` fail.
+
+``EXPECTED_FAILURES`` is the known-failure table (as Inductor's OpInfo
+xfails): a listed seed must still fail, so a fix turns the table red too
+("unexpected success") and the entry is then removed.
+"""
+from __future__ import annotations
+
+import pytest
+
+from .oracle import BAD
+from .runner import Worker
+
+SEEDS = range(200)
+
+# seed -> why it fails today (a kiln bug with its FINDINGS.md class, or a reason the case cannot pass).
+EXPECTED_FAILURES: dict[int, str] = {}
+
+
+def verdict(record: dict, expected: str | None) -> str | None:
+    """What is wrong with ``record`` given the table entry ``expected`` (None: nothing)."""
+    failed = record["outcome"] in BAD
+    if expected is not None:
+        return None if failed else (f"unexpected success: seed {record['seed']} is {record['outcome']} now; "
+                                    f"remove it from EXPECTED_FAILURES ({expected})")
+    if not failed:
+        return None
+    details = [f"{k}: {record[k]}" for k in ("reason", "exception", "where", "eager_exception", "err_kiln_eager",
+                                            "err_eager_fp64", "fallback", "stderr_tail") if record.get(k)]
+    return "\n".join([f"seed {record['seed']}: {record['outcome']}", *details, record.get("program", "")])
+
+
+@pytest.fixture(scope="module")
+def worker():
+    w = Worker("cpu")
+    yield w
+    w.close()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fuzz_case(worker, seed):
+    problem = verdict(worker.run(seed), EXPECTED_FAILURES.get(seed))
+    if problem:
+        pytest.fail(problem, pytrace=False)
+
+
+def test_expected_failure_table_semantics():
+    wrong, match = {"seed": 1, "outcome": "wrong"}, {"seed": 1, "outcome": "match"}
+    assert verdict(match, None) is None and verdict({"seed": 1, "outcome": "refused"}, None) is None
+    assert "seed 1: wrong" in verdict(wrong, None)
+    assert verdict(wrong, "known bug") is None
+    assert "unexpected success" in verdict(match, "known bug")
