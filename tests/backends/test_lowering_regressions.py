@@ -169,3 +169,19 @@ def test_a_node_the_converter_refuses_alone_falls_back(monkeypatch):
     placed = [p["backend"] for p in cm.manifest["partitions"]]
     assert placed == ["cpu", "torch", "cpu"]
     assert cm.manifest["fallbacks"][0]["nodes"] == ["mul"]
+
+
+SPECIAL = torch.tensor([[0.0, -0.0, 1.5, -2.5, NAN, float("inf"), -float("inf"), 1e30, -100.0, 7.3]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("op", ["gelu", "erf", "elu", "hardsigmoid", "silu", "sigmoid", "tanh", "exp", "self_eq",
+                                "self_ne"])
+def test_nan_and_inf_as_eager(op, dtype):
+    # Found by probing the op table with special values: fast polynomials and the frontend's
+    # composites turned NaN into numbers and gave gelu(inf) = inf (PyTorch: NaN); bf16 x == x was True at NaN.
+    fns = {"gelu": F.gelu, "erf": torch.erf, "elu": F.elu, "hardsigmoid": F.hardsigmoid, "silu": F.silu,
+           "sigmoid": torch.sigmoid, "tanh": torch.tanh, "exp": torch.exp, "self_eq": lambda x: x == x,
+           "self_ne": lambda x: x != x}
+    fn = fns[op]
+    _check(Fn(lambda s, x: fn(x)), SPECIAL.to(dtype))

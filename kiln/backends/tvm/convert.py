@@ -85,6 +85,8 @@ class _Bridge:
             aten.minimum.default: lambda n: self._extremum(n, relax.op.minimum),
             aten.layer_norm.default: self._layer_norm,
             aten.div.Tensor_mode: self._div_mode,
+            aten.eq.Tensor: self._self_comparison,
+            aten.ne.Tensor: self._self_comparison,
         }
 
     # -- entry ---------------------------------------------------------------------------------
@@ -154,6 +156,29 @@ class _Bridge:
             self.env.update(saved)
 
     def _convert(self, node: fx.Node):
+        value = self._convert_op(node)
+        if node.target in _NONFINITE_GUARDED and node.meta["val"].dtype.is_floating_point:
+            value = self._nonfinite_as_torch(node, value)
+        return value
+
+    def _nonfinite_as_torch(self, node: fx.Node, value: relax.Expr) -> relax.Var:
+        """``value`` where the input is finite; PyTorch's own results at +-inf, and NaN for NaN.
+
+        TVM's fast polynomials and the frontend's composites (``elu``,
+        ``hardsigmoid``) clamp their input or use min/max, so NaN came out as a
+        number and ``gelu(inf)`` as inf where PyTorch gives NaN. Three selects,
+        fused into the same kernel, give PyTorch's values there; the values at
+        +-inf are computed by PyTorch itself, with the node's other arguments.
+        """
+        x = self.env[node.args[0]]
+        dtype = str(x.ty.dtype)
+        special = torch.tensor([float("inf"), -float("inf")])
+        pos, neg = node.target(special, *node.args[1:], **node.kwargs).tolist()
+        for at, result in ((float("inf"), pos), (-float("inf"), neg)):
+            value = relax.op.where(relax.op.equal(x, relax.const(at, dtype)), relax.const(result, dtype), value)
+        return self.bb.emit(relax.op.where(relax.op.isnan(x), x, value))
+
+    def _convert_op(self, node: fx.Node):
         own = self._own.get(node.target)
         if own is not None:
             return own(node)
@@ -302,6 +327,18 @@ class _Bridge:
         either_nan = relax.op.logical_or(relax.op.isnan(a), relax.op.isnan(b))
         return self.bb.emit(relax.op.where(either_nan, relax.op.add(a, b), value))
 
+    def _self_comparison(self, node: fx.Node) -> relax.Var:
+        """``x == x`` is ``not isnan(x)``, and ``x != x`` is ``isnan(x)``.
+
+        Compiled as a comparison, TVM's simplifier folded ``x == x`` of a bf16
+        ``x`` to True, NaN included.
+        """
+        a, b = node.args[:2]
+        if a is not b or not a.meta["val"].dtype.is_floating_point:
+            return self.imp.convert_map[node.target.__name__](node)
+        nan = relax.op.isnan(self.env[a])
+        return self.bb.emit(nan if node.target is aten.ne.Tensor else relax.op.logical_not(nan))
+
     def _scalar(self, value, dtype: str) -> relax.Constant:
         return relax.const(value, dtype)
 
@@ -439,6 +476,14 @@ def _is_low_float(node) -> bool:
     return isinstance(val, torch.Tensor) and val.dtype in (torch.bfloat16, torch.float16)
 
 
+# Unary ops computed by TVM's fast polynomials or the frontend's composites, which get
+# NaN and +-inf wrong (see _Bridge._nonfinite_as_torch).
+_NONFINITE_GUARDED = {
+    aten.exp.default, aten.sigmoid.default, aten.silu.default, aten.tanh.default, aten.erf.default,
+    aten.gelu.default, aten.elu.default, aten.hardsigmoid.default, aten.softplus.default, aten.mish.default,
+    aten.hardswish.default, aten.leaky_relu.default,
+}
+
 # Ops that only move or select elements: exact in any dtype, so bf16 stays bf16 through them.
 _DATA_MOVEMENT = {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
@@ -456,14 +501,6 @@ def _int_divisor(node: fx.Node) -> bool:
             and isinstance(divisor, int) and not isinstance(divisor, bool) and divisor != 0)
 
 
-def _floats_or_int_divisor(node: fx.Node) -> bool:
-    """``remainder``/``floor_divide`` on floats, or on integers by a non-zero constant."""
-    x = node.args[0]
-    return (isinstance(x, fx.Node) and x.meta["val"].dtype.is_floating_point
-            and not any(isinstance(a, fx.Node) and not a.meta["val"].dtype.is_floating_point
-                        for a in node.args[1:2])) or _int_divisor(node)
-
-
 def _float_inputs(node: fx.Node) -> bool:
     """Every tensor argument is floating point (sums of integers accumulate in int64 in PyTorch; integer
     true division by a tensor may divide by 0, which traps in TVM's integer code)."""
@@ -479,7 +516,8 @@ def _float_inputs(node: fx.Node) -> bool:
 # max/min/argmax/argmin reductions, sort and topk (NaN, ties), conv1d and other TIR
 # convolutions (conv1d k=1 stride 2 was wrong), advanced indexing (``index.Tensor``:
 # an unchecked take read out of bounds), scatter/index_put/take (unchecked indices),
-# integer division by a tensor (0 traps in TVM, PyTorch raises) and random ops.
+# integer division by a tensor (0 traps in TVM, PyTorch raises), float remainder and
+# floor division (PyTorch's rounding rules), and random ops.
 _POINTWISE = """
     abs neg exp log log1p log2 expm1 sqrt rsqrt sin cos tan tanh sigmoid silu gelu erf relu hardtanh
     leaky_relu elu softplus hardswish hardsigmoid mish reciprocal sign floor ceil round trunc square
@@ -500,7 +538,8 @@ _FLOAT_ONLY = set("""
 """.split())
 _CONDITIONS: dict[str, object] = {
     "div.Tensor_mode": _int_divisor,
-    "remainder.Scalar": _floats_or_int_divisor,
+    # Float remainder follows PyTorch's own rounding (off by 4e22 at 1e30 in bf16): on PyTorch.
+    "remainder.Scalar": _int_divisor,
     "floor_divide.Scalar": _int_divisor,
 }
 _ALLOWED_NAMES = frozenset(_POINTWISE + _STRUCTURED) | {op.__name__ for op in _DATA_MOVEMENT
