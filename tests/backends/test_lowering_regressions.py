@@ -185,3 +185,17 @@ def test_nan_and_inf_as_eager(op, dtype):
            "self_ne": lambda x: x != x}
     fn = fns[op]
     _check(Fn(lambda s, x: fn(x)), SPECIAL.to(dtype))
+
+
+@pytest.mark.parametrize("case", ["two_tensors", "2d_index", "last_dim", "bf16"])
+def test_advanced_indexing_runs_eagers_op_from_the_library(case):
+    x = _gen(3, 4, 5)
+    fn, inputs = {
+        "two_tensors": (lambda s, x, a, b: x[a, :, b], [x, torch.tensor([0, -1]), torch.tensor([4, -5])]),
+        "2d_index": (lambda s, x, a, b: x[a, b], [x, torch.tensor([[0], [-1]]), torch.tensor([1, 2])]),
+        "last_dim": (lambda s, x, a: x[:, :, a], [x, torch.tensor([[0, 1], [-1, 3]])]),
+        "bf16": (lambda s, x, a: x[:, a], [x.bfloat16(), torch.tensor([2, 0])]),
+    }[case]
+    cm = _check(Fn(fn), *inputs)
+    (part,) = cm.manifest["partitions"]
+    assert part["backend"] == "cpu" and part["report"]["dispatched"] == {"kiln.index": 1}

@@ -156,6 +156,16 @@ def _gather_like(node):
     return [x, index, dim % x.meta["val"].dim()]
 
 
+def _index(node):
+    # Advanced indexing by integer index tensors (``x[:, t]``); bool masks give run-time shapes.
+    x, indices = node.args[:2]
+    given = [(d, t) for d, t in enumerate(indices) if t is not None]
+    if not given or not all(isinstance(t, fx.Node) and t.meta["val"].dtype in (torch.int64, torch.int32)
+                            for _, t in given):
+        return None
+    return [x, sum(1 << d for d, _ in given)] + [t for _, t in given]
+
+
 def _conv2d(node):
     x, w = node.args[:2]
     b = _arg(node, 2, "bias")
@@ -181,6 +191,7 @@ RULES: list[DispatchRule] = [
     DispatchRule("embedding", aten.embedding.default, "kiln.embedding", _embedding),
     DispatchRule("index_select", aten.index_select.default, "kiln.index_select", _gather_like),
     DispatchRule("gather", aten.gather.default, "kiln.gather", _gather_like),
+    DispatchRule("index", aten.index.Tensor, "kiln.index", _index),
     DispatchRule("linear", aten.linear.default, "kiln.linear", _one_call(_linear_nobias)),
     DispatchRule("linear_bias", aten.linear.default, "kiln.linear_bias", _one_call(_linear_bias)),
     DispatchRule("addmm", aten.addmm.default, "kiln.addmm", _one_call(_addmm)),

@@ -44,7 +44,7 @@ def embedding(w, idx, out):
 
 # The calling convention of the functions below (names, argument order). A library
 # records the ABI it was built against; the runtime refuses another (tvm_vm.check_compatible).
-ABI = 2
+ABI = 3
 
 
 def _gemm(x, w_t, block, out, bias=None):
@@ -81,6 +81,18 @@ def index_select(x, idx, dim, out):
 
 def gather(x, idx, dim, out):
     torch.gather(_t(x), dim, _t(idx), out=_t(out))
+
+
+def index(x, dims, *indices_and_out):
+    """``x[..., i, ..., j]``: advanced indexing by eager's own op, so negative and out-of-range indices
+    behave as in eager (IndexError), which TVM's unchecked ``take`` did not.
+
+    Bit ``d`` of ``dims`` says dimension ``d`` is indexed; its index tensors follow in order, then ``out``.
+    """
+    *given, out = indices_and_out
+    given = iter(given)
+    indices = [_t(next(given)) if dims >> d & 1 else None for d in range(dims.bit_length())]
+    _t(out).copy_(torch.ops.aten.index.Tensor(_t(x), indices))
 
 
 def linear(x, w, block, out):
@@ -175,7 +187,7 @@ def conv2d_bias(x, w, b, s0, s1, p0, p1, d0, d1, groups, out):
 
 
 FUNCTIONS = {f"kiln.{f.__name__}": f for f in (
-    embedding, index_select, gather,
+    embedding, index_select, gather, index,
     linear, linear_bias, addmm, linear_onednn, linear_bias_onednn, addmm_onednn, mm, bmm, matmul,
     sdpa, sdpa_mask, sdpa_bshd, sdpa_mask_bshd,
     conv2d, conv2d_bias)}
