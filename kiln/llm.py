@@ -47,7 +47,7 @@ from . import __version__
 from .errors import ArtifactError, InputMismatchError, KilnError
 from .ir.meta import dtype_from_name
 from .runtime import CompiledModel, load as load_artifact, write_artifact
-from .runtime.artifact import atomic_directory, read_json_document
+from .runtime.artifact import atomic_directory, read_json_document, tidy
 
 INDEX = "llm.json"
 FORMAT_NAME = "kiln-llm"
@@ -127,16 +127,19 @@ class CompiledLLM:
             tokens.append(logits.argmax(-1, keepdim=True))
         return torch.cat([input_ids, *tokens], dim=1)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write every graph as a kiln artifact under ``path``, with ``llm.json`` naming them (atomically)."""
+    def save(self, path: str | os.PathLike, signing_key=None) -> Path:
+        """Write every graph as a kiln artifact under ``path``, with ``llm.json`` naming them (atomically).
+
+        ``signing_key`` signs every graph's manifest (``CompiledModel.save``).
+        """
         path = Path(path)
-        with atomic_directory(path, INDEX, "a saved kiln LLM") as tmp:
+        with atomic_directory(path, _entries, "a saved kiln LLM") as tmp:
             index = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kiln_version": __version__,
                      "decode": DECODE, "prefill": {}}
             for bucket, graph in self.prefill_graphs.items():
                 index["prefill"][str(bucket)] = f"prefill_{bucket}"
-                write_artifact(graph.artifact, tmp / f"prefill_{bucket}")
-            write_artifact(self.decode_graph.artifact, tmp / DECODE)
+                write_artifact(graph.artifact, tmp / f"prefill_{bucket}", signing_key)
+            write_artifact(self.decode_graph.artifact, tmp / DECODE, signing_key)
             (tmp / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
         return path
 
@@ -173,19 +176,42 @@ def _cache_type(graph: CompiledModel, name: str):
     return k
 
 
-def load(path: str | os.PathLike) -> CompiledLLM:
-    """Load a :class:`CompiledLLM` saved by ``CompiledLLM.save``, verifying every artifact (runtime only)."""
+def load(path: str | os.PathLike, trusted_keys=None) -> CompiledLLM:
+    """Load a :class:`CompiledLLM` saved by ``CompiledLLM.save``, verifying every artifact (runtime only).
+
+    ``trusted_keys``: every graph must be signed by one of them (``kiln.load``).
+    """
     path = Path(path)
+    if not path.is_dir():
+        tidy(path, _entries, wait=True)  # a save may be replacing it, or one was killed half-way
+    index = _read_index(path)
+    prefill = {int(bucket): load_artifact(path / name, trusted_keys) for bucket, name in index["prefill"].items()}
+    return CompiledLLM(prefill, load_artifact(path / index["decode"], trusted_keys))
+
+
+def _read_index(path: Path) -> dict:
+    """``llm.json``, checked: its version, and graph directories that are plain names (buckets: integers)."""
     ipath = path / INDEX
     index = read_json_document(ipath, FORMAT_NAME, "a saved kiln LLM")
     if index.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{ipath}: LLM index version {index.get('format_version')!r} is not supported "
                             f"(this runtime reads version {FORMAT_VERSION})")
-    for name in [index["decode"], *index["prefill"].values()]:
-        if Path(name).name != name:
+    prefill = index.get("prefill")
+    if not isinstance(prefill, dict) or not all(isinstance(b, str) and b.isdigit() for b in prefill):
+        raise ArtifactError(f"{ipath}: field prefill must map bucket sizes to graph directories")
+    for name in [index.get("decode"), *prefill.values()]:
+        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
             raise ArtifactError(f"{ipath}: graph directory {name!r} is not a plain name")
-    prefill = {int(bucket): load_artifact(path / name) for bucket, name in index["prefill"].items()}
-    return CompiledLLM(prefill, load_artifact(path / index["decode"]))
+    return index
+
+
+def _entries(path: Path) -> set[str] | None:
+    """What a saved LLM at ``path`` owns (its index and graph directories); None if it is not one."""
+    try:
+        index = _read_index(path)
+    except ArtifactError:
+        return None
+    return {INDEX, index["decode"], *index["prefill"].values()}
 
 
 def compile_llm(model: torch.nn.Module, *, batch: int = 1, prefill_buckets=(32, 128), capacity: int = 256,

@@ -2,17 +2,19 @@
 
 The reference backend (target ``torch``) and the ``cpu`` target's fallback for
 what TVM cannot lower (dynamic shapes, ops without a converter). Op table:
-every ATen or prims op (and the Python operators of symbolic-size arithmetic),
-since the runtime calls them through ``torch.ops``. Ops of other namespaces (a
-user's ``torch.library`` custom ops) cannot be run from an artifact and are
-refused at placement time.
+every ATen or prims op the runtime's ``torch-graph`` loader admits
+(``kiln.ir.serialize.op_refusal``: functional, no file I/O, no unchecked
+memory access), and the Python operators of symbolic-size arithmetic. Other
+ops (a user's ``torch.library`` custom ops, ``aten.from_file``, an in-place op
+export left in the graph) cannot be run from an artifact and are refused at
+placement time, so kiln never writes an artifact its runtime would refuse.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
-from ..ir.serialize import graph_to_json, is_python_target, target_name
+from ..ir.serialize import graph_to_json, op_refusal, target_name
 from .base import Backend, LoweredPartition, Partition, register_backend
 
 _NAMESPACES = ("aten", "prims")
@@ -24,9 +26,9 @@ class TorchBackend(Backend):
 
     def supports(self, node: fx.Node) -> bool:
         t = node.target
-        if isinstance(t, torch._ops.OpOverload):
-            return t.namespace in _NAMESPACES
-        return is_python_target(t)
+        if isinstance(t, torch._ops.OpOverload) and t.namespace not in _NAMESPACES:
+            return False
+        return op_refusal(t) is None
 
     def lower(self, partition: Partition) -> LoweredPartition:
         ops = sorted({target_name(n.target) for n in partition.gm.graph.nodes if n.op == "call_function"})

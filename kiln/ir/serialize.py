@@ -3,7 +3,10 @@
 Documented in ``docs/artifact-format.md``. Loading never evaluates code and
 never unpickles: op targets are resolved by name, ATen/prims ops through
 ``torch.ops`` and a fixed table of Python operators (used by symbolic-size
-arithmetic); anything else is refused.
+arithmetic); anything else is refused. An artifact's graph is data from disk,
+so the ATen ops it may name are limited too (:func:`op_refusal`): functional
+ops only, never file I/O or unchecked memory access. The ``torch`` backend
+places only ops this admits, so kiln never writes a graph its loader refuses.
 """
 from __future__ import annotations
 
@@ -28,6 +31,15 @@ _PYTHON_TARGETS = {
     }.items()
     for fn in fns
 }
+# Functional ATen ops that still reach outside the graph's own tensors, by reason:
+# file and console I/O, and reads without bounds checks (``_reshape_alias`` takes any
+# strides; the unsafe index ops and ``segment_reduce(unsafe=True)`` skip index checks).
+_DENIED_OPS = {
+    "it does file or console I/O": frozenset({"from_file", "save", "_print", "warn"}),
+    "it reads memory without bounds checks": frozenset({
+        "_reshape_alias", "_reshape_alias_copy", "_unsafe_index", "_unsafe_index_put", "_unsafe_masked_index",
+        "_unsafe_masked_index_put_accumulate", "segment_reduce"}),
+}
 _LAYOUTS = {"strided": torch.strided}
 _MEMORY_FORMATS = {
     "contiguous_format": torch.contiguous_format,
@@ -39,6 +51,28 @@ _MEMORY_FORMATS = {
 def is_python_target(target) -> bool:
     """Whether ``target`` is one of the Python operators kiln IR and artifacts allow."""
     return any(target is fn for fn in _PYTHON_TARGETS.values())
+
+
+def op_refusal(target) -> str | None:
+    """Why an artifact graph may not call ``target`` (None: it may).
+
+    Admitted: the Python operators above, and ATen/prims/kiln ops whose schema
+    is functional (no argument written in place or as ``out=``, so a graph
+    never writes an input's, a weight's or a shared file's storage), that take
+    no ``Storage`` and are not in ``_DENIED_OPS``. Random ops (and
+    ``scaled_dot_product_attention``, tagged ``nondeterministic_seeded`` for its
+    dropout) are admitted: they compute, they do not reach outside the graph.
+    """
+    if is_python_target(target):
+        return None
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace not in _OP_NAMESPACES:
+        return "not an ATen/prims/kiln op or a known Python operator"
+    schema = target._schema
+    if schema.is_mutable:
+        return "it writes its arguments in place (artifact graphs are functional)"
+    if any("Storage" in str(a.type) for a in schema.arguments):
+        return "it takes a raw Storage"
+    return next((reason for reason, ops in _DENIED_OPS.items() if target._opname in ops), None)
 
 
 def target_name(target) -> str:
@@ -58,9 +92,31 @@ def resolve_target(name: str):
         raise ArtifactError(f"op {name!r} is not an ATen/prims/kiln op or a known Python operator")
     ns, op, overload = parts
     try:
-        return getattr(getattr(getattr(torch.ops, ns), op), overload)
+        target = getattr(getattr(getattr(torch.ops, ns), op), overload)
     except (AttributeError, RuntimeError):
         raise ArtifactError(f"op {name!r} does not exist in this torch ({torch.__version__})") from None
+    refusal = op_refusal(target)
+    if refusal:
+        raise ArtifactError(f"op {name!r} is not allowed in an artifact graph: {refusal}")
+    return target
+
+
+def check_graph_ops(data: dict) -> None:
+    """Resolve every op a JSON graph calls, raising ArtifactError naming the first node whose op is refused.
+
+    The same check ``graph_from_json`` makes, without building the graph: an
+    artifact is checked whole before any of its partitions is loaded.
+    """
+    for entry in data["nodes"]:
+        if entry.get("op") == "call_function":
+            _node_target(entry)
+
+
+def _node_target(entry: dict):
+    try:
+        return resolve_target(entry["target"])
+    except ArtifactError as e:
+        raise ArtifactError(f"node {entry['name']}: {e}") from None
 
 
 def graph_to_json(gm_or_graph) -> dict:
@@ -96,7 +152,7 @@ def graph_from_json(data: dict) -> fx.GraphModule:
         if op == "placeholder":
             node = graph.placeholder(name)
         elif op == "call_function":
-            node = graph.create_node("call_function", resolve_target(entry["target"]), args, kwargs, name=name)
+            node = graph.create_node("call_function", _node_target(entry), args, kwargs, name=name)
         elif op == "output":
             node = graph.output(args[0])
         else:

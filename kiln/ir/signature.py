@@ -141,7 +141,10 @@ def _type_names(text: str) -> list[str]:
             for child in node.get("children_spec", []):
                 walk(child)
 
-    data = json.loads(text)
-    walk(data[1] if isinstance(data, list) and len(data) == 2 else data)
+    try:
+        data = json.loads(text)
+        walk(data[1] if isinstance(data, list) and len(data) == 2 else data)
+    except (TypeError, ValueError, RecursionError):  # malformed: treespec_loads' own error is the one to report
+        pass
     return names
 

@@ -13,6 +13,13 @@ from .executor import CompiledModel
 __all__ = ["Artifact", "CompiledModel", "load", "read_artifact", "write_artifact"]
 
 
-def load(path: str | os.PathLike) -> CompiledModel:
-    """Load a compiled model from an artifact directory, verifying it first."""
-    return CompiledModel(read_artifact(path))
+def load(path: str | os.PathLike, trusted_keys=None) -> CompiledModel:
+    """Load a compiled model from an artifact directory, verifying it first.
+
+    ``trusted_keys`` (ed25519 public keys: key objects, raw or PEM bytes):
+    the artifact must carry a signature by one of them, checked before any
+    of its code is loaded; an unsigned artifact is then refused. Without
+    them, the checksums catch corruption but not a deliberate rewrite
+    (docs/artifact-format.md, "Trust model").
+    """
+    return CompiledModel(read_artifact(path, trusted_keys))

@@ -19,7 +19,14 @@ from .kernels import load_kernel
 
 
 class _ArtifactFiles:
-    """Files of an artifact, by name: on disk where it was read from, else in a private temp dir."""
+    """Files of an artifact, by name: the bytes ``read_artifact`` verified, never the path they came from.
+
+    A loader that needs a path (TVM's ``dlopen``) gets a copy of the verified
+    bytes in a private directory this process creates (``mkdtemp``: mode 0700,
+    a fresh name), so replacing a file in the artifact directory after it was
+    hashed cannot put foreign code in its place. The copy lives as long as
+    this object (the CompiledModel).
+    """
 
     def __init__(self, artifact: Artifact):
         self.artifact = artifact
@@ -33,8 +40,6 @@ class _ArtifactFiles:
 
     def path(self, name: str) -> str:
         data = self.bytes(name)
-        if self.artifact.path is not None:
-            return str(self.artifact.path / name)
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="kiln-")
         p = Path(self._tmp.name) / name
@@ -52,11 +57,7 @@ class CompiledModel:
         self.signature = Signature.from_json(m["signature"])
         self._files = _ArtifactFiles(artifact)
         self._steps = []
-        for entry in m["partitions"]:
-            missing = [w for w in entry["weights"] if w not in artifact.weights]
-            if missing:
-                raise ArtifactError(f"partition {entry['name']!r} reads weights missing from weights.safetensors: "
-                                    f"{missing[:5]}")
+        for entry in m["partitions"]:  # read_artifact has checked every name (runtime/manifest.py)
             kernel = load_kernel(entry, self._files, {w: artifact.weights[w] for w in entry["weights"]})
             self._steps.append((entry["inputs"], entry["outputs"], kernel))
         self._outputs = m["outputs"]
@@ -86,9 +87,14 @@ class CompiledModel:
     def __call__(self, *args, **kwargs):
         return self.signature.unflatten(self.run(self.signature.flatten(args, kwargs)))
 
-    def save(self, path) -> Path:
-        """Write the artifact to the directory ``path`` (atomically)."""
-        return write_artifact(self.artifact, path)
+    def save(self, path, signing_key=None) -> Path:
+        """Write the artifact to the directory ``path`` (atomically), signed if given an ed25519 ``signing_key``.
+
+        ``signing_key``: an ``Ed25519PrivateKey``, or its raw or PEM bytes
+        (``kiln.runtime.signing``); ``kiln.load(path, trusted_keys=[...])`` then
+        checks the signature before it loads anything.
+        """
+        return write_artifact(self.artifact, path, signing_key)
 
     def __repr__(self) -> str:
         m = self.artifact.manifest

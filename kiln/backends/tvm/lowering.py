@@ -105,6 +105,7 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
         "dispatch_abi": tvm_dispatch.ABI,
         "inputs": [_tensor_spec(n.meta["val"], n.name) for n in inputs],
         "weights": [n.name for n in weight_nodes],
+        "weight_types": [_tensor_spec(n.meta["val"]) for n in weight_nodes],  # checked against the weights on load
         "outputs": [_tensor_spec(v) for v in outputs],
         "report": {
             "nodes": node_report,

@@ -28,6 +28,7 @@ _LOADERS = {
     "torch-graph": "torch_graph:load",
     "tvm-vm": "tvm_vm:load",
 }
+FORMATS = tuple(_LOADERS)
 
 
 def load_kernel(entry: dict, files: Files, weights: dict[str, torch.Tensor]) -> Kernel:

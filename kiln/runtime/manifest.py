@@ -1,0 +1,233 @@
+"""The manifest checked whole at load: its structure by JSON Schema, then what ties its parts together.
+
+A manifest is data from disk. Without these checks a missing or ill-typed
+field surfaced as a ``KeyError`` deep in a loader, a bad schedule at the first
+call and a weight of the wrong shape inside TVM. :func:`check_structure`
+validates every field the runtime reads against :data:`SCHEMA` (both kernel
+formats' specs included); :func:`check_consistency` then checks, with the
+weights loaded, that every name resolves: partition inputs are model inputs or
+earlier partitions' outputs (so the schedule is in order and acyclic), weights
+and aliases exist with the shapes and dtypes the specs declare, and torch
+graphs call only admitted ops. Every failure is an ArtifactError naming the
+field, before any kernel is loaded.
+"""
+from __future__ import annotations
+
+import torch
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
+
+from ..errors import ArtifactError
+from ..ir.meta import DTYPES_BY_NAME, dtype_from_name
+from ..ir.serialize import check_graph_ops
+from ..ir.signature import _load_treespec
+from .kernels import FORMATS
+
+_NAME = {"type": "string", "minLength": 1}
+_NAMES = {"type": "array", "items": _NAME}
+_UNIQUE_NAMES = {**_NAMES, "uniqueItems": True}
+_SHAPE = {"type": "array", "items": {"type": ["integer", "string"]}}
+_STATIC_SHAPE = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+_KILN_TYPE = {"type": "object", "required": ["shape", "dtype"],
+              "properties": {"shape": _SHAPE, "dtype": {"enum": list(DTYPES_BY_NAME)}}}
+_TORCH_TYPE = {"type": "object", "required": ["shape", "dtype"],
+               "properties": {"shape": _STATIC_SHAPE, "dtype": {"type": "string", "pattern": "^[a-z0-9]+$"}}}
+
+# A graph argument: a scalar, a one-key object ({"node": NAME}, {"dtype": "f32"}, ...)
+# or a list of those, nested at most three deep (kiln writes two: output tuples, index lists).
+_ARG_OBJECT = {"type": "object", "minProperties": 1, "maxProperties": 1, "additionalProperties": False,
+               "properties": {key: {"type": "string"} for key in
+                              ("node", "float", "dtype", "device", "layout", "memory_format")}}
+_ARG_LEAF = {"anyOf": [{"type": ["null", "boolean", "number", "string"]}, _ARG_OBJECT]}
+_ARG = _ARG_LEAF
+for _ in range(3):
+    _ARG = {"anyOf": [_ARG_LEAF, {"type": "array", "items": _ARG}]}
+
+_NODE = {
+    "type": "object", "required": ["name", "op"],
+    "properties": {"name": _NAME, "op": {"enum": ["placeholder", "call_function", "output"]},
+                   "target": {"type": "string"}, "args": {"type": "array", "items": _ARG},
+                   "kwargs": {"type": "object", "additionalProperties": _ARG},
+                   "types": {"type": "array", "items": _KILN_TYPE}},
+    "if": {"properties": {"op": {"const": "call_function"}}}, "then": {"required": ["target"]},
+}
+_TORCH_GRAPH_SPEC = {
+    "type": "object", "required": ["graph"],
+    "properties": {"graph": {"type": "object", "required": ["nodes"],
+                             "properties": {"nodes": {"type": "array", "items": _NODE}}}},
+}
+_TVM_VM_SPEC = {
+    "type": "object", "required": ["format", "entry", "inputs", "weights", "outputs"],
+    "properties": {
+        "format": {"const": "tvm-vm"}, "entry": _NAME,
+        "inputs": {"type": "array", "items": {**_TORCH_TYPE, "required": ["name", "shape", "dtype"]}},
+        "weights": _UNIQUE_NAMES,
+        "weight_types": {"type": "array", "items": _TORCH_TYPE},  # written since kiln 0.1 (optional)
+        "outputs": {"type": "array", "items": _TORCH_TYPE},
+    },
+}
+
+
+def _when_format(name: str, spec: dict, files: dict) -> dict:
+    return {"if": {"properties": {"format": {"const": name}}, "required": ["format"]},
+            "then": {"properties": {"spec": spec, "files": files}}}
+
+
+_PARTITION = {
+    "type": "object", "required": ["name", "format", "inputs", "outputs", "weights", "spec", "files"],
+    "properties": {
+        "name": _NAME, "backend": {"type": "string"}, "format": {"type": "string"},
+        "inputs": _NAMES, "outputs": _UNIQUE_NAMES, "weights": _UNIQUE_NAMES, "spec": {"type": "object"},
+        "files": _UNIQUE_NAMES, "compiler_files": _UNIQUE_NAMES, "report": {"type": "object"},
+    },
+    "allOf": [
+        _when_format("torch-graph", _TORCH_GRAPH_SPEC, {"maxItems": 0}),
+        _when_format("tvm-vm", _TVM_VM_SPEC, {"minItems": 1, "maxItems": 1}),  # the library
+    ],
+}
+_OUTPUT = {"type": "object", "minProperties": 1, "maxProperties": 1,
+           "properties": {"value": _NAME, "literal": {}}, "additionalProperties": False}
+
+SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["format", "format_version", "target", "signature", "partitions", "outputs", "files",
+                 "manifest_sha256"],
+    "properties": {
+        "format": {"const": "kiln-artifact"}, "format_version": {"type": "integer"},
+        "kiln_version": {"type": ["string", "null"]}, "torch_version": {"type": ["string", "null"]},
+        "tvm_version": {"type": ["string", "null"]}, "target": {"type": "string"},
+        "model": {"type": ["string", "null"]},
+        "signature": {"type": "object", "required": ["inputs", "in_spec", "out_spec"], "properties": {
+            "inputs": {"type": "array", "items": {**_KILN_TYPE, "required": ["name", "shape", "dtype"],
+                                                  "properties": {**_KILN_TYPE["properties"], "name": _NAME}}},
+            "in_spec": {"type": "string"}, "out_spec": {"type": "string"}}},
+        "partitions": {"type": "array", "items": _PARTITION},
+        "outputs": {"type": "array", "items": _OUTPUT},
+        "weight_sources": {"type": "object", "additionalProperties": {"type": "string"}},
+        "weight_aliases": {"type": "object", "additionalProperties": _NAME},
+        "passes": {"type": "array"},
+        "files": {"type": "object", "additionalProperties": {
+            "type": "object", "required": ["bytes", "sha256"],
+            "properties": {"bytes": {"type": "integer", "minimum": 0},
+                           "sha256": {"type": "string"}}}},  # a wrong one is simply no match
+        "manifest_sha256": {"type": "string"},
+        "manifest_signature": {"type": "object"},
+    },
+}
+_VALIDATOR = Draft202012Validator(SCHEMA)
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+               float: "a number", type(None): "null"}
+
+
+def check_structure(manifest: dict, where: str) -> None:
+    """Raise ArtifactError naming the field if ``manifest`` does not match :data:`SCHEMA`."""
+    error = best_match(_VALIDATOR.iter_errors(manifest))
+    if error is None:
+        return
+    field = _field(error.absolute_path)
+    if error.validator == "required":
+        missing = next(k for k in error.validator_value if k not in error.instance)
+        raise ArtifactError(f"{where}: field {_field([*error.absolute_path, missing])} is missing")
+    if error.validator == "type":
+        expected = error.validator_value if isinstance(error.validator_value, str) else \
+            " or ".join(error.validator_value)
+        raise ArtifactError(f"{where}: field {field} must be of type {expected}, "
+                            f"not {_JSON_TYPES.get(type(error.instance), type(error.instance).__name__)}")
+    message = error.message if len(error.message) <= 200 else error.message[:200] + "..."
+    raise ArtifactError(f"{where}: field {field}: {message}")
+
+
+def _field(path) -> str:
+    """``partitions[0].files``, ``files["weights.safetensors"]``: a path into the manifest, as Python would write it."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.isidentifier():
+            out += f".{part}" if out else part
+        else:
+            out += f"[{part!r}]"
+    return out or "(the manifest itself)"
+
+
+def check_consistency(manifest: dict, weights: dict[str, torch.Tensor], where: str) -> None:
+    """Raise ArtifactError unless every name in a structurally valid ``manifest`` resolves (see the module doc)."""
+    for key in ("in_spec", "out_spec"):
+        try:
+            _load_treespec(manifest["signature"][key])
+        except ArtifactError as e:
+            raise ArtifactError(f"{where}: field signature.{key}: {e}") from None
+    defined = {i["name"] for i in manifest["signature"]["inputs"]}
+    for i, entry in enumerate(manifest["partitions"]):
+        at = f"{where}: partitions[{i}] ({entry['name']!r})"
+        if entry["format"] not in FORMATS:
+            raise ArtifactError(f"{at} has kernel format {entry['format']!r}, which this runtime cannot load "
+                                f"(known: {', '.join(sorted(FORMATS))})")
+        for name in entry["inputs"]:
+            if name not in defined:
+                raise ArtifactError(f"{at}: input {name!r} is neither a model input nor an output of an earlier "
+                                    "partition (unknown, or computed later: the schedule is out of order)")
+        if missing := [w for w in entry["weights"] if w not in weights]:
+            raise ArtifactError(f"{at} reads weights missing from weights.safetensors: {missing[:5]}")
+        if redefined := [o for o in entry["outputs"] if o in defined]:
+            raise ArtifactError(f"{at}: outputs {redefined[:5]} are already defined by an input or an earlier "
+                                "partition")
+        for name in (*entry["files"], *entry.get("compiler_files", ())):
+            if name not in manifest["files"]:
+                raise ArtifactError(f"{at}: file {name!r} is not listed in field files")
+        _CHECKS[entry["format"]](entry, weights, at)
+        defined.update(entry["outputs"])
+    for i, out in enumerate(manifest["outputs"]):
+        if "value" in out and out["value"] not in defined and out["value"] not in weights:
+            raise ArtifactError(f"{where}: outputs[{i}] is {out['value']!r}, which is neither a model input, "
+                                "a partition's output nor a weight")
+
+
+def _check_torch_graph(entry: dict, weights: dict[str, torch.Tensor], at: str) -> None:
+    nodes = entry["spec"]["graph"]["nodes"]
+    try:
+        check_graph_ops(entry["spec"]["graph"])
+    except ArtifactError as e:
+        raise ArtifactError(f"{at}: {e}") from None
+    placeholders = [n for n in nodes if n["op"] == "placeholder"]
+    if len(placeholders) != len(entry["inputs"]) + len(entry["weights"]):
+        raise ArtifactError(f"{at}: its graph takes {len(placeholders)} inputs, but the partition names "
+                            f"{len(entry['inputs'])} inputs and {len(entry['weights'])} weights")
+    outputs = [n for n in nodes if n["op"] == "output"]
+    returned = outputs[-1].get("args", [None])[0] if outputs else None
+    if not isinstance(returned, list) or len(returned) != len(entry["outputs"]):
+        raise ArtifactError(f"{at}: its graph must return a list of {len(entry['outputs'])} values "
+                            "(one per partition output)")
+    for name, node in zip(entry["weights"], placeholders[len(entry["inputs"]):]):
+        if len(node.get("types", ())) == 1:
+            (declared,) = node["types"]
+            _check_weight(at, name, weights[name], declared["shape"], dtype_from_name(declared["dtype"]))
+
+
+def _check_tvm_vm(entry: dict, weights: dict[str, torch.Tensor], at: str) -> None:
+    spec = entry["spec"]
+    if len(spec["inputs"]) != len(entry["inputs"]) or len(spec["outputs"]) != len(entry["outputs"]):
+        raise ArtifactError(f"{at}: its TVM library takes {len(spec['inputs'])} inputs and returns "
+                            f"{len(spec['outputs'])} outputs; the partition names {len(entry['inputs'])} and "
+                            f"{len(entry['outputs'])}")
+    if spec["weights"] != entry["weights"]:
+        raise ArtifactError(f"{at}: field spec.weights does not list the partition's weights in order")
+    for name, declared in zip(spec["weights"], spec.get("weight_types", ())):
+        dtype = getattr(torch, declared["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ArtifactError(f"{at}: weight {name!r} has an unknown dtype {declared['dtype']!r} in spec.weight_types")
+        _check_weight(at, name, weights[name], declared["shape"], dtype)
+    for field in ("inputs", "outputs"):
+        for declared in spec[field]:
+            if not isinstance(getattr(torch, declared["dtype"], None), torch.dtype):
+                raise ArtifactError(f"{at}: spec.{field} has an unknown dtype {declared['dtype']!r}")
+
+
+def _check_weight(at: str, name: str, tensor: torch.Tensor, shape, dtype: torch.dtype) -> None:
+    if all(isinstance(d, int) for d in shape) and (list(tensor.shape) != list(shape) or tensor.dtype != dtype):
+        raise ArtifactError(f"{at}: weight {name!r} in weights.safetensors is {tensor.dtype} {list(tensor.shape)}; "
+                            f"the partition was compiled for {dtype} {list(shape)}")
+
+
+_CHECKS = {"torch-graph": _check_torch_graph, "tvm-vm": _check_tvm_vm}
