@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", metavar="DIR", help="artifact directory written by `kiln compile`")
     p.add_argument("--repeat", type=_int_at_least(1), default=10, metavar="N",
                    help="timed runs after one warm-up run (default: 10)")
+    p.add_argument("--trusted-key", action="append", metavar="FILE",
+                   help="an ed25519 public key (raw 32 bytes or PEM); the artifact must be signed by one of "
+                        "the keys given (repeatable)")
     p.set_defaults(command=_run)
 
     p = commands.add_parser("inspect", help="show what every pass does to a model",
@@ -319,8 +322,14 @@ def _run(args, out: Console, err: Console) -> None:
     from .runtime import load
     from .timing import median_ms
 
+    keys = None
+    if args.trusted_key:
+        try:
+            keys = [Path(f).read_bytes() for f in args.trusted_key]
+        except OSError as e:
+            raise KilnError(f"cannot read the trusted key {e.filename}: {e.strerror}") from None
     with err.status(f"loading {args.artifact}"):
-        compiled = load(args.artifact)
+        compiled = load(args.artifact, trusted_keys=keys)
     if compiled.example_inputs is None:
         raise KilnError(f"{args.artifact} holds no example inputs to run on "
                         "(it was compiled with keep_example_inputs=False)")

@@ -125,6 +125,26 @@ def test_saved_llm_generates_in_a_fresh_process_without_the_compiler(compiled, t
     assert out.strip() == "ok"
 
 
+def test_saved_llm_is_signed_replaced_in_place_and_never_clobbers_other_files(compiled, tmp_path):
+    from kiln.errors import ArtifactError
+    from kiln.llm import load
+    from kiln.runtime import signing
+
+    _, ids, llm = compiled
+    key = signing.generate_signing_key()
+    path = llm.save(tmp_path / "llm", signing_key=key)
+    llm.save(path, signing_key=key)  # replaces the earlier save
+    loaded = load(path, trusted_keys=[signing.public_key_bytes(key)])
+    assert torch.equal(loaded.generate(ids, 2), llm.generate(ids, 2))
+    with pytest.raises(ArtifactError, match="which is not one of the 1 trusted keys"):
+        load(path, trusted_keys=[signing.generate_signing_key().public_key()])
+    (path / "notes.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match=r"a saved kiln LLM, but it also holds files it does not list \(notes.txt\)"):
+        llm.save(path)
+    assert (path / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llm"]
+
+
 def test_requests_outside_the_compiled_shapes_raise_clear_errors(compiled):
     _, ids, llm = compiled
     with pytest.raises(InputMismatchError, match=r"17 tokens, more than the largest prefill bucket \(16\)"):

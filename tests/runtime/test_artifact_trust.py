@@ -173,3 +173,16 @@ def test_key_helpers_round_trip(key):
         signing.load_public_key(b"short")
     with pytest.raises(ValueError, match="encoding must be"):
         signing.public_key_bytes(key, "der")
+
+
+def test_kiln_run_checks_the_signature_with_trusted_key_files(signed, key, tmp_path, capsys):
+    from kiln.cli import main
+
+    good, other = tmp_path / "signer.pem", tmp_path / "other.pub"
+    good.write_bytes(signing.public_key_bytes(key, "pem"))
+    other.write_bytes(signing.public_key_bytes(signing.generate_signing_key()))
+    assert main(["run", str(signed), "--repeat", "1", "--trusted-key", str(other), "--trusted-key", str(good)]) == 0
+    assert main(["run", str(signed), "--repeat", "1", "--trusted-key", str(other)]) == 1
+    assert "which is not one of the 1 trusted keys" in capsys.readouterr().err
+    assert main(["run", str(signed), "--trusted-key", str(tmp_path / "missing.pem")]) == 1
+    assert "cannot read the trusted key" in capsys.readouterr().err
