@@ -29,12 +29,20 @@ def _static(node: fx.Node) -> bool:
     return all(isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape) for v in values)
 
 
+def _non_empty(node: fx.Node) -> bool:
+    """No zero-element tensor in or out: TVM's VM gives empty buffers other strides than PyTorch
+    (a Linear of a [11, 3, 0, 8] input failed at call time), and they hold no work to compile."""
+    vals = [node.meta.get("val")] + [n.meta.get("val") for n in node.all_input_nodes]
+    flat = [v for val in vals for v in (val if isinstance(val, (tuple, list)) else (val,))]
+    return all(not isinstance(v, torch.Tensor) or v.numel() > 0 for v in flat)
+
+
 @register_backend
 class CpuBackend(Backend):
     name = "cpu"
 
     def supports(self, node: fx.Node) -> bool:
-        return _static(node) and convertible(node)
+        return _static(node) and _non_empty(node) and convertible(node)
 
     _tuning: Tuning | None = None
 

@@ -199,3 +199,32 @@ def test_advanced_indexing_runs_eagers_op_from_the_library(case):
     cm = _check(Fn(fn), *inputs)
     (part,) = cm.manifest["partitions"]
     assert part["backend"] == "cpu" and part["report"]["dispatched"] == {"kiln.index": 1}
+
+
+# Found by the differential fuzzer (tests/fuzz, seeds in the comments) and by probing TVM's simplifier.
+FUZZ_CASES = {
+    # 1000279 / 1000025: TVM's != is LLVM's ordered compare, false at NaN
+    "ne_scalar_nan": (lambda s, x: x != 0.25, SPECIAL),
+    "ne_tensor_nan": (lambda s, x: x != x.flip(-1), SPECIAL),
+    # 1000172: clamp with tensor bounds dropped NaN (in x and in the bounds)
+    "clamp_tensor_nan": (lambda s, x: torch.clamp(x, x.flip(-1)), SPECIAL),
+    "clamp_tensor_both": (lambda s, x: torch.clamp(x, min=x.flip(-1), max=x.roll(1, -1)), SPECIAL),
+    # TVM folds x * 0 to 0 and cancels (x + 1) - x to 1 for floats, whatever x is
+    "mul_literal_zero": (lambda s, x: x * 0, SPECIAL),
+    "sum_of_zeroed": (lambda s, x: (x * 0).sum(-1), SPECIAL),
+    "cancelling_sub": (lambda s, x: (x + 1) - x, SPECIAL),
+    "cancelling_scaled_sub": (lambda s, x: (x * 0.5) - (x * 0.5), SPECIAL),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", sorted(FUZZ_CASES))
+def test_fuzzer_findings_match_eager(name, dtype):
+    fn, x = FUZZ_CASES[name]
+    _check(Fn(fn), x.to(dtype))
+
+
+def test_empty_tensors_run_on_torch():
+    # 1000230: a Linear of a [11, 3, 0, 8] input failed in TVM's VM at call time (strides of an empty buffer)
+    cm = _check(Fn(lambda s, x: s.mods[0](x).bool(), nn.Linear(8, 1)), torch.randn(11, 3, 0, 8))
+    assert [p["backend"] for p in cm.manifest["partitions"]] == ["torch"]

@@ -86,7 +86,9 @@ class _Bridge:
             aten.layer_norm.default: self._layer_norm,
             aten.div.Tensor_mode: self._div_mode,
             aten.eq.Tensor: self._self_comparison,
-            aten.ne.Tensor: self._self_comparison,
+            aten.ne.Tensor: self._not_equal,
+            aten.ne.Scalar: self._not_equal,
+            aten.clamp.Tensor: self._clamp_tensor,
         }
 
     # -- entry ---------------------------------------------------------------------------------
@@ -328,16 +330,47 @@ class _Bridge:
         return self.bb.emit(relax.op.where(either_nan, relax.op.add(a, b), value))
 
     def _self_comparison(self, node: fx.Node) -> relax.Var:
-        """``x == x`` is ``not isnan(x)``, and ``x != x`` is ``isnan(x)``.
-
-        Compiled as a comparison, TVM's simplifier folded ``x == x`` of a bf16
-        ``x`` to True, NaN included.
-        """
+        """``x == x`` is ``not isnan(x)``: compiled as a comparison, TVM's simplifier folded
+        ``x == x`` of a bf16 ``x`` to True, NaN included."""
         a, b = node.args[:2]
         if a is not b or not a.meta["val"].dtype.is_floating_point:
             return self.imp.convert_map[node.target.__name__](node)
-        nan = relax.op.isnan(self.env[a])
-        return self.bb.emit(nan if node.target is aten.ne.Tensor else relax.op.logical_not(nan))
+        return self.bb.emit(relax.op.logical_not(relax.op.isnan(self.env[a])))
+
+    def _not_equal(self, node: fx.Node) -> relax.Var:
+        """``a != b``: true where either is NaN, as in PyTorch.
+
+        TVM's ``not_equal`` compiles to LLVM's ordered ``fcmp one``, false for NaN
+        (``rsqrt(-1.3) != 0.4`` came out False).
+        """
+        a = node.args[0]
+        if not a.meta["val"].dtype.is_floating_point:
+            return self.imp.convert_map[node.target.__name__](node)
+        b = node.args[1]
+        other = self.env[b] if isinstance(b, fx.Node) else relax.const(b, str(self.env[a].ty.dtype))
+        x = self.env[a]
+        if b is a:
+            return self.bb.emit(relax.op.isnan(x))
+        # (not a == b) would be simplified straight back to a != b
+        either_nan = relax.op.isnan(x) if not isinstance(b, fx.Node) else relax.op.logical_or(
+            relax.op.isnan(x), relax.op.isnan(other))
+        return self.bb.emit(relax.op.logical_or(either_nan, relax.op.not_equal(x, other)))
+
+    def _clamp_tensor(self, node: fx.Node) -> relax.Var:
+        """``clamp`` with tensor bounds: NaN in ``x`` or in a bound gives NaN, and ``max`` wins over ``min``."""
+        names = ("input", "min", "max")
+        given = {**dict(zip(names, node.args)), **node.kwargs}
+        value = self.env[given["input"]]
+        floating = node.meta["val"].dtype.is_floating_point
+        for name, compare in (("min", relax.op.less), ("max", relax.op.greater)):
+            if given.get(name) is None:
+                continue
+            bound = self.env[given[name]]
+            picked = compare(value, bound)
+            if floating:
+                picked = relax.op.logical_or(picked, relax.op.isnan(bound))
+            value = self.bb.emit(relax.op.where(picked, bound, value))
+        return value
 
     def _scalar(self, value, dtype: str) -> relax.Constant:
         return relax.const(value, dtype)
@@ -536,7 +569,41 @@ _FLOAT_ONLY = set("""
     sum mean var std prod logsumexp softmax _softmax log_softmax _log_softmax layer_norm avg_pool1d avg_pool2d
     adaptive_avg_pool1d adaptive_avg_pool2d
 """.split())
+def _pointwise_sources(node: fx.Node, depth: int = 6) -> set[fx.Node]:
+    """``node`` and what it is computed from through up to ``depth`` point-wise ops (one fused kernel)."""
+    seen, frontier = {node}, [node]
+    for _ in range(depth):
+        frontier = [i for n in frontier if n.op == "call_function" and torch.Tag.pointwise in getattr(
+            n.target, "tags", ()) for i in n.all_input_nodes if i not in seen]
+        seen.update(frontier)
+    return seen
+
+
+def _no_cancellation(node: fx.Node) -> bool:
+    """Not ``a - b`` of a fused ``a`` and ``b`` that read the same value.
+
+    TVM's simplifier rewrites float ``x - x`` to 0 and ``(x + 1) - x`` to 1 in the
+    fused kernel (it assumes no NaN or inf), so NaN and inf inputs came out as
+    numbers; PyTorch computes the subtraction.
+    """
+    a, b = node.args[:2]
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or not node.meta["val"].dtype.is_floating_point:
+        return True
+    return not (_pointwise_sources(a) & _pointwise_sources(b))
+
+
+def _no_literal_zero_factor(node: fx.Node) -> bool:
+    """Not ``x * 0``: TVM folds it to 0 for floats, where PyTorch gives NaN for NaN and inf."""
+    factors = node.args[:2]
+    return not (node.meta["val"].dtype.is_floating_point
+                and any(isinstance(f, (int, float)) and not isinstance(f, bool) and f == 0 for f in factors))
+
+
 _CONDITIONS: dict[str, object] = {
+    "sub.Tensor": _no_cancellation,
+    "rsub.Tensor": _no_cancellation,
+    "mul.Tensor": _no_literal_zero_factor,
+    "mul.Scalar": _no_literal_zero_factor,
     "div.Tensor_mode": _int_divisor,
     # Float remainder follows PyTorch's own rounding (off by 4e22 at 1e30 in bf16): on PyTorch.
     "remainder.Scalar": _int_divisor,
