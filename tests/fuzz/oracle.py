@@ -28,7 +28,8 @@ from kiln.errors import KilnError
 from .generator import DTYPE_NAMES, Case, generate, reference
 
 OUTCOMES = ("match", "eager_error", "refused", "mismatch", "foreign", "wrong", "crash")
-BAD = ("mismatch", "foreign", "wrong", "crash")
+BAD = ("mismatch", "foreign", "wrong", "crash")  # not a match, and not an allowed refusal
+FAILING = ("foreign", "wrong", "crash")  # what the test subset rejects (a mismatch has no verdict)
 MARGIN = 2.0  # kiln may be up to this many times eager's distance from fp64
 
 # (rtol, atol) by dtype: torch.testing.assert_close's defaults, bf16 with atol 1e-2 (one bf16 step near 1).
@@ -68,6 +69,15 @@ def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
         return float("inf")
     diff = (a - e).abs().masked_fill((a == e) | a.isnan(), 0.0)
     return float(diff.max())
+
+
+def worst_index(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float) -> tuple[int, ...]:
+    """The index of the element furthest out of tolerance (a NaN in only one of them first)."""
+    a, e = actual.double(), expected.double()
+    diff = (a - e).abs().masked_fill((a == e) | (a.isnan() & e.isnan()), 0.0)
+    diff = diff.masked_fill(a.isnan() != e.isnan(), float("inf")) / (atol + rtol * e.abs().nan_to_num(0.0))
+    flat = torch.tensor(int(diff.nan_to_num(0.0).argmax()))
+    return tuple(int(i) for i in torch.unravel_index(flat, a.shape)) if a.dim() else ()
 
 
 def _exception(e: BaseException) -> str:
@@ -111,7 +121,10 @@ def compare(eager, got, fp64) -> dict:
         rank = OUTCOMES.index(outcome)
         if rank > worst:
             worst = rank
-            result.update(outcome=outcome, reason=f"output {i} differs")
+            at = worst_index(k, e, rtol, atol)
+            values = f"kiln {k[at].item():.6g}, eager {e[at].item():.6g}" + (
+                f", fp64 {r[at].item():.6g}" if r is not None else "")
+            result.update(outcome=outcome, reason=f"output {i} differs; worst at {list(at)}: {values}")
     return result
 
 

@@ -220,8 +220,10 @@ def write_report(records: list[dict], out_dir: Path, meta: dict) -> tuple[Path, 
 
 
 def commit() -> str:
+    """HEAD, with ``+dirty`` when kiln/ has uncommitted changes (the run tested the working tree)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", "kiln") else "")
     except OSError:
         return "?"
