@@ -47,7 +47,7 @@ from . import __version__
 from .errors import ArtifactError, InputMismatchError, KilnError
 from .ir.meta import dtype_from_name
 from .runtime import CompiledModel, load as load_artifact, write_artifact
-from .runtime.artifact import atomic_directory, read_json_document, tidy
+from .runtime.artifact import atomic_directory, plain_name, read_json_document, tidy
 
 INDEX = "llm.json"
 FORMAT_NAME = "kiln-llm"
@@ -200,7 +200,7 @@ def _read_index(path: Path) -> dict:
     if not isinstance(prefill, dict) or not all(isinstance(b, str) and b.isdigit() for b in prefill):
         raise ArtifactError(f"{ipath}: field prefill must map bucket sizes to graph directories")
     for name in [index.get("decode"), *prefill.values()]:
-        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+        if not isinstance(name, str) or not plain_name(name):
             raise ArtifactError(f"{ipath}: graph directory {name!r} is not a plain name")
     return index
 

@@ -204,6 +204,6 @@ def _decode(a, env: dict[str, fx.Node]):
             return _LAYOUTS[value]
         if kind == "memory_format":
             return _MEMORY_FORMATS[value]
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, RuntimeError) as e:  # RuntimeError: torch.device of a bad name
         raise ArtifactError(f"bad {kind} argument {value!r} in artifact graph: {e}") from None
     raise ArtifactError(f"unknown argument kind {kind!r} in artifact graph")

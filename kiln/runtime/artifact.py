@@ -42,7 +42,7 @@ from safetensors.torch import save as save_safetensors
 from ..errors import ArtifactError
 from .manifest import check_consistency, check_structure
 from .signing import FIELD as SIGNATURE_FIELD
-from .signing import SigningKey, PublicKey, sign_manifest, verify_manifest
+from .signing import PublicKey, SigningKey, canonical_json, sign_manifest, verify_manifest
 
 log = logging.getLogger("kiln")
 
@@ -71,8 +71,8 @@ def _sha256(data: bytes) -> str:
 
 
 def _canonical(manifest: dict) -> bytes:
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    """What ``manifest_sha256`` covers: everything else, the signature included."""
+    return canonical_json(manifest, ("manifest_sha256",))
 
 
 def _weights_bytes(weights: dict[str, torch.Tensor]) -> tuple[bytes, dict[str, str]]:
@@ -95,6 +95,11 @@ def _weights_bytes(weights: dict[str, torch.Tensor]) -> tuple[bytes, dict[str, s
 def _shares_storage(t: torch.Tensor, weights: dict[str, torch.Tensor]) -> bool:
     ptr = t.untyped_storage().data_ptr()
     return sum(1 for w in weights.values() if w.numel() and w.untyped_storage().data_ptr() == ptr) > 1
+
+
+def plain_name(name: str) -> bool:
+    """Whether ``name`` names an entry of a directory itself: no separators, not ``.`` or ``..``."""
+    return Path(name).name == name and name not in (".", "..")
 
 
 # What a directory of some kind owns: the names its own index lists (None: it is not one).
@@ -347,8 +352,12 @@ def read_artifact(path: str | os.PathLike, trusted_keys: Iterable[PublicKey] | N
             continue
         tidy(path, artifact_entries, wait=False)
         return artifact
-    with _locked(path):
-        return _read_verified(path, trusted_keys)
+    try:
+        with _locked(path):
+            return _read_verified(path, trusted_keys)
+    except OSError as e:
+        raise ArtifactError(f"{path} kept changing while it was read (a save is replacing it), and it cannot "
+                            f"be locked to read it whole: {e}") from None
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:
@@ -405,7 +414,7 @@ def _read_manifest_and_files(path: Path, dir_fd: int, trusted_keys: list | None)
     check_structure(manifest, str(mpath))
     blobs: dict[str, bytes] = {}
     for name, entry in manifest["files"].items():
-        if Path(name).name != name or name in (".", ".."):
+        if not plain_name(name):
             raise ArtifactError(f"{mpath}: file name {name!r} is not a plain file name")
         data = _read_file(path / name, dir_fd, size=entry["bytes"],
                           missing=f"{path} is missing {name}, listed in its manifest")

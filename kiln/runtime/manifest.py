@@ -195,10 +195,10 @@ def _check_torch_graph(entry: dict, weights: dict[str, torch.Tensor], at: str) -
         raise ArtifactError(f"{at}: its graph takes {len(placeholders)} inputs, but the partition names "
                             f"{len(entry['inputs'])} inputs and {len(entry['weights'])} weights")
     outputs = [n for n in nodes if n["op"] == "output"]
-    returned = outputs[-1].get("args", [None])[0] if outputs else None
+    returned = (outputs[0].get("args") or [None])[0] if outputs == nodes[-1:] else None
     if not isinstance(returned, list) or len(returned) != len(entry["outputs"]):
-        raise ArtifactError(f"{at}: its graph must return a list of {len(entry['outputs'])} values "
-                            "(one per partition output)")
+        raise ArtifactError(f"{at}: its graph must end in one output node returning a list of "
+                            f"{len(entry['outputs'])} values (one per partition output)")
     for name, node in zip(entry["weights"], placeholders[len(entry["inputs"]):]):
         if len(node.get("types", ())) == 1:
             (declared,) = node["types"]

@@ -82,10 +82,15 @@ def _load(key, cls, from_raw, from_pem, kind: str):
     return loaded
 
 
+def canonical_json(manifest: dict, without: tuple[str, ...]) -> bytes:
+    """The manifest's canonical JSON (sorted keys, no spaces) without the fields ``without``."""
+    body = {k: v for k, v in manifest.items() if k not in without}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
 def signed_bytes(manifest: dict) -> bytes:
     """What the signature covers: the canonical JSON of everything but the checksum and the signature."""
-    body = {k: v for k, v in manifest.items() if k not in _UNSIGNED_FIELDS}
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return canonical_json(manifest, _UNSIGNED_FIELDS)
 
 
 def sign_manifest(manifest: dict, key: SigningKey) -> dict:
