@@ -186,7 +186,9 @@ def load(path: str | os.PathLike, trusted_keys=None) -> CompiledLLM:
         tidy(path, _entries, wait=True)  # a save may be replacing it, or one was killed half-way
     index = _read_index(path)
     prefill = {int(bucket): load_artifact(path / name, trusted_keys) for bucket, name in index["prefill"].items()}
-    return CompiledLLM(prefill, load_artifact(path / index["decode"], trusted_keys))
+    llm = CompiledLLM(prefill, load_artifact(path / index["decode"], trusted_keys))
+    tidy(path, _entries, wait=False)
+    return llm
 
 
 def _read_index(path: Path) -> dict:

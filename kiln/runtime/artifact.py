@@ -178,32 +178,42 @@ def _check_replaceable(path: Path, entries: Entries, what: str) -> None:
 def _locked(path: Path, wait: bool = True) -> Iterator[bool]:
     """Hold ``.NAME.lock`` beside ``path`` with ``flock`` (yields False if busy and not ``wait``).
 
-    The holder unlinks the lock file when done, so no lock files are left
-    behind; a process that locked a file already unlinked sees that the name
-    now points elsewhere (or nowhere) and locks again.
+    The holder unlinks the lock file when done, so no lock files are left behind.
     """
     lock = _lock_path(path)
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            yield False
-            return
-        try:
-            current = os.stat(lock)
-        except FileNotFoundError:
-            current = None
-        mine = os.fstat(fd)
-        if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
-            break
-        os.close(fd)
+    fd = _acquire(lock, wait)
+    if fd is None:
+        yield False
+        return
     try:
         yield True
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)
+        os.close(fd)
+
+
+def _acquire(lock: Path, wait: bool) -> int | None:
+    """An fd holding ``lock`` exclusively, or None if it is busy and not ``wait``.
+
+    A process that locked a file its holder has unlinked meanwhile sees that
+    the name now points elsewhere (or nowhere) and locks again.
+    """
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            mine, current = os.fstat(fd), os.stat(lock)
+            if (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+                return fd
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            raise
         os.close(fd)
 
 
@@ -339,6 +349,8 @@ def read_artifact(path: str | os.PathLike, trusted_keys: Iterable[PublicKey] | N
     half-replaced artifact as damaged.
     """
     path = Path(path)
+    if isinstance(trusted_keys, (bytes, str)) or hasattr(trusted_keys, "public_bytes"):
+        raise ArtifactError("trusted_keys is a list of public keys; got a single key (pass [key])")
     trusted_keys = None if trusted_keys is None else list(trusted_keys)
     for _ in range(_LOCK_FREE_READS):
         if not path.is_dir():

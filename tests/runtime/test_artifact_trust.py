@@ -186,3 +186,8 @@ def test_kiln_run_checks_the_signature_with_trusted_key_files(signed, key, tmp_p
     assert "which is not one of the 1 trusted keys" in capsys.readouterr().err
     assert main(["run", str(signed), "--trusted-key", str(tmp_path / "missing.pem")]) == 1
     assert "cannot read the trusted key" in capsys.readouterr().err
+
+
+def test_trusted_keys_must_be_a_list(signed, key):
+    with pytest.raises(ArtifactError, match=r"trusted_keys is a list of public keys; got a single key \(pass \[key\]\)"):
+        kiln.load(signed, trusted_keys=signing.public_key_bytes(key))
