@@ -3,7 +3,7 @@
 ``generate(seed)`` is a pure function of the seed. The seed picks the case's
 first op from ``PRIMARY`` (``seed % len(PRIMARY)``, so any run of consecutive
 seeds covers every op family evenly), its dtype, shapes and constants; then up
-to four more ops are applied to the values made so far (a short chain or DAG).
+to five more ops are applied to the values made so far (a short chain or DAG).
 Each step is run eagerly while the program is built, so later steps see real
 shapes, and a step that raises in eager ends the program (an ``eager_error``
 case: kiln must raise too).
@@ -29,6 +29,7 @@ FLOAT, INT, BOOL = "float", "int", "bool"
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int64: "int64", torch.int32: "int32",
                torch.bool: "bool", torch.float64: "fp64"}
 DIMS = (1, 2, 3, 4, 5, 7, 8, 11, 16)
+WIDE = (32, 64, 128, 33)  # rows long enough for vectorized / tiled schedules, in some cases
 MAX_NUMEL = 50_000
 
 
@@ -120,6 +121,9 @@ class Gen:
         self.idtype = torch.int32 if dtype == "int32" else torch.int64
         self.specials = self.rng.random() < 0.15  # NaN / Inf in float inputs
         self.empty = self.rng.random() < 0.05  # a zero-size dimension in some input
+        # Features added later draw from their own stream, so that earlier seeds keep their programs.
+        self.later = random.Random(seed ^ 0x1A7E)
+        self.wide = self.later.random() < 0.2  # dims up to 128 (else up to 16)
         self.m = FuzzModule()
         self.vals: dict[str, torch.Tensor] = {}
         self.inputs: list[torch.Tensor] = []
@@ -134,8 +138,8 @@ class Gen:
 
     # -- shapes and tensors ----------------------------------------------------------------------
     def shape(self, rank: int) -> list[int]:
-        dims = [self.rng.choice(DIMS) for _ in range(rank)]
-        while math.prod(dims) > 1024:
+        dims = [self.rng.choice(DIMS + WIDE if self.wide else DIMS) for _ in range(rank)]
+        while math.prod(dims) > (8192 if self.wide else 1024):
             dims[dims.index(max(dims))] //= 2
         if self.empty and rank and self.rng.random() < 0.6:
             dims[self.rng.randrange(rank)] = 0
@@ -779,14 +783,14 @@ def _case_dtype(rng: random.Random, kinds) -> str:
 
 
 def generate(seed: int) -> Case:
-    """The program for ``seed``: a first op from ``PRIMARY`` and up to four more."""
+    """The program for ``seed``: a first op from ``PRIMARY`` and up to five more."""
     primary = PRIMARY[seed % len(PRIMARY)]
     recipe, kinds = RECIPES[primary]
     g = Gen(seed, _case_dtype(random.Random(seed ^ 0x5EED), kinds))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         last = recipe(g, None)
-        for _ in range(g.rng.choice([0, 1, 1, 2, 2, 3, 4])):
+        for _ in range(g.rng.choice([0, 1, 1, 2, 2, 3, 4]) + (g.later.random() < 0.1)):
             if g.error or g.vals[last].numel() > MAX_NUMEL:
                 break
             made = [n for n in g.vals if n.startswith("v")]

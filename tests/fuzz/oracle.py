@@ -16,6 +16,7 @@ Outcomes, best first:
 """
 from __future__ import annotations
 
+import random
 import time
 import traceback
 import warnings
@@ -150,13 +151,28 @@ def run_case(seed: int, target: str = "cpu") -> dict:
     return record
 
 
+def _spaced(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous layout (every other element of a larger buffer)."""
+    base = torch.empty(*t.shape, 2, dtype=t.dtype)
+    base[..., 0] = t
+    return base[..., 0]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan()) if a.is_floating_point() else a == b).all())
+
+
 def _run(case: Case, target: str) -> dict:
+    # Run-time inputs: sometimes non-contiguous (kiln compiled with contiguous ones; the values are the same).
+    spaced = random.Random(case.seed ^ 0x1A7E0).random() < 0.15
+    layout = _spaced if spaced else torch.Tensor.clone
+    out = {"noncontiguous_inputs": spaced}
     eager_exc = None
     try:
-        eager = case.module(*[t.clone() for t in case.inputs])
+        eager = case.module(*map(layout, case.inputs))
     except Exception as e:  # noqa: BLE001
         eager_exc = e
-    out = {"eager_exception": _exception(eager_exc) if eager_exc else None}
+    out["eager_exception"] = _exception(eager_exc) if eager_exc else None
 
     def raised(e: BaseException, stage: str) -> dict:
         info = {**out, "stage": stage, "exception": _exception(e), "where": _where(e)}
@@ -172,12 +188,19 @@ def _run(case: Case, target: str) -> dict:
         return raised(e, "compile")
     out["compile_s"] = round(time.perf_counter() - start, 3)
     out["fallback"] = _fallback(cm, target)
+    args = list(map(layout, case.inputs))
     try:
-        got = cm(*[t.clone() for t in case.inputs])
+        got = cm(*args)
     except Exception as e:  # noqa: BLE001
         return raised(e, "run")
     if eager_exc is not None:
         return {**out, "outcome": "wrong", "reason": "kiln returned a value where eager raises"}
+    for i, (a, t) in enumerate(zip(args, case.inputs)):
+        if not _same(a, t):
+            return {**out, "outcome": "wrong", "reason": f"kiln wrote to input {case.module.input_names[i]}"}
+    second = _second_call(case, cm, got)
+    if second is not None:
+        return {**out, **second}
 
     def fp64():
         try:
@@ -187,3 +210,24 @@ def _run(case: Case, target: str) -> dict:
             out["fp64_exception"] = _exception(e)
             return ()
     return {**out, **compare(eager, got, fp64)}
+
+
+def _second_call(case: Case, cm, got) -> dict | None:
+    """Call again with other float inputs: the first call's outputs must stay as they were (not a reused buffer)."""
+    if not isinstance(got, tuple) or not all(isinstance(g, torch.Tensor) for g in got):
+        return None
+    kept = [g.clone() for g in got]
+    others = [-t if t.is_floating_point() else t.clone() for t in case.inputs]
+    try:
+        case.module(*others)
+    except Exception:  # noqa: BLE001 - eager raises on these inputs: nothing to check
+        return None
+    try:
+        cm(*others)
+    except Exception as e:  # noqa: BLE001
+        kind = "refused" if isinstance(e, KilnError) else "foreign"
+        return {"outcome": kind, "stage": "second call", "exception": _exception(e), "where": _where(e)}
+    for i, (g, k) in enumerate(zip(got, kept)):
+        if not _same(g, k):
+            return {"outcome": "wrong", "reason": f"output {i} of the first call changed when kiln was called again"}
+    return None

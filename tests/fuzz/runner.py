@@ -169,6 +169,8 @@ def summarize(records: list[dict]) -> dict:
         "matched_of_eager_runs_pct": round(100 * overall["match"] / runs, 1),
         "ok_pct": round(100 * (overall["match"] + overall["eager_error"]) / n, 1),
         "matched_with_fallback": sum(1 for r in records if r["outcome"] == "match" and r.get("fallback")),
+        "fallback_ops": dict(collections.Counter(op for r in records for op in set(r.get("fallback") or ()))
+                             .most_common()),
         "by_dtype": {k: dict(v) for k, v in sorted(by_dtype.items())},
         "by_op": {k: dict(v) for k, v in sorted(by_op.items())},
         "classes": {k: [r["seed"] for r in sorted(v, key=lambda r: len(r.get("program", "")))]
@@ -195,6 +197,8 @@ def write_report(records: list[dict], out_dir: Path, meta: dict) -> tuple[Path, 
     by_dtype = {k: collections.Counter(v) for k, v in summary["by_dtype"].items()}
     by_op = dict(sorted(((k, collections.Counter(v)) for k, v in summary["by_op"].items()), key=_badness))
     text = head + ["## By dtype", ""] + _table(by_dtype) + ["", "## By op (worst first)", ""] + _table(by_op)
+    text += ["", "## Ops the target placed on torch (cases)", "",
+             ", ".join(f"{op} {n}" for op, n in summary["fallback_ops"].items()) or "(none)"]
     text += ["", "## Failure classes (seeds, smallest program first)", ""]
     text += [f"- {k} ({len(seeds)}): {', '.join(map(str, seeds[:8]))}" for k, seeds in summary["classes"].items()]
     text += ["", "## Cases that did not match", ""]
