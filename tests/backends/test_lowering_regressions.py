@@ -214,6 +214,11 @@ FUZZ_CASES = {
     "sum_of_zeroed": (lambda s, x: (x * 0).sum(-1), SPECIAL),
     "cancelling_sub": (lambda s, x: (x + 1) - x, SPECIAL),
     "cancelling_scaled_sub": (lambda s, x: (x * 0.5) - (x * 0.5), SPECIAL),
+    # seeds 187, 81: std(dim, correction=1) came out as the population std; one element: NaN
+    "std_correction": (lambda s, x: (x[:, 1:] * 3 + 1).std(1, correction=1), SPECIAL.nan_to_num()),
+    "std_correction_2": (lambda s, x: x.nan_to_num().std(1, correction=2, keepdim=True), SPECIAL),
+    "std_one_element": (lambda s, x: x[:, :1].std(1, correction=1), SPECIAL),
+    "var_unbiased_false": (lambda s, x: x.nan_to_num().var(1, unbiased=False), SPECIAL),
 }
 
 

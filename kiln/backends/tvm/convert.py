@@ -89,6 +89,10 @@ class _Bridge:
             aten.ne.Tensor: self._not_equal,
             aten.ne.Scalar: self._not_equal,
             aten.clamp.Tensor: self._clamp_tensor,
+            aten.var.dim: self._variance,
+            aten.var.correction: self._variance,
+            aten.std.dim: self._variance,
+            aten.std.correction: self._variance,
         }
 
     # -- entry ---------------------------------------------------------------------------------
@@ -372,6 +376,24 @@ class _Bridge:
             value = self.bb.emit(relax.op.where(picked, bound, value))
         return value
 
+    def _variance(self, node: fx.Node) -> relax.Var:
+        """``var``/``std`` over ``dim`` with Bessel's ``correction`` (the frontend ignored a ``correction=``
+        argument: ``std(0, correction=1)`` came out as the population std). Two passes; ``_check`` casts
+        the result back to the node's dtype."""
+        x = self.env[node.args[0]]
+        dims, correction, keepdim = _variance_args(node)
+        shape = node.args[0].meta["val"].shape
+        dims = list(range(len(shape))) if dims is None else [d % len(shape) for d in dims]
+        count = 1
+        for d in dims:
+            count *= shape[d]
+        # In float64, as PyTorch's CPU kernel accumulates: squares of large values overflow float32.
+        x = self.bb.emit(relax.op.astype(x, "float64"))
+        centered = self.bb.emit(relax.op.subtract(x, relax.op.mean(x, dims, keepdims=True)))
+        squares = relax.op.sum(relax.op.multiply(centered, centered), dims, keepdims=keepdim)
+        var = self.bb.emit(relax.op.divide(squares, relax.const(float(count - correction), "float64")))
+        return self.bb.emit(relax.op.sqrt(var)) if node.target.overloadpacket is aten.std else var
+
     def _scalar(self, value, dtype: str) -> relax.Constant:
         return relax.const(value, dtype)
 
@@ -534,6 +556,30 @@ def _int_divisor(node: fx.Node) -> bool:
             and isinstance(divisor, int) and not isinstance(divisor, bool) and divisor != 0)
 
 
+def _variance_args(node: fx.Node) -> tuple[list[int] | None, float, bool]:
+    """``(dims, correction, keepdim)`` of a ``var``/``std`` node (``.dim``: ``unbiased``; ``.correction``)."""
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if node.target.__name__.endswith(".dim"):
+        unbiased = node.args[2] if len(node.args) > 2 else node.kwargs.get("unbiased", True)
+        keepdim = node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False)
+        return dims, 1.0 if unbiased else 0.0, keepdim
+    correction = node.kwargs.get("correction")
+    return dims, 1.0 if correction is None else float(correction), node.kwargs.get("keepdim", False)
+
+
+def _positive_variance_divisor(node: fx.Node) -> bool:
+    """``N - correction > 0``: otherwise PyTorch gives NaN or inf from a division by zero, which TVM
+    may fold; such a ``var``/``std`` runs on PyTorch."""
+    if not _float_inputs(node):
+        return False
+    dims, correction, _ = _variance_args(node)
+    shape = node.args[0].meta["val"].shape
+    count = 1
+    for d in range(len(shape)) if dims is None else dims:
+        count *= shape[d]
+    return count - correction > 0
+
+
 def _float_inputs(node: fx.Node) -> bool:
     """Every tensor argument is floating point (sums of integers accumulate in int64 in PyTorch; integer
     true division by a tensor may divide by 0, which traps in TVM's integer code)."""
@@ -608,6 +654,10 @@ _CONDITIONS: dict[str, object] = {
     # Float remainder follows PyTorch's own rounding (off by 4e22 at 1e30 in bf16): on PyTorch.
     "remainder.Scalar": _int_divisor,
     "floor_divide.Scalar": _int_divisor,
+    "var.dim": _positive_variance_divisor,
+    "var.correction": _positive_variance_divisor,
+    "std.dim": _positive_variance_divisor,
+    "std.correction": _positive_variance_divisor,
 }
 _ALLOWED_NAMES = frozenset(_POINTWISE + _STRUCTURED) | {op.__name__ for op in _DATA_MOVEMENT
                                                          if op is not operator.getitem}
