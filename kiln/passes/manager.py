@@ -17,6 +17,7 @@ import torch.fx as fx
 from ..errors import KilnError, PassError
 from ..ir import Graph, NodeMeta
 from ..ir.meta import META_KEY
+from ..ir.rewrite import stamp_provenance
 from .base import Pass, PassContext, PassResult, get_pass
 
 
@@ -135,13 +136,11 @@ def _record_changes(graph: Graph, pass_name: str, before: dict[fx.Node, tuple], 
     record.removed = [n.name for n in before if n not in current]
     for n in now:
         old = before.get(n)
-        meta = n.meta.get(META_KEY)
         if old is None:
             record.added.append(n.name)
-            # A pass may copy meta from the node it replaces; give the new node its own.
-            fields = dict(meta.__dict__) if isinstance(meta, NodeMeta) else {}
-            fields.update(created_by=pass_name, rewritten_by=[])
-            n.meta[META_KEY] = NodeMeta(**fields)
+            # A pass may copy meta from the node it replaces; give the new node its own
+            # (a replacement made with kiln.ir.rewrite keeps its origin's, rewritten by this pass).
+            stamp_provenance(n, pass_name)
         elif old[0] != _signature(n):
             record.rewritten.append(n.name)
             Graph.meta(n).rewritten_by.append(pass_name)
