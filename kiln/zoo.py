@@ -97,28 +97,17 @@ def gpt2(*, hidden: int = 64, layers: int = 2, heads: int = 4, vocab: int = 256,
 def mixtral(*, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
             intermediate: int | None = None, experts: int = 4, top_k: int = 2,
             vocab: int = 256, seq: int = 16, batch: int = 1,
-            experts_implementation: str = "batched_mm") -> Example:
+            experts_implementation: str | None = None) -> Example:
     """Mixtral sparse-MoE causal LM with random weights; input: input_ids.
 
-    The experts run with transformers' ``experts_implementation="batched_mm"``
-    (a config option, no patching), because the other two do not give a
-    graph kiln can compile:
-
-    - ``"eager"`` loops over the experts that received tokens
-      (``expert_mask.sum(...).nonzero()``), a data-dependent shape that
-      torch.export refuses (GuardOnDataDependentSymNode).
-    - ``"grouped_mm"`` (transformers' default) exports, but as the opaque
-      custom op ``transformers::grouped_mm_fallback`` (fp32 under tracing is
-      not allowed the real ``grouped_mm``): no backend can lower it and the
-      graph needs transformers imported to run at all.
-    - ``"batched_mm"`` gathers each (token, expert) pair's weights and runs
-      ``aten.bmm``: static shapes, plain aten ops, same output as the
-      default. Its cost is the gather: ``batch * seq * top_k * 3 * hidden *
-      intermediate`` floats per layer. At ``hidden=512, seq=128`` one eager
-      forward takes ~13 s here against ~0.5 s with ``"grouped_mm"``, so an
-      eager baseline in a benchmark should be built with
-      ``experts_implementation="grouped_mm"`` (it runs eagerly; it only fails
-      to compile).
+    The experts run as transformers picks by default (``"grouped_mm"``), as a
+    model comes from the hub; ``experts_implementation`` names another
+    (``"batched_mm"``, ``"eager"``). kiln's tracer runs each experts module as
+    one ``kiln::moe_experts`` op whichever is set (``kiln.ir.moe``): traced
+    as such, ``"grouped_mm"`` is the opaque custom op
+    ``transformers::grouped_mm_fallback``, ``"eager"`` a data-dependent loop
+    torch.export refuses, and ``"batched_mm"`` gathers each (token, expert)
+    pair's weights (at ``hidden=512, seq=128`` ~26x slower than the default).
     """
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -127,9 +116,32 @@ def mixtral(*, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int 
         num_key_value_heads=kv_heads, intermediate_size=intermediate or 2 * hidden,
         num_local_experts=experts, num_experts_per_tok=top_k,
         vocab_size=vocab, max_position_embeddings=max(2 * seq, 64), attn_implementation="sdpa",
-        experts_implementation=experts_implementation,
+        **({"experts_implementation": experts_implementation} if experts_implementation else {}),
     )
     return _build(MixtralForCausalLM, config), (_token_ids(vocab, batch, seq),)
+
+
+def qwen2_moe(*, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+              intermediate: int | None = None, experts: int = 4, top_k: int = 2,
+              vocab: int = 256, seq: int = 16, batch: int = 1,
+              experts_implementation: str | None = None) -> Example:
+    """Qwen2-MoE causal LM (routed experts plus a gated shared expert) with random weights; input: input_ids.
+
+    Experts as transformers picks by default, like :func:`mixtral`. Not in
+    :data:`MODELS` (the tests that go over the whole zoo do not expect it);
+    the MoE tests build it by name.
+    """
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    inter = intermediate or 2 * hidden
+    config = Qwen2MoeConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, intermediate_size=inter, moe_intermediate_size=inter,
+        shared_expert_intermediate_size=inter, num_experts=experts, num_experts_per_tok=top_k,
+        vocab_size=vocab, max_position_embeddings=max(2 * seq, 64), attn_implementation="sdpa",
+        **({"experts_implementation": experts_implementation} if experts_implementation else {}),
+    )
+    return _build(Qwen2MoeForCausalLM, config), (_token_ids(vocab, batch, seq),)
 
 
 def bert(*, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int | None = None,

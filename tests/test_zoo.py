@@ -47,12 +47,14 @@ def test_causal_lms_give_next_token_logits(name):
     assert not torch.allclose(other[:, -1], logits[:, -1])
 
 
-def test_mixtral_experts_match_transformers_default():
-    # batched_mm is chosen only for exportability; it must compute the same as
-    # the implementation transformers would pick by itself.
+def test_mixtral_experts_as_transformers_default():
+    # The zoo builds MoE models as the hub hands them over: transformers' default experts;
+    # the other implementations compute the same.
     model, inputs = zoo.mixtral()
-    reference, _ = zoo.mixtral(experts_implementation="grouped_mm")
-    torch.testing.assert_close(_run(model, inputs), _run(reference, inputs))
+    assert model.config._experts_implementation == "grouped_mm"
+    for other in ("batched_mm", "eager"):
+        reference, _ = zoo.mixtral(experts_implementation=other)
+        torch.testing.assert_close(_run(model, inputs), _run(reference, inputs))
 
 
 @pytest.mark.parametrize("name", ["bert", "minilm"])

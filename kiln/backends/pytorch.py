@@ -2,7 +2,8 @@
 
 The reference backend (target ``torch``) and the ``cpu`` target's fallback for
 what TVM cannot lower (dynamic shapes, ops without a converter). Op table:
-every ATen or prims op the runtime's ``torch-graph`` loader admits
+every ATen or prims op, and kiln's own ops (``kiln.ir.ops``, e.g.
+``kiln::moe_experts``), that the runtime's ``torch-graph`` loader admits
 (``kiln.ir.serialize.op_refusal``: functional, no file I/O, no unchecked
 memory access), and the Python operators of symbolic-size arithmetic. Other
 ops (a user's ``torch.library`` custom ops, ``aten.from_file``, an in-place op
@@ -17,7 +18,7 @@ import torch.fx as fx
 from ..ir.serialize import graph_to_json, op_refusal, target_name
 from .base import Backend, LoweredPartition, Partition, register_backend
 
-_NAMESPACES = ("aten", "prims")
+_NAMESPACES = ("aten", "prims", "kiln")  # kiln: only its own ops (kiln.ir.ops), as op_refusal says
 
 
 @register_backend

@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from ..errors import ArtifactError, KilnError
 from .meta import dtype_from_name, dtype_name, types_of
+from .ops import is_kiln_op  # also registers kiln's ops, which graphs resolve by name
 
 _OP_NAMESPACES = ("aten", "prims", "kiln")
 _PYTHON_TARGETS = {
@@ -56,7 +57,8 @@ def is_python_target(target) -> bool:
 def op_refusal(target) -> str | None:
     """Why an artifact graph may not call ``target`` (None: it may).
 
-    Admitted: the Python operators above, and ATen/prims/kiln ops whose schema
+    Admitted: the Python operators above, and ATen/prims ops (and kiln's own,
+    ``kiln.ir.ops.OPS``: the ``kiln`` namespace is not a door for other code's ops) whose schema
     is functional (no argument written in place or as ``out=``, so a graph
     never writes an input's, a weight's or a shared file's storage), that take
     no ``Storage`` and are not in ``_DENIED_OPS``. Random ops (and
@@ -67,6 +69,8 @@ def op_refusal(target) -> str | None:
         return None
     if not isinstance(target, torch._ops.OpOverload) or target.namespace not in _OP_NAMESPACES:
         return "not an ATen/prims/kiln op or a known Python operator"
+    if target.namespace == "kiln" and not is_kiln_op(target):
+        return "a kiln:: op that kiln itself does not register (kiln.ir.ops)"
     schema = target._schema
     if schema.is_mutable:
         return "it writes its arguments in place (artifact graphs are functional)"

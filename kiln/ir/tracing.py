@@ -4,7 +4,8 @@ torch.export (non-strict) runs the model's Python once and records ATen ops;
 ``run_decompositions({})`` then functionalizes the graph without decomposing
 ops such as ``linear`` or ``scaled_dot_product_attention`` that backends want
 to see whole. HF models that return a KV cache are traced with the cache turned
-off (a whole-sequence forward), and a log line says so.
+off (a whole-sequence forward), and a log line says so. HF MoE experts
+modules are traced as one ``kiln::moe_experts`` op (``kiln.ir.moe``).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .graph import Graph, is_ir_target
 from .printer import op_name
 from .signature import InputSpec, Signature
 from .meta import TensorType
+from .moe import experts_as_kiln_ops
 
 log = logging.getLogger("kiln")
 
@@ -38,7 +40,8 @@ def trace(model: torch.nn.Module, example_inputs, example_kwargs: dict | None = 
     kwargs = dict(example_kwargs or {})
     name = type(model).__name__
     tracker = _ModuleTracker(model)
-    with kv_cache_disabled(model), tracker, torch_trace_logs_silenced(), warnings.catch_warnings():
+    with kv_cache_disabled(model), experts_as_kiln_ops(model), tracker, torch_trace_logs_silenced(), \
+            warnings.catch_warnings():
         # torch.export itself trips torch's own pytree deprecation; nothing a user can act on.
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
         try:

@@ -10,16 +10,17 @@ from kiln import zoo
 from kiln.ir.regions import find_regions, node_roles
 
 aten = torch.ops.aten
-PROJECTIONS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.bmm.default}
+PROJECTIONS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.bmm.default,
+               torch.ops.kiln.moe_experts.default}
 NORMS = {aten.rsqrt.default, aten.layer_norm.default}  # one rsqrt per RMSNorm, one layer_norm per LayerNorm
 
 # Per model: layer container, attention child, FFN children, projections per layer
 # in attention / FFN (GPT-2 fuses q/k/v into one Conv1D; Mixtral's FFN is the
-# router linear and two expert bmms), norms per layer in (attention, ffn, other).
+# router linear and the experts' kiln::moe_experts), norms per layer in (attention, ffn, other).
 LAYOUT = {
     "llama": ("model.layers", "self_attn", ("mlp",), 4, 3, (0, 0, 2)),
     "qwen2": ("model.layers", "self_attn", ("mlp",), 4, 3, (0, 0, 2)),
-    "mixtral": ("model.layers", "self_attn", ("mlp",), 4, 3, (0, 0, 2)),
+    "mixtral": ("model.layers", "self_attn", ("mlp",), 4, 2, (0, 0, 2)),
     "gpt2": ("transformer.h", "attn", ("mlp",), 2, 2, (0, 0, 2)),
     "vit": ("vit.layers", "attention", ("mlp",), 4, 2, (0, 0, 2)),
     # Post-norm: the residual add and LayerNorm live in BertSelfOutput / BertOutput.
@@ -116,7 +117,7 @@ def test_moe_region_holds_router_and_experts(exported):
         ffn = set(region.ffn)
         for target in (aten.topk.default, aten.softmax.int):
             assert len(_ops(gm, ffn, {target})) == 1
-        assert len(_ops(gm, ffn, {aten.bmm.default})) == 2
+        assert len(_ops(gm, ffn, {torch.ops.kiln.moe_experts.default})) == 1
 
 
 def test_single_layer_model(export):

@@ -1,0 +1,119 @@
+"""kiln's own ``torch.library`` ops (namespace ``kiln``), usable without the compiler.
+
+An op here is a real PyTorch op: a schema, a CPU kernel (the code below, on
+PyTorch's own kernels) and a fake kernel for tracing. Graphs call them like any
+ATen op: the verifier, the JSON serializer (``kiln.ir.serialize``) and the
+``torch`` backend admit exactly the ops in :data:`OPS` (a ``kiln::`` op
+registered by anyone else is refused). The runtime imports this module (through
+``kiln.ir.serialize``) before it resolves a graph's ops, so it must not import
+the compiler (``kiln.passes``, ``kiln.backends``) or transformers.
+
+``kiln::moe_experts``: a mixture-of-experts FFN's experts, given the router's
+choice. Tokens are grouped by expert (a stable sort of the flattened
+``top_k_index``), each expert runs two GEMMs on its contiguous slice of rows
+(gate/up projection, ``act(gate) * up``, down projection), each row is scaled
+by its routing weight, rows go back to token order and each token's ``k`` rows
+are summed in order: the op order of transformers' default
+(``grouped_mm``) experts implementation, so the result is within fp32
+rounding of eager's. Attention/FFN disaggregation will dispatch this op M->N.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# The activations ``moe_experts`` takes, by name (the gate half goes through it).
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+_lib = torch.library.Library("kiln", "DEF")  # kiln's own namespace: defined once, here
+
+_lib.define(
+    "moe_experts(Tensor hidden, Tensor top_k_index, Tensor top_k_weights, Tensor gate_up_proj, "
+    "Tensor down_proj, str activation, bool transposed) -> Tensor")
+
+
+def _check(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, activation, transposed):
+    torch._check(hidden.dim() == 2, lambda: f"moe_experts: hidden must be 2-D (tokens, hidden), got {hidden.dim()}-D")
+    torch._check(top_k_index.dim() == 2 and top_k_index.shape == top_k_weights.shape,
+                 lambda: "moe_experts: top_k_index and top_k_weights must be (tokens, k) of one shape")
+    torch._check(not top_k_index.is_floating_point(), lambda: "moe_experts: top_k_index must be an integer tensor")
+    torch._check(gate_up_proj.dim() == 3 and down_proj.dim() == 3 and gate_up_proj.shape[0] == down_proj.shape[0],
+                 lambda: "moe_experts: gate_up_proj and down_proj must be (experts, ., .) of one expert count")
+    torch._check(activation in ACTIVATIONS, lambda: f"moe_experts: unknown activation {activation!r}")
+    h_dim = gate_up_proj.shape[1] if transposed else gate_up_proj.shape[2]
+    torch._check(hidden.shape[1] == h_dim, lambda: "moe_experts: hidden width does not match gate_up_proj")
+
+
+def moe_experts_reference(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, activation="silu",
+                          transposed=False):
+    """The same computation one (token, slot) pair at a time: the definition, for tests."""
+    act = ACTIVATIONS[activation]
+    out = torch.zeros_like(hidden)
+    for t in range(hidden.shape[0]):
+        for j in range(top_k_index.shape[1]):
+            e = int(top_k_index[t, j])
+            w1, w2 = gate_up_proj[e], down_proj[e]
+            h = hidden[t] @ w1 if transposed else w1 @ hidden[t]
+            gate, up = h.chunk(2)
+            h = act(gate) * up
+            out[t] += (h @ w2 if transposed else w2 @ h) * top_k_weights[t, j]
+    return out
+
+
+def moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, activation, transposed):
+    _check(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, activation, transposed)
+    act = ACTIVATIONS[activation]
+    tokens, k = top_k_index.shape
+    n_experts = gate_up_proj.shape[0]
+    ids = top_k_index.reshape(-1)
+    # Eager's index checks: an expert id out of range is an error, not a read past the weights.
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n_experts):
+        raise IndexError(f"moe_experts: expert index out of range [0, {n_experts})")
+    order = torch.sort(ids, stable=True).indices
+    counts = torch.bincount(ids, minlength=n_experts).tolist()
+    rows = hidden.index_select(0, order // k)  # (tokens * k, hidden), grouped by expert
+    weights = top_k_weights.reshape(-1).index_select(0, order).to(hidden.dtype)
+    out_dim = down_proj.shape[2] if transposed else down_proj.shape[1]
+    grouped = torch.empty(rows.shape[0], out_dim, dtype=hidden.dtype, device=hidden.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        x = rows[start:start + n]
+        w1, w2 = gate_up_proj[e], down_proj[e]
+        h = torch.mm(x, w1) if transposed else F.linear(x, w1)
+        gate, up = h.chunk(2, dim=-1)
+        h = act(gate) * up
+        if transposed:
+            torch.mm(h, w2, out=grouped[start:start + n])
+        else:
+            torch.mm(h, w2.t(), out=grouped[start:start + n])
+        start += n
+    grouped.mul_(weights.unsqueeze(-1))
+    unsorted = torch.empty_like(grouped)
+    unsorted[order] = grouped
+    return unsorted.view(tokens, k, out_dim).sum(dim=1)
+
+
+_lib.impl("moe_experts", moe_experts, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("kiln::moe_experts", lib=_lib)
+def _moe_experts_fake(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, activation, transposed):
+    _check(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, activation, transposed)
+    out_dim = down_proj.shape[2] if transposed else down_proj.shape[1]
+    return hidden.new_empty(hidden.shape[0], out_dim)
+
+
+# Every op kiln registers: what artifacts, the verifier and the torch backend admit of ``kiln::``.
+OPS: frozenset[torch._ops.OpOverload] = frozenset({torch.ops.kiln.moe_experts.default})
+
+
+def is_kiln_op(target) -> bool:
+    """Whether ``target`` is one of the ops this module registers."""
+    return target in OPS
