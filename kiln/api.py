@@ -23,6 +23,7 @@ from .ir import Graph
 from .ir.tracing import trace
 from .passes import (Instrument, PassContext, PassManager, PassRecord, Skip, StopAfter, Verify, get_pipeline,
                      verification_default)
+from .passes.calibration import check_calibration, flatten_calibration
 from .runtime import Artifact, CompiledModel
 from .runtime.artifact import FORMAT_NAME, FORMAT_VERSION
 
@@ -63,6 +64,9 @@ class CompileOptions:
     # are not tuned again. Works with tune_trials=0 (apply only).
     tuning_database: str | None = None
     gemm_kernels: GemmKernels = GemmKernels.MEASURE
+    # Calibration data for passes that measure activations (kiln/passes/calibration.py): an
+    # iterable of input tuples, each called like the example inputs. Kept as a list.
+    calibration: Any = field(default=None, repr=False)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -75,6 +79,8 @@ class CompileOptions:
                     raise UnknownNameError(f"value for CompileOptions.{f.name}", value,
                                            [m.value for m in enum_type]) from None
         self.skip_passes = tuple(self.skip_passes)
+        if self.calibration is not None:
+            self.calibration = check_calibration(self.calibration)
         if isinstance(self.tune_trials, bool) or not isinstance(self.tune_trials, int) or self.tune_trials < 0:
             raise TuningError(f"CompileOptions.tune_trials must be a whole number of trials >= 0 (0: no tuning), "
                               f"not {self.tune_trials!r}")
@@ -144,8 +150,10 @@ class Compilation:
     def optimize(self, extra_instruments: list[Instrument] = ()) -> list[PassRecord]:
         graph = self._need_graph("optimize")
         pm = PassManager(self.pass_names, self._instruments + list(extra_instruments))
+        calibration = self.options.calibration
         ctx = PassContext(target=self.target, example_inputs=[n.meta["val"] for n in graph.input_nodes()],
-                          options=self.options)
+                          options=self.options, real_inputs=list(self.flat_inputs),
+                          calibration=None if calibration is None else flatten_calibration(calibration, graph.signature))
         self.records = pm.run(graph, ctx)
         for r in self.records:
             log.debug("kiln: pass %s: %.1f ms, +%d -%d ~%d", r.name, r.seconds * 1e3, len(r.added), len(r.removed),

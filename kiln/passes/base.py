@@ -21,12 +21,22 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What a pass may read besides the graph: the target, options and example inputs."""
+    """What a pass may read besides the graph: the target, options, example inputs and calibration data."""
 
     target: str = "cpu"
-    example_inputs: list[torch.Tensor] = field(default_factory=list)  # flat user inputs
+    example_inputs: list[torch.Tensor] = field(default_factory=list)  # flat user inputs (fake tensors: shapes)
     options: Any = None  # kiln.api.CompileOptions when run through kiln.compile
     ran: list[str] = field(default_factory=list)  # names of the passes run so far
+    real_inputs: list[torch.Tensor] = field(default_factory=list)  # the same example inputs, real tensors
+    calibration: list[list[torch.Tensor]] | None = None  # flat user inputs per sample (CompileOptions.calibration)
+    _activation_stats: Any = field(default=None, repr=False, compare=False)  # cache of activation_stats
+
+    def activation_stats(self, graph: Graph, *, histograms: bool = True, bins: int | None = None,
+                         progress: bool | None = None):
+        """Per-node activation statistics of ``graph`` as it is now (kiln.passes.calibration), cached."""
+        from .calibration import DEFAULT_BINS, stats_for
+
+        return stats_for(self, graph, histograms=histograms, bins=bins or DEFAULT_BINS, progress=progress)
 
 
 class Pass(ABC):
