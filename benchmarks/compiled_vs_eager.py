@@ -47,6 +47,9 @@ MODELS = {
              "768 wide, 4 layers, 128 tok"),
     "vit": (zoo.vit, dict(hidden=768, layers=4, heads=12, image=224, patch=16), "768 wide, 4 layers, 224px"),
     "minilm": (zoo.minilm, dict(seq=128, batch=1), "trained, 128 tok"),
+    # Experts as transformers runs them by default (grouped_mm), for eager and for kiln's trace.
+    "mixtral": (zoo.mixtral, dict(**LLAMA, experts=8, top_k=2, seq=128),
+                "512 wide, 4 layers, 8 experts top-2, 128 tok"),
 }
 WORKLOADS = [*MODELS, "llama-decode"]
 
@@ -69,9 +72,25 @@ def whole_model(name: str, target: str, inductor: bool):
     cm = kiln.compile(model, inputs, target=target)
     compile_s = time.perf_counter() - start
     contenders = {"eager": functools.partial(_eager(model), *inputs), "kiln": functools.partial(cm, *inputs)}
+    _check_output(name, contenders["eager"](), contenders["kiln"]())
     if inductor:
         contenders["inductor"] = functools.partial(_eager(torch.compile(model)), *inputs)
     return contenders, compile_s
+
+
+def _check_output(name: str, eager, compiled) -> None:
+    """Print how far kiln's output is from eager's, and whether it is within fp32 ``assert_close`` tolerance."""
+    from torch.utils import _pytree as pytree
+
+    pairs = list(zip(pytree.tree_leaves(eager), pytree.tree_leaves(compiled)))
+    diff = max(float((e.double() - c.double()).abs().max()) for e, c in pairs)
+    try:
+        for e, c in pairs:
+            torch.testing.assert_close(c, e)
+        verdict = "within fp32 tolerance"
+    except AssertionError:
+        verdict = "NOT within fp32 tolerance"
+    print(f"  {name}: output vs eager: max abs diff {diff:.2e}, {verdict}")
 
 
 def llama_decode(target: str, inductor: bool):

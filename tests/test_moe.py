@@ -149,3 +149,31 @@ def test_moe_artifacts_run_in_a_fresh_process(compiled_moe):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["ok"]
+
+
+def test_unrecognised_experts_modules_run_as_kiln_grouped_mm(monkeypatch):
+    # An experts module kiln::moe_experts does not describe keeps transformers' own computation;
+    # its grouped_mm_fallback op becomes kiln::grouped_mm, which runs without transformers.
+    import kiln.ir.moe
+
+    monkeypatch.setattr(kiln.ir.moe, "experts_activation", lambda module: None)
+    model, inputs = zoo.mixtral(layers=1)
+    graph = trace(model, inputs)
+    targets = [n.target for n in graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.kiln.grouped_mm.default) == 2 and MOE not in targets
+    assert not [t for t in targets if "transformers" in str(t)]
+    cm = kiln.compile(model, inputs, target="cpu")
+    torch.testing.assert_close(cm(*inputs).logits, _eager(model, inputs))
+
+
+def test_kiln_grouped_mm_is_transformers_fallback():
+    from transformers.integrations import moe  # noqa: F401 - registers transformers::grouped_mm_fallback
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(10, 8, generator=gen), torch.randn(3, 8, 5, generator=gen)
+    for offs in ([4, 4, 9], [0, 10, 10]):
+        offs = torch.tensor(offs, dtype=torch.int32)
+        torch.testing.assert_close(torch.ops.kiln.grouped_mm(x, w, offs),
+                                   torch.ops.transformers.grouped_mm_fallback(x, w, offs), rtol=0, atol=0)
+    with pytest.raises(IndexError):
+        torch.ops.kiln.grouped_mm(x, w, torch.tensor([5, 3, 9]))

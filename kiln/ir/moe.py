@@ -18,7 +18,10 @@ it knows, not expert-parallel) runs that op on its own weights instead,
 whichever implementation the config names. Recognising the module rather than
 matching each form's 15-odd traced nodes in a pass catches all three forms
 (one of which does not trace at all) and keeps the op's inputs named as the
-module's parameters. Modules it does not recognise trace as they would have.
+module's parameters. Modules it does not recognise trace as they would have;
+with the default implementation their ``transformers::grouped_mm_fallback``
+nodes then become ``kiln::grouped_mm`` (the same computation,
+:func:`replace_foreign_grouped_mm`), so the graph runs without transformers.
 """
 from __future__ import annotations
 
@@ -106,3 +109,16 @@ def experts_as_kiln_ops(model: nn.Module):
                 module.forward = old
             else:
                 del module.forward
+
+
+def replace_foreign_grouped_mm(gm: torch.fx.GraphModule) -> int:
+    """Retarget ``transformers::grouped_mm_fallback`` nodes to ``kiln::grouped_mm``; how many there were."""
+    foreign = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    n = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and foreign is not None and node.target == getattr(foreign, "default", None):
+            node.target = torch.ops.kiln.grouped_mm.default
+            n += 1
+    if n:
+        gm.recompile()
+    return n

@@ -16,6 +16,9 @@ by its routing weight, rows go back to token order and each token's ``k`` rows
 are summed in order: the op order of transformers' default
 (``grouped_mm``) experts implementation, so the result is within fp32
 rounding of eager's. Attention/FFN disaggregation will dispatch this op M->N.
+
+``kiln::grouped_mm`` is ``transformers::grouped_mm_fallback`` under kiln's
+name, for experts modules that ``kiln.ir.moe`` does not recognise.
 """
 from __future__ import annotations
 
@@ -110,8 +113,37 @@ def _moe_experts_fake(hidden, top_k_index, top_k_weights, gate_up_proj, down_pro
     return hidden.new_empty(hidden.shape[0], out_dim)
 
 
+# ``kiln::grouped_mm``: ``transformers::grouped_mm_fallback`` (same schema and result) for
+# experts modules ``kiln.ir.moe`` does not recognise: rows ``offs[i-1]:offs[i]`` of ``input``
+# times ``weight[i]``; rows past ``offs[-1]`` are zero.
+_lib.define("grouped_mm(Tensor input, Tensor weight, Tensor offs) -> Tensor")
+
+
+def grouped_mm(input, weight, offs):
+    torch._check(input.dim() == 2 and weight.dim() == 3 and offs.dim() == 1 and offs.shape[0] == weight.shape[0]
+                 and input.shape[1] == weight.shape[1], lambda: "grouped_mm: input (S, K), weight (G, K, N), offs (G,)")
+    out = input.new_zeros(input.shape[0], weight.shape[2])
+    start = 0
+    for i, end in enumerate(offs.tolist()):
+        if not start <= end <= input.shape[0]:
+            raise IndexError(f"grouped_mm: offsets must be non-decreasing and at most {input.shape[0]}")
+        if end > start:
+            torch.mm(input[start:end], weight[i], out=out[start:end])
+        start = end
+    return out
+
+
+_lib.impl("grouped_mm", grouped_mm, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("kiln::grouped_mm", lib=_lib)
+def _grouped_mm_fake(input, weight, offs):
+    return input.new_empty(input.shape[0], weight.shape[2])
+
+
 # Every op kiln registers: what artifacts, the verifier and the torch backend admit of ``kiln::``.
-OPS: frozenset[torch._ops.OpOverload] = frozenset({torch.ops.kiln.moe_experts.default})
+OPS: frozenset[torch._ops.OpOverload] = frozenset({torch.ops.kiln.moe_experts.default,
+                                                   torch.ops.kiln.grouped_mm.default})
 
 
 def is_kiln_op(target) -> bool:

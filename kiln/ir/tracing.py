@@ -24,7 +24,7 @@ from .graph import Graph, is_ir_target
 from .printer import op_name
 from .signature import InputSpec, Signature
 from .meta import TensorType
-from .moe import experts_as_kiln_ops
+from .moe import experts_as_kiln_ops, replace_foreign_grouped_mm
 
 log = logging.getLogger("kiln")
 
@@ -52,6 +52,7 @@ def trace(model: torch.nn.Module, example_inputs, example_kwargs: dict | None = 
             reason = "\n".join(reason[:12]) if reason else type(e).__name__
             raise TraceError(f"torch.export could not trace {name}{where}: {type(e).__name__}: {reason}") from e
         ep = ep.run_decompositions({})
+    replace_foreign_grouped_mm(ep.graph_module)
     return from_exported_program(ep, name)
 
 
