@@ -177,3 +177,12 @@ def test_kiln_grouped_mm_is_transformers_fallback():
                                    torch.ops.transformers.grouped_mm_fallback(x, w, offs), rtol=0, atol=0)
     with pytest.raises(IndexError):
         torch.ops.kiln.grouped_mm(x, w, torch.tensor([5, 3, 9]))
+
+
+def test_moe_llm_greedy_tokens_equal_hf():
+    from kiln.llm import compile_llm
+
+    model, (ids,) = zoo.mixtral(seq=11)
+    llm = compile_llm(model, prefill_buckets=(16,), capacity=32)
+    expected = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(llm.generate(ids, max_new_tokens=4), expected)
