@@ -12,6 +12,7 @@ import json
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -53,21 +54,21 @@ class Worker:
         line = self.results.readline() if ready else ""
         if line:
             return json.loads(line)
-        hung = not ready
-        self.close()
         self.log.seek(log_start)
         tail = self.log.read().decode(errors="replace").strip().splitlines()[-15:]
-        self.proc = None
-        code = "hung" if hung else "died"
+        rc = self.close()
+        if not ready:
+            what = f"worker hung: no result after {self.timeout:.0f} s (killed)"
+        else:
+            what = f"worker died: {signal.Signals(-rc).name}" if rc < 0 else f"worker died: exit status {rc}"
         case = generate(seed)
         return {"seed": seed, "target": self.target, "dtype": case.dtype, "ops": sorted(set(case.families)),
-                "program": case.source(), "outcome": "crash",
-                "exception": f"worker {code} after {self.timeout:.0f} s" if hung else "worker died",
-                "stderr_tail": "\n".join(tail)}
+                "program": case.source(), "outcome": "crash", "exception": what, "stderr_tail": "\n".join(tail)}
 
-    def close(self) -> None:
+    def close(self) -> int | None:
+        """Stop the worker (killed if it does not end when its stdin closes); its exit status."""
         if self.proc is None:
-            return
+            return None
         if self.proc.poll() is None:
             self.proc.stdin.close()
             try:
@@ -75,7 +76,10 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        rc, self.proc = self.proc.returncode, None
         self.results.close()
+        self.log.close()
+        return rc
 
 
 def serve(target: str, result_fd: int) -> None:
@@ -228,6 +232,7 @@ def commit() -> str:
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
     try:
-        return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", "kiln") else "")
+        head = git("rev-parse", "--short", "HEAD")
     except OSError:
         return "?"
+    return head + ("+dirty" if git("status", "--porcelain", "--", "kiln") else "") if head else "?"
