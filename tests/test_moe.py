@@ -41,6 +41,22 @@ def test_moe_experts_matches_a_per_token_loop(activation, transposed):
     torch.testing.assert_close(got, moe_experts_reference(*args, activation, transposed))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_experts_is_transformers_default_experts_forward(dtype):
+    # Same op order as transformers' grouped_mm path (fp32 routing weights on bf16 experts included).
+    model, _ = zoo.mixtral(layers=1)
+    experts = model.to(dtype).model.layers[0].mlp.experts
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(16, model.config.hidden_size, generator=gen).to(dtype)
+    weights, index = torch.topk(torch.randn(16, 4, generator=gen).softmax(-1), 2)
+    weights = weights / weights.sum(-1, keepdim=True)
+    with torch.no_grad():
+        expected = experts(hidden, index, weights)
+        got = MOE(hidden, index, weights, experts.gate_up_proj, experts.down_proj, "silu", False)
+    assert got.dtype == expected.dtype == dtype
+    torch.testing.assert_close(got, expected)
+
+
 def test_moe_experts_fake_kernel_and_index_checks():
     args = _routing()
     with torch._subclasses.FakeTensorMode() as mode:
@@ -64,7 +80,9 @@ def test_every_experts_implementation_traces_to_one_op_per_layer(implementation)
     assert [a.name for a in moe[0].args[3:5]] == ["p_model_layers_0_mlp_experts_gate_up_proj",
                                                   "p_model_layers_0_mlp_experts_down_proj"]
     assert "experts" in next(reversed(moe[0].meta["nn_module_stack"].values()))[0]
-    assert model.forward.__self__ is model and "forward" not in model.model.layers[0].mlp.experts.__dict__
+    assert "forward" not in model.model.layers[0].mlp.experts.__dict__
+    # The module's forward is its own again after the trace, and the compiled op computes what it does.
+    torch.testing.assert_close(kiln.compile(model, inputs, target="torch")(*inputs).logits, _eager(model, inputs))
 
 
 def test_graph_with_moe_passes_verifier_and_json_round_trip():

@@ -87,10 +87,11 @@ def moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, act
         raise IndexError(f"moe_experts: expert index out of range [0, {n_experts})")
     order = torch.sort(ids, stable=True).indices
     counts = torch.bincount(ids, minlength=n_experts).tolist()
-    rows = hidden.index_select(0, order // k)  # (tokens * k, hidden), grouped by expert
-    weights = top_k_weights.reshape(-1).index_select(0, order).to(hidden.dtype)
+    # (tokens * k, hidden) grouped by expert, in the weights' dtype (as transformers casts it)
+    rows = hidden.index_select(0, order // k).to(gate_up_proj.dtype)
+    weights = top_k_weights.reshape(-1).index_select(0, order)
     out_dim = down_proj.shape[2] if transposed else down_proj.shape[1]
-    grouped = torch.empty(rows.shape[0], out_dim, dtype=hidden.dtype, device=hidden.device)
+    grouped = torch.empty(rows.shape[0], out_dim, dtype=down_proj.dtype, device=hidden.device)
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
@@ -105,10 +106,12 @@ def moe_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, act
         else:
             torch.mm(h, w2.t(), out=grouped[start:start + n])
         start += n
-    grouped.mul_(weights.unsqueeze(-1))
-    unsorted = torch.empty_like(grouped)
-    unsorted[order] = grouped
-    return unsorted.view(tokens, k, out_dim).sum(dim=1)
+    # Scaled and summed in the promoted dtype (bf16 experts, fp32 routing weights: fp32), as in
+    # transformers, then back to the input's dtype.
+    weighted = grouped * weights.unsqueeze(-1)
+    unsorted = torch.empty_like(weighted)
+    unsorted[order] = weighted
+    return unsorted.view(tokens, k, out_dim).sum(dim=1).to(hidden.dtype)
 
 
 _lib.impl("moe_experts", moe_experts, "CompositeExplicitAutograd")
