@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from . import __version__
 from .backends import LoweredPartition, place_and_lower, target_backends
 from .errors import KilnError, TuningError, UnknownNameError
 from .ir import Graph
@@ -25,7 +24,7 @@ from .passes import (Instrument, PassContext, PassManager, PassRecord, Skip, Sto
                      verification_default)
 from .passes.calibration import check_calibration, flatten_calibration
 from .runtime import Artifact, CompiledModel
-from .runtime.artifact import FORMAT_NAME, FORMAT_VERSION
+from .runtime.artifact import new_manifest, program_entry
 
 log = logging.getLogger("kiln")
 
@@ -183,22 +182,14 @@ class Compilation:
         for o in outputs:
             if o.get("value") in graph.weights:  # the model returns a weight as is
                 used[o["value"]] = graph.weights[o["value"]]
-        manifest = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "kiln_version": __version__,
-            "torch_version": torch.__version__,
-            "tvm_version": _package_version("apache-tvm"),
-            "target": self.target,
-            "model": graph.name,
-            "signature": graph.signature.to_json(),
-            "partitions": entries,
-            "outputs": outputs,
-            "weight_sources": {k: v for k, v in graph.weight_sources.items() if k in used},
-            "passes": [_record_json(r) for r in self.records],
+        program = program_entry(
+            graph.signature.to_json(), entries, outputs,
+            weight_sources={k: v for k, v in graph.weight_sources.items() if k in used},
+            passes=[_record_json(r) for r in self.records],
             # nodes a backend could not lower after all, and ran on the target's fallback instead
-            **({"fallbacks": fallbacks} if fallbacks else {}),
-        }
+            fallbacks=fallbacks or None)
+        manifest = new_manifest({"main": program}, target=self.target, model=graph.name,
+                                torch_version=torch.__version__, tvm_version=_package_version("apache-tvm"))
         examples = list(self.flat_inputs) if self.options.keep_example_inputs else None
         return CompiledModel(Artifact(manifest, used, files, examples))
 

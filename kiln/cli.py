@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trusted-key", action="append", metavar="FILE",
                    help="an ed25519 public key (raw 32 bytes or PEM); the artifact must be signed by one of "
                         "the keys given (repeatable)")
+    p.add_argument("--trace", metavar="FILE.json",
+                   help="write a timeline of every task of the warm-up and timed runs (queue, start, end) as Chrome "
+                        "trace-event JSON, which Perfetto and chrome://tracing open")
     p.set_defaults(command=_run)
 
     p = commands.add_parser("inspect", help="show what every pass does to a model",
@@ -316,6 +319,8 @@ def _progress(status):
 # ---- kiln run ----------------------------------------------------------------------------------
 
 def _run(args, out: Console, err: Console) -> None:
+    from contextlib import nullcontext
+
     import torch
     from torch.utils import _pytree as pytree
 
@@ -330,16 +335,21 @@ def _run(args, out: Console, err: Console) -> None:
             raise KilnError(f"cannot read the trusted key {e.filename}: {e.strerror}") from None
     with err.status(f"loading {args.artifact}"):
         compiled = load(args.artifact, trusted_keys=keys)
+    compiled = getattr(compiled, "model", compiled)  # an LLM: its CompiledModel (default program: decode)
     if compiled.example_inputs is None:
         raise KilnError(f"{args.artifact} holds no example inputs to run on "
                         "(it was compiled with keep_example_inputs=False)")
     call_args, call_kwargs = pytree.tree_unflatten(list(compiled.example_inputs), compiled.signature.in_spec)
     with err.status(f"running {args.artifact}"):
         outputs = compiled(*call_args, **call_kwargs)
-        ms = median_ms({"kiln": lambda: compiled(*call_args, **call_kwargs)}, repeat=args.repeat, warmup=1)["kiln"]
+        with compiled.tracing() if args.trace else nullcontext() as trace:
+            ms = median_ms({"kiln": lambda: compiled(*call_args, **call_kwargs)}, repeat=args.repeat,
+                           warmup=1)["kiln"]
 
     m = compiled.manifest
-    out.print(Text(f"{m['model']} for {m['target']}: {_count(len(m['partitions']), 'partition')}, "
+    queues = compiled.default_program.queues
+    out.print(Text(f"{m['model']} for {m['target']}: {_count(len(m['partitions']), 'task')} on "
+                   f"{_count(len(queues), 'queue')} ({', '.join(queues)}), "
                    f"{_count(len(compiled.example_inputs), 'example input')}"))
     table = Table(title="outputs", title_justify="left")
     for column in ("output", "shape", "dtype"):
@@ -352,6 +362,13 @@ def _run(args, out: Console, err: Console) -> None:
             table.add_row(Text(name), Text(repr(leaf)), Text(type(leaf).__name__))
     out.print(table)
     out.print(Text(f"median wall-clock time of {args.repeat} runs: {ms:.3f} ms"))
+    if args.trace:
+        try:
+            trace.save(args.trace)
+        except OSError as e:
+            raise KilnError(f"cannot write the trace {args.trace}: {e.strerror}") from None
+        out.print(Text(f"wrote the trace of {len(trace.events)} tasks to {args.trace} "
+                       "(open it in https://ui.perfetto.dev or chrome://tracing)"))
 
 
 # ---- kiln inspect ------------------------------------------------------------------------------

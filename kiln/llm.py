@@ -1,27 +1,31 @@
-"""LLM generation with compiled prefill and decode graphs, the KV cache passed in and out as tensors.
+"""LLM generation with compiled prefill and decode programs, the KV cache passed in and out as tensors.
 
 ``compile_llm(model)`` wraps a transformers causal LM (Llama, Qwen2, Mixtral,
 GPT-2) in :class:`kiln.kv_cache.KVCacheLM` and compiles it with
 ``kiln.compile`` once per prompt-length bucket (prefill) and once for a single
-token (decode); each graph is an ordinary kiln artifact. :class:`CompiledLLM`
-runs them for greedy generation; ``CompiledLLM.save`` / :func:`load` store the
-set as one sub-directory per graph plus ``llm.json``.
+token (decode), then packs them as ONE artifact whose programs are
+``prefill_<bucket>`` and ``decode`` over one weight store (every tensor stored
+once: the weights are the model's own in every program). Its manifest's
+``llm`` field names them; ``kiln.load`` (or :func:`load`) returns a
+:class:`CompiledLLM` for it, which runs them for greedy generation.
 
-Every graph is ``(input_ids, start_pos, k_cache, v_cache) -> (logits,
-k_cache_new, v_cache_new)``, ``logits`` being the last position's only
-(``[batch, 1, vocab]``):
+Every program is ``(input_ids, k_cache, v_cache) -> (logits, k_cache_new,
+v_cache_new)`` with the run-time control ``start_pos``, ``logits`` being the
+last position's only (``[batch, 1, vocab]``):
 
 - Cache layout: ``k_cache`` and ``v_cache`` are ``[layers, batch, kv_heads,
   capacity, head_dim]`` in the model's dtype; slot ``j`` holds the token at
-  position ``j``. The graphs never write in place: the updated cache is an
+  position ``j``. The programs never write in place: the updated cache is an
   output (backends such as TVM drop in-place buffer updates).
-- ``start_pos`` is a 0-d int64 tensor, so one decode graph serves every step.
+- ``start_pos``, the position of ``input_ids[:, 0]``, is a control (a 0-d
+  int64 input the runtime feeds): decode allows ``0 .. capacity-1``, the
+  prefill of bucket ``b`` ``1-b .. capacity-b``. One decode program serves every step.
 - Attention covers the whole capacity with a mask allowing slot ``j`` for the
   query at position ``p`` iff ``j <= p``.
 
 Bucket policy: a prompt of ``n`` tokens is left-padded (with token 0) to the
 smallest bucket ``>= n`` and prefilled at ``start_pos = n - bucket``, so its
-tokens sit at positions ``0 .. n-1`` and its last token is the graph's last
+tokens sit at positions ``0 .. n-1`` and its last token is the program's last
 row, whose logits give the first new token; decoding continues at position
 ``n``. The padding's positions are negative: its keys and values are written
 to no slot, and no real query's mask lets it through, so it never affects a
@@ -29,49 +33,51 @@ result. A generation of ``m`` tokens needs ``n + m <= capacity``.
 
 Not handled: prompts of different lengths in one batch (every row is padded
 by the same amount), sampling (greedy only), stopping at an end-of-sequence token,
-sliding-window attention, and sharing weights between the graphs (each
-artifact stores its own copy).
+sliding-window attention.
 
 This module is the runtime side too: :func:`load` and :class:`CompiledLLM`
 import nothing from the compiler; :func:`compile_llm` imports it when called.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from . import __version__
 from .errors import ArtifactError, InputMismatchError, KilnError
 from .ir.meta import dtype_from_name
-from .runtime import CompiledModel, load as load_artifact, write_artifact
-from .runtime.artifact import atomic_directory, plain_name, read_json_document, tidy
+from .runtime import CompiledModel, read_artifact
+from .runtime.artifact import REBUILD, declare_control, merge_programs
+from .runtime.executor import Program
 
-INDEX = "llm.json"
-FORMAT_NAME = "kiln-llm"
-FORMAT_VERSION = 2  # 2: graphs return the last position's logits; prompts are left-padded
 DECODE = "decode"
-_INPUTS = ("input_ids", "start_pos", "k_cache", "v_cache")
+OLD_INDEX = "llm.json"  # what kiln 0.1 saved an LLM as: a directory of artifacts, one per graph
+_INPUTS = ("input_ids", "k_cache", "v_cache")
+_CONTROL = "start_pos"
 
 
 class CompiledLLM:
-    """Compiled prefill graphs (one per prompt-length bucket) and a decode graph, run for greedy generation."""
+    """An artifact with prefill programs (one per prompt-length bucket) and a decode program, for greedy generation."""
 
-    def __init__(self, prefill: dict[int, CompiledModel], decode: CompiledModel):
-        if not prefill:
-            raise KilnError("a CompiledLLM needs at least one prefill graph")
-        self.prefill_graphs = dict(sorted(prefill.items()))
-        self.decode_graph = decode
-        cache = _cache_type(decode, "decode graph")
+    def __init__(self, model: CompiledModel):
+        self.model = model
+        index = model.manifest.get("llm")
+        if index is None:
+            raise KilnError("this artifact is not an LLM (its manifest has no field llm); compile it with "
+                            "kiln.llm.compile_llm")
+        self.prefill_graphs: dict[int, Program] = {
+            int(b): model.programs[name] for b, name in sorted(index["prefill"].items(), key=lambda kv: int(kv[0]))}
+        self.decode_graph: Program = model.programs[index["decode"]]
+        decode = self.decode_graph
+        cache = _cache_type(decode, "decode program")
         self.batch = decode.signature.inputs[0].type.shape[0]
-        graphs = [(f"prefill graph for bucket {b}", g, b) for b, g in self.prefill_graphs.items()]
-        for name, graph, length in [("decode graph", decode, 1), *graphs]:
+        graphs = [(f"prefill program for bucket {b}", g, b) for b, g in self.prefill_graphs.items()]
+        for name, graph, length in [("decode program", decode, 1), *graphs]:
             ids = graph.signature.inputs[0].type.shape
             if tuple(ids) != (self.batch, length) or _cache_type(graph, name) != cache:
                 raise KilnError(f"{name} takes input_ids {list(ids)} and a cache {_cache_type(graph, name)}; "
-                                f"expected input_ids {[self.batch, length]} and the decode graph's cache {cache}")
+                                f"expected input_ids {[self.batch, length]} and the decode program's cache {cache}")
         self.cache_shape = tuple(cache.shape)
         self.cache_dtype = dtype_from_name(cache.dtype)
         self.capacity = self.cache_shape[3]
@@ -79,6 +85,14 @@ class CompiledLLM:
     @property
     def buckets(self) -> list[int]:
         return list(self.prefill_graphs)
+
+    @property
+    def artifact(self):
+        return self.model.artifact
+
+    @property
+    def manifest(self) -> dict:
+        return self.model.manifest
 
     def empty_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.zeros(self.cache_shape, dtype=self.cache_dtype),
@@ -91,7 +105,9 @@ class CompiledLLM:
         bucket = self._bucket(n)
         padded = torch.zeros(self.batch, bucket, dtype=torch.int64)
         padded[:, bucket - n:] = input_ids
-        logits, k, v = self.prefill_graphs[bucket].run([padded, torch.tensor(n - bucket), *self.empty_cache()])
+        program = self.prefill_graphs[bucket]
+        program.set_controls(start_pos=n - bucket)
+        logits, k, v = program.run([padded, *self.empty_cache()])
         return logits[:, -1], k, v
 
     def decode(self, token_ids: torch.Tensor, pos: int, k_cache: torch.Tensor,
@@ -102,9 +118,10 @@ class CompiledLLM:
                                      "compile_llm(..., capacity=...) sets it")
         for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
             if tuple(cache.shape) != self.cache_shape or cache.dtype != self.cache_dtype:
-                raise InputMismatchError(f"{name} is {cache.dtype} {list(cache.shape)}; the graphs take "
+                raise InputMismatchError(f"{name} is {cache.dtype} {list(cache.shape)}; the programs take "
                                          f"{self.cache_dtype} {list(self.cache_shape)}")
-        logits, k, v = self.decode_graph.run([self._check_ids(token_ids), torch.tensor(pos), k_cache, v_cache])
+        self.decode_graph.set_controls(start_pos=pos)
+        logits, k, v = self.decode_graph.run([self._check_ids(token_ids), k_cache, v_cache])
         return logits[:, -1], k, v
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -128,20 +145,8 @@ class CompiledLLM:
         return torch.cat([input_ids, *tokens], dim=1)
 
     def save(self, path: str | os.PathLike, signing_key=None) -> Path:
-        """Write every graph as a kiln artifact under ``path``, with ``llm.json`` naming them (atomically).
-
-        ``signing_key`` signs every graph's manifest (``CompiledModel.save``).
-        """
-        path = Path(path)
-        with atomic_directory(path, _entries, "a saved kiln LLM") as tmp:
-            index = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kiln_version": __version__,
-                     "decode": DECODE, "prefill": {}}
-            for bucket, graph in self.prefill_graphs.items():
-                index["prefill"][str(bucket)] = f"prefill_{bucket}"
-                write_artifact(graph.artifact, tmp / f"prefill_{bucket}", signing_key)
-            write_artifact(self.decode_graph.artifact, tmp / DECODE, signing_key)
-            (tmp / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
-        return path
+        """Write the LLM as one kiln artifact at ``path`` (atomically), signed if given a ``signing_key``."""
+        return self.model.save(path, signing_key)
 
     def _check_ids(self, ids: torch.Tensor) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point or ids.is_complex():
@@ -162,63 +167,36 @@ class CompiledLLM:
                                  f"({self.buckets[-1]}); compile with a bucket >= {n} in prefill_buckets")
 
     def __repr__(self) -> str:
-        return (f"<kiln.CompiledLLM target={self.decode_graph.target} batch={self.batch} "
+        return (f"<kiln.CompiledLLM target={self.model.target} batch={self.batch} "
                 f"buckets={self.buckets} capacity={self.capacity}>")
 
 
-def _cache_type(graph: CompiledModel, name: str):
+def _cache_type(graph: Program, name: str):
     names = tuple(i.name for i in graph.signature.inputs)
-    if names != _INPUTS:
-        raise KilnError(f"{name} takes inputs {names}; an LLM graph takes {_INPUTS}")
-    k, v = graph.signature.inputs[2].type, graph.signature.inputs[3].type
+    if names != _INPUTS or _CONTROL not in graph.controls:
+        raise KilnError(f"{name} takes inputs {names} and controls {tuple(graph.controls)}; an LLM program takes "
+                        f"{_INPUTS} and the control {_CONTROL!r}")
+    k, v = graph.signature.inputs[1].type, graph.signature.inputs[2].type
     if k != v or len(k.shape) != 5:
         raise KilnError(f"{name}: k_cache {k} and v_cache {v} must both be [layers, batch, kv_heads, capacity, head_dim]")
     return k
 
 
 def load(path: str | os.PathLike, trusted_keys=None) -> CompiledLLM:
-    """Load a :class:`CompiledLLM` saved by ``CompiledLLM.save``, verifying every artifact (runtime only).
+    """Load a :class:`CompiledLLM` saved by ``CompiledLLM.save``, verifying the artifact (runtime only).
 
-    ``trusted_keys``: every graph must be signed by one of them (``kiln.load``).
+    ``trusted_keys``: the artifact must be signed by one of them (``kiln.load``).
     """
     path = Path(path)
-    if not path.is_dir():
-        tidy(path, _entries, wait=True)  # a save may be replacing it, or one was killed half-way
-    index = _read_index(path)
-    prefill = {int(bucket): load_artifact(path / name, trusted_keys) for bucket, name in index["prefill"].items()}
-    llm = CompiledLLM(prefill, load_artifact(path / index["decode"], trusted_keys))
-    tidy(path, _entries, wait=False)
-    return llm
-
-
-def _read_index(path: Path) -> dict:
-    """``llm.json``, checked: its version, and graph directories that are plain names (buckets: integers)."""
-    ipath = path / INDEX
-    index = read_json_document(ipath, FORMAT_NAME, "a saved kiln LLM")
-    if index.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{ipath}: LLM index version {index.get('format_version')!r} is not supported "
-                            f"(this runtime reads version {FORMAT_VERSION})")
-    prefill = index.get("prefill")
-    if not isinstance(prefill, dict) or not all(isinstance(b, str) and b.isdigit() for b in prefill):
-        raise ArtifactError(f"{ipath}: field prefill must map bucket sizes to graph directories")
-    for name in [index.get("decode"), *prefill.values()]:
-        if not isinstance(name, str) or not plain_name(name):
-            raise ArtifactError(f"{ipath}: graph directory {name!r} is not a plain name")
-    return index
-
-
-def _entries(path: Path) -> set[str] | None:
-    """What a saved LLM at ``path`` owns (its index and graph directories); None if it is not one."""
-    try:
-        index = _read_index(path)
-    except ArtifactError:
-        return None
-    return {INDEX, index["decode"], *index["prefill"].values()}
+    if (path / OLD_INDEX).is_file() and not (path / "manifest.json").exists():
+        raise ArtifactError(f"{path} is an LLM saved by kiln 0.1 as a directory of artifacts with {OLD_INDEX}; "
+                            f"this runtime reads an LLM as one artifact (format 2); {REBUILD}")
+    return CompiledLLM(CompiledModel(read_artifact(path, trusted_keys)))
 
 
 def compile_llm(model: torch.nn.Module, *, batch: int = 1, prefill_buckets=(32, 128), capacity: int = 256,
                 target: str = "cpu", options=None) -> CompiledLLM:
-    """Compile a transformers causal LM into prefill graphs (one per bucket) and a single-token decode graph.
+    """Compile a transformers causal LM into one artifact: prefill programs (one per bucket) and a decode program.
 
     ``options`` (a ``kiln.CompileOptions``) applies to every graph; the shapes
     are static, so ``options.dynamic_shapes`` must be unset.
@@ -238,8 +216,14 @@ def compile_llm(model: torch.nn.Module, *, batch: int = 1, prefill_buckets=(32, 
     lm = KVCacheLM(model)
     k, v = lm.empty_cache(batch, capacity)
 
-    def compile_for(length: int) -> CompiledModel:
+    def compile_for(length: int, name: str):
         ids = torch.zeros(batch, length, dtype=torch.int64)
-        return kiln_compile(lm, (ids, torch.tensor(0), k, v), target=target, options=options)
+        artifact = kiln_compile(lm, (ids, torch.tensor(0), k, v), target=target, options=options).artifact
+        (program,) = artifact.manifest["programs"].values()
+        first = 0 if length == 1 else 1 - length  # a prompt of one token, left-padded to the bucket
+        declare_control(program, _CONTROL, default=first, min=first, max=capacity - length)
+        return name, artifact
 
-    return CompiledLLM({b: compile_for(b) for b in buckets}, compile_for(1))
+    parts = dict([compile_for(b, f"prefill_{b}") for b in buckets] + [compile_for(1, DECODE)])
+    index = {"prefill": {str(b): f"prefill_{b}" for b in buckets}, "decode": DECODE}
+    return CompiledLLM(CompiledModel(merge_programs(parts, default_program=DECODE, llm=index)))

@@ -129,6 +129,17 @@ def test_run_prints_output_structure_and_time(artifact):
     assert "median wall-clock time of 3 runs" in out
 
 
+def test_run_writes_a_chrome_trace_of_every_task(artifact, tmp_path):
+    code, out, err = cli("run", str(artifact[0]), "--repeat", "2", "--trace", str(tmp_path / "t.json"))
+    assert code == 0, err
+    assert "1 task on 1 queue (cpu0)" in out
+    events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    complete = [e["name"] for e in events if e["ph"] == "X"]
+    assert f"wrote the trace of {len(complete)} tasks to" in out
+    assert complete == ["part0_cpu"] * len(complete) and len(complete) >= 2  # the timed runs (and the warm-up)
+    assert {e["args"]["name"] for e in events if e["ph"] == "M"} == {"cpu0"}
+
+
 def test_run_names_the_leaves_of_a_structured_output(factories, tmp_path):
     assert cli("compile", f"{factories}:norm_softmax", "-o", str(tmp_path / "a"))[0] == 0
     code, out, _ = cli("run", str(tmp_path / "a"), "--repeat", "1")
@@ -196,7 +207,7 @@ def test_compile_with_gemm_kernels_onednn_records_the_choice(factories, tmp_path
     code, _, err = cli("compile", f"{factories}:mlp", "-o", str(tmp_path / "a"), "--gemm-kernels", "onednn")
     assert code == 0, err
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    (part,) = manifest["partitions"]
+    (part,) = manifest["programs"]["main"]["tasks"]
     assert part["report"]["dispatched"] == {"kiln.linear_bias_onednn": 2}
     assert [g["kernel"] for g in part["report"]["gemm_kernels"]] == ["onednn", "onednn"]
     code, out, _ = cli("run", str(tmp_path / "a"), "--repeat", "1")

@@ -15,6 +15,7 @@ from kiln import zoo
 from kiln.errors import InputMismatchError, KilnError
 from kiln.kv_cache import KVCacheLM
 from kiln.llm import compile_llm
+from kiln.runtime import ControlError
 
 BUCKETS = (8, 16)
 CAPACITY = 64
@@ -77,23 +78,54 @@ def test_compiled_greedy_generation_equals_hf_for_a_batch():
     torch.testing.assert_close(llm.generate(ids, NEW_TOKENS), _hf_greedy(model, ids, NEW_TOKENS), rtol=0, atol=0)
 
 
-def test_graphs_take_start_pos_as_a_tensor_and_write_nothing_in_place(compiled):
+def test_programs_take_start_pos_as_a_control_and_write_nothing_in_place(compiled):
     _, _, llm = compiled
-    start_pos = llm.decode_graph.signature.inputs[1]
-    assert (start_pos.name, start_pos.type.shape, start_pos.type.dtype) == ("start_pos", (), "i64")
+    assert [i.name for i in llm.decode_graph.signature.inputs] == ["input_ids", "k_cache", "v_cache"]
+    assert llm.decode_graph.controls["start_pos"].allowed == range(0, CAPACITY)
+    assert llm.prefill_graphs[16].controls["start_pos"].allowed == range(-15, CAPACITY - 15)
     for graph in [llm.decode_graph, *llm.prefill_graphs.values()]:
-        ops = {op for p in graph.manifest["partitions"] for op in _ops(p["report"]) if op.startswith("aten.")}
+        ops = {op for p in graph.entry["tasks"] for op in _ops(p["report"]) if op.startswith("aten.")}
         # TVM drops in-place updates and cannot convert a bool cumsum.
         assert not [op for op in ops if _mutates(op) or "cumsum" in op], sorted(ops)
+
+
+def test_one_artifact_holds_every_program_over_one_weight_store(compiled, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    model, _, llm = compiled
+    path = llm.save(tmp_path / "llm")
+    assert not (path / "llm.json").exists()
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert sorted(manifest["programs"]) == ["decode", "prefill_16", "prefill_8"]
+    assert manifest["llm"] == {"prefill": {"8": "prefill_8", "16": "prefill_16"}, "decode": "decode"}
+    with safe_open(path / "weights.safetensors", "pt") as f:
+        stored = list(f.keys())
+    # every parameter once, though three programs read them
+    assert len(stored) <= len(dict(model.named_parameters())) + 8, stored
+    read = {w for p in manifest["programs"].values() for t in p["tasks"] for w in t["weights"]}
+    assert read <= set(stored) | set(manifest["weight_aliases"])
+
+
+def test_an_llm_saved_by_kiln_0_1_is_refused_naming_how_to_rebuild_it(tmp_path):
+    import kiln.llm
+    from kiln.errors import ArtifactError
+
+    old = tmp_path / "old"
+    (old / "decode").mkdir(parents=True)
+    (old / "llm.json").write_text('{"format": "kiln-llm", "format_version": 2}')
+    with pytest.raises(ArtifactError, match=r"saved by kiln 0.1 .* llm.json; .* rebuild it with this kiln"):
+        kiln.llm.load(old)
 
 
 def test_prefill_computes_the_lm_head_for_the_last_row_only(compiled):
     model, _, llm = compiled
     hidden, vocab = model.config.hidden_size, model.config.vocab_size
     for graph in llm.prefill_graphs.values():
-        (pruned,) = [p for p in graph.manifest["passes"] if p["name"] == "prune_rows"]
+        (pruned,) = [p for p in graph.entry["passes"] if p["name"] == "prune_rows"]
         assert pruned["stats"]["ops_narrowed"] > 0
-        gemms = [g["gemm"] for p in graph.manifest["partitions"] for g in p["report"].get("gemm_kernels", [])]
+        gemms = [g["gemm"] for p in graph.entry["tasks"] for g in p["report"].get("gemm_kernels", [])]
         assert f"linear [1x{hidden}] x [{hidden}x{vocab}]" in gemms, gemms  # the LM head, on one row
 
 
@@ -113,10 +145,11 @@ def test_saved_llm_generates_in_a_fresh_process_without_the_compiler(compiled, t
     save_file({"ids": ids, "expected": _hf_greedy(model, ids, NEW_TOKENS)}, str(tmp_path / "io.safetensors"))
     out = fresh_python(f"""
         import sys
-        import kiln.llm
+        import kiln
         from safetensors.torch import load_file
         io = load_file({str(tmp_path / 'io.safetensors')!r})
-        llm = kiln.llm.load({str(tmp_path / 'llm')!r})
+        llm = kiln.load({str(tmp_path / 'llm')!r})  # one artifact: kiln.load returns a CompiledLLM for it
+        assert type(llm).__name__ == "CompiledLLM", llm
         assert torch.equal(llm.generate(io["ids"], {NEW_TOKENS}), io["expected"])
         leaked = [m for m in sys.modules if m.startswith(("kiln.passes", "kiln.api", "kiln.ir.tracing", "kiln.kv_cache"))]
         assert not leaked, leaked
@@ -139,7 +172,7 @@ def test_saved_llm_is_signed_replaced_in_place_and_never_clobbers_other_files(co
     with pytest.raises(ArtifactError, match="which is not one of the 1 trusted keys"):
         load(path, trusted_keys=[signing.generate_signing_key().public_key()])
     (path / "notes.txt").write_text("mine")
-    with pytest.raises(ArtifactError, match=r"a saved kiln LLM, but it also holds files it does not list \(notes.txt\)"):
+    with pytest.raises(ArtifactError, match=r"a kiln artifact, but it also holds files it does not list \(notes.txt\)"):
         llm.save(path)
     assert (path / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llm"]
@@ -153,6 +186,8 @@ def test_requests_outside_the_compiled_shapes_raise_clear_errors(compiled):
         llm.generate(ids, CAPACITY + 1 - ids.shape[1])
     with pytest.raises(InputMismatchError, match=r"batch size 2; this LLM was compiled for batch 1"):
         llm.generate(ids.repeat(2, 1), 1)
+    with pytest.raises(ControlError, match=r"control 'start_pos' cannot be 64; it allows an integer from 0 to 63"):
+        llm.decode_graph.set_controls(start_pos=CAPACITY)
 
 
 def test_compile_llm_refuses_a_bucket_larger_than_the_cache():

@@ -8,12 +8,13 @@ from __future__ import annotations
 import os
 
 from .artifact import Artifact, read_artifact, write_artifact
-from .executor import CompiledModel
+from .executor import CompiledModel, Control, ControlError, Program, Trace
 
-__all__ = ["Artifact", "CompiledModel", "load", "read_artifact", "write_artifact"]
+__all__ = ["Artifact", "CompiledModel", "Control", "ControlError", "Program", "Trace", "load", "read_artifact",
+           "write_artifact"]
 
 
-def load(path: str | os.PathLike, trusted_keys=None) -> CompiledModel:
+def load(path: str | os.PathLike, trusted_keys=None):
     """Load a compiled model from an artifact directory, verifying it first.
 
     ``trusted_keys`` (ed25519 public keys: key objects, raw or PEM bytes):
@@ -21,5 +22,13 @@ def load(path: str | os.PathLike, trusted_keys=None) -> CompiledModel:
     of its code is loaded; an unsigned artifact is then refused. Without
     them, the checksums catch corruption but not a deliberate rewrite
     (docs/artifact-format.md, "Trust model").
+
+    Returns a :class:`CompiledModel`, or a :class:`kiln.llm.CompiledLLM` for
+    an artifact written by ``kiln.llm.compile_llm`` (its manifest has ``llm``).
     """
-    return CompiledModel(read_artifact(path, trusted_keys))
+    model = CompiledModel(read_artifact(path, trusted_keys))
+    if "llm" in model.manifest:
+        from ..llm import CompiledLLM  # runtime only: kiln.llm imports the compiler only inside compile_llm
+
+        return CompiledLLM(model)
+    return model

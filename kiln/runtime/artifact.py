@@ -47,11 +47,14 @@ from .signing import PublicKey, SigningKey, canonical_json, sign_manifest, verif
 log = logging.getLogger("kiln")
 
 FORMAT_NAME = "kiln-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: programs of tasks on queues over one weight store; 1 (one flat schedule) is refused
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 EXAMPLES = "example_inputs.safetensors"
 MAX_JSON_BYTES = 256 << 20  # a manifest or index larger than this is refused unread
+REBUILD = ("rebuild it with this kiln: `kiln compile FILE.py:FACTORY -o DIR`, kiln.compile(model, inputs).save(DIR), "
+           "or for an LLM kiln.llm.compile_llm(model).save(DIR)")
+DEFAULT_QUEUE = "cpu0"
 _LOCK_FREE_READS = 3  # reads retried when a save replaced the directory meanwhile, before locking
 
 
@@ -64,6 +67,10 @@ class Artifact:
     files: dict[str, bytes] = field(default_factory=dict)
     example_inputs: list[torch.Tensor] | None = None
     path: Path | None = None  # where it was read from or last written to
+
+    def __post_init__(self):
+        if not isinstance(self.manifest, Manifest):
+            self.manifest = Manifest(self.manifest)
 
 
 def _sha256(data: bytes) -> str:
@@ -281,7 +288,7 @@ def write_artifact(artifact: Artifact, path: str | os.PathLike, signing_key: Sig
             manifest[SIGNATURE_FIELD] = sign_manifest(manifest, signing_key)
         manifest["manifest_sha256"] = _sha256(_canonical(manifest))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    artifact.manifest = manifest
+    artifact.manifest = Manifest(manifest)
     artifact.path = path
     return path
 
@@ -418,7 +425,7 @@ def _read_manifest_and_files(path: Path, dir_fd: int, trusted_keys: list | None)
         raise ArtifactError(
             f"{mpath}: artifact format version {version!r} is not supported by this runtime "
             f"(it reads version {FORMAT_VERSION}; the artifact was written by kiln {manifest.get('kiln_version')!r}); "
-            "re-compile the model with this kiln")
+            f"{REBUILD}")
     if manifest.get("manifest_sha256") != _sha256(_canonical(manifest)):
         raise ArtifactError(f"{mpath} was modified after it was written (its checksum 'manifest_sha256' does not match)")
     if trusted_keys is not None:  # before any other file is even read
@@ -441,3 +448,167 @@ def _load_tensors(data: bytes, where: Path) -> dict[str, torch.Tensor]:
         return dict(load_safetensors(data))
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise ArtifactError(f"{where} is not a valid safetensors file: {e}") from None
+
+
+# ---- building manifests: every v2 manifest is put together here --------------------------------------------------
+
+def program_entry(signature: dict, tasks: list[dict], outputs: list[dict], **fields) -> dict:
+    """A program of a manifest from a schedule of tasks (today's partitions, in a valid order).
+
+    A task without ``queue`` runs on ``cpu0``; one without ``after`` waits for
+    the tasks that compute its inputs. Fields given as None are left out.
+    """
+    producer: dict[str, str] = {}
+    placed = []
+    for task in tasks:
+        task = dict(task)
+        task.setdefault("queue", DEFAULT_QUEUE)
+        if "after" not in task:
+            task["after"] = list(dict.fromkeys(producer[n] for n in task["inputs"] if n in producer))
+        producer.update(dict.fromkeys(task["outputs"], task["name"]))
+        placed.append(task)
+    return {"signature": signature, "tasks": placed, "outputs": outputs,
+            **{k: v for k, v in fields.items() if v is not None}}
+
+
+def new_manifest(programs: dict[str, dict], *, target: str, model: str | None, default_program: str | None = None,
+                 **fields) -> dict:
+    """A format-2 manifest over ``programs`` (name -> :func:`program_entry`); queues from the tasks' queue names."""
+    from .. import __version__
+
+    names = sorted({t["queue"] for p in programs.values() for t in p["tasks"]} or {DEFAULT_QUEUE})
+    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kiln_version": __version__,
+            "target": target, "model": model, "programs": programs,
+            "default_program": default_program or next(iter(programs)),
+            "queues": {q: {"device": queue_device(q)} for q in names}, **fields}
+
+
+def queue_device(queue: str) -> str:
+    """The device a queue runs on: its name without the index (``cpu0`` -> ``cpu``)."""
+    return queue.rstrip("0123456789")
+
+
+def place_on_queues(manifest: dict, queues: dict[str, str], program: str | None = None) -> None:
+    """Put the tasks named in ``queues`` (task -> queue) of ``program`` on those queues, declaring new ones.
+
+    Placement proper chooses queues at compile time; this sets them on a
+    built manifest (tests put a graph on two queues with it; only ``cpu*``
+    queues run today). Rebuild the CompiledModel afterwards.
+    """
+    tasks = {t["name"]: t for t in manifest["programs"][program or manifest["default_program"]]["tasks"]}
+    if unknown := sorted(set(queues) - set(tasks)):
+        raise ArtifactError(f"no tasks {unknown} in program {program or manifest['default_program']!r}")
+    for task, queue in queues.items():
+        tasks[task]["queue"] = queue
+        manifest["queues"].setdefault(queue, {"device": queue_device(queue)})
+
+
+def declare_control(program: dict, name: str, default, *, min: int | None = None, max: int | None = None,
+                    values: list | None = None, dtype: str = "i64") -> None:
+    """Turn the program input ``name`` (a top-level positional argument) into a run-time control.
+
+    The caller no longer passes it; the runtime feeds it as a 0-d integer
+    tensor from the control's current value (an enum: the value's index in
+    ``values``), which the caller or a policy sets between calls.
+    """
+    from torch.utils import _pytree as pytree
+
+    from ..ir.signature import _load_treespec
+
+    sig = program["signature"]
+    names = [i["name"] for i in sig["inputs"]]
+    if name not in names:
+        raise ArtifactError(f"a control must be a program input; {name!r} is not one of {names}")
+    spec = _load_treespec(sig["in_spec"])
+    args, kwargs = pytree.tree_unflatten(list(range(len(names))), spec)
+    position = names.index(name)
+    if position not in args:
+        raise ArtifactError(f"a control must be a top-level positional argument; {name!r} is not")
+    rest = tuple(a for a in args if a != position)
+    leaves, new_spec = pytree.tree_flatten((rest, kwargs))
+    sig["inputs"] = [sig["inputs"][i] for i in leaves]
+    sig["in_spec"] = pytree.treespec_dumps(new_spec)
+    control = {"name": name, "dtype": dtype, "default": default,
+               **({"values": list(values)} if values is not None else {"min": min, "max": max})}
+    program.setdefault("controls", []).append(control)
+
+
+def merge_programs(artifacts: dict[str, Artifact], default_program: str, **fields) -> Artifact:
+    """One artifact whose programs are those of ``artifacts`` (name -> a one-program artifact), one weight store.
+
+    Every tensor is stored once however many programs read it: equal
+    contents are one tensor, saved once, its other names aliases
+    (``weight_aliases``); a weight or file whose name another program
+    already uses for different contents is stored as ``PROGRAM.NAME`` and
+    the program's references renamed.
+    """
+    store: dict[str, torch.Tensor] = {}
+    by_key: dict[tuple, torch.Tensor] = {}
+    files: dict[str, bytes] = {}
+    programs: dict[str, dict] = {}
+    queues: dict[str, dict] = {}
+    first = next(iter(artifacts.values())).manifest
+    for name, artifact in artifacts.items():
+        m = artifact.manifest
+        if m["target"] != first["target"]:
+            raise ArtifactError(f"program {name!r} was compiled for target {m['target']!r}, the others for "
+                                f"{first['target']!r}")
+        if len(m["programs"]) != 1:
+            raise ArtifactError(f"program {name!r}: merge artifacts of one program each")
+        (program,) = json.loads(json.dumps(list(m["programs"].values())))
+        wmap: dict[str, str] = {}
+        for w, t in artifact.weights.items():
+            t = by_key.setdefault(_content_key(t), t)  # one tensor per contents: saved once, other names alias it
+            if w in store and store[w] is not t:
+                wmap[w] = f"{name}.{w}"
+            store[wmap.get(w, w)] = t
+        fmap: dict[str, str] = {}
+        for f, data in artifact.files.items():
+            if f in files and files[f] != data:
+                fmap[f] = f"{name}.{f}"
+            files[fmap.get(f, f)] = data
+        _rename(program, wmap, fmap)
+        programs[name] = program
+        queues.update(m["queues"])
+    manifest = {k: first[k] for k in ("format", "format_version", "kiln_version", "torch_version", "tvm_version",
+                                      "target", "model") if k in first}
+    manifest.update(programs=programs, default_program=default_program, queues=queues, **fields)
+    return Artifact(manifest, store, files, None)
+
+
+def _content_key(t: torch.Tensor) -> tuple:
+    data = t.detach().contiguous().reshape(-1)
+    digest = _sha256(data.view(torch.uint8).numpy().tobytes()) if data.numel() else ""
+    return str(t.dtype), tuple(t.shape), digest
+
+
+def _rename(program: dict, weights: dict[str, str], files: dict[str, str]) -> None:
+    produced = {i["name"] for i in program["signature"]["inputs"]} | {c["name"] for c in program.get("controls", ())}
+    for task in program["tasks"]:
+        task["weights"] = [weights.get(w, w) for w in task["weights"]]
+        if task["format"] == "tvm-vm":
+            task["spec"]["weights"] = [weights.get(w, w) for w in task["spec"]["weights"]]
+        for key in ("files", "compiler_files"):
+            if key in task:
+                task[key] = [files.get(f, f) for f in task[key]]
+        produced.update(task["outputs"])
+    for out in program["outputs"]:
+        if out.get("value") in weights and out["value"] not in produced:
+            out["value"] = weights[out["value"]]
+    if "weight_sources" in program:
+        program["weight_sources"] = {weights.get(k, k): v for k, v in program["weight_sources"].items()}
+
+
+class Manifest(dict):
+    """A manifest; ``m["partitions"]``, ``m["signature"]``, ``m["outputs"]``, ``m["passes"]`` and
+    ``m["fallbacks"]`` read the default program's (its tasks, for partitions), as format 1 had them."""
+
+    _PROGRAM_FIELDS = {"partitions": "tasks", "signature": "signature", "outputs": "outputs", "passes": "passes",
+                       "fallbacks": "fallbacks", "controls": "controls"}
+
+    def __missing__(self, key):
+        field = self._PROGRAM_FIELDS.get(key)
+        programs = dict.get(self, "programs")
+        if field is None or not isinstance(programs, dict) or dict.get(self, "default_program") not in programs:
+            raise KeyError(key)
+        return programs[self["default_program"]][field]

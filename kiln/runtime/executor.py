@@ -1,20 +1,42 @@
-"""The executor: runs an artifact's partitions in schedule order.
+"""The executor: a small scheduler that runs a program's task DAG on its queues.
 
 Compiling and loading meet here: ``kiln.compile`` builds an
 :class:`~kiln.runtime.artifact.Artifact` in memory and ``kiln.load`` reads one
 from disk; both are run by :class:`CompiledModel`, so what a test checks after
 compiling is what runs after loading.
+
+A :class:`Program` runs its tasks in a topological order of their ``after``
+dependencies (the listed order where it is one). With tasks on one queue it
+runs them one after another in the calling thread; with several, one worker
+per queue (the caller's thread for the first) runs that queue's tasks in that
+order and waits on an event per task for inputs from other queues. Every task
+reads only values computed before it in the one order, so the results are
+bitwise those of running it sequentially. A :class:`Trace` records each task's
+queue, start and end as Chrome trace-event JSON (Perfetto, ``chrome://tracing``).
+
+Controls are program inputs the caller does not pass: small integers or enum
+values (``start_pos``, a bit-width) set between calls with
+``set_controls``, or by a ``policy`` called before every call; a value not
+allowed raises :class:`ControlError` naming the control and its allowed values.
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, InputMismatchError
 from ..ir.signature import Signature
 from .artifact import Artifact, write_artifact
+from .manifest import control_allows, describe_allowed, topological_order
 from .kernels import load_kernel
 
 
@@ -48,19 +70,199 @@ class _ArtifactFiles:
         return str(p)
 
 
+class ControlError(InputMismatchError):
+    """A control set to a value it does not allow, or a control the program does not have."""
+
+
+class Control:
+    """A run-time control of a program: its allowed values and the value the next call uses."""
+
+    def __init__(self, entry: dict):
+        self.entry = entry
+        self.name: str = entry["name"]
+        self.default = entry["default"]
+        self.value = entry["default"]
+        self.dtype = torch.int32 if entry["dtype"] == "i32" else torch.int64
+
+    @property
+    def allowed(self) -> tuple | range:
+        """The allowed values: a tuple (an enum), or a range of integers."""
+        if "values" in self.entry:
+            return tuple(self.entry["values"])
+        return range(self.entry["min"], self.entry["max"] + 1)
+
+    def check(self, value) -> None:
+        if not control_allows(self.entry, value):
+            raise ControlError(f"control {self.name!r} cannot be {value!r}; it allows {describe_allowed(self.entry)}")
+
+    def tensor(self) -> torch.Tensor:
+        value = self.entry["values"].index(self.value) if "values" in self.entry else self.value
+        return torch.tensor(value, dtype=self.dtype)
+
+    def __repr__(self) -> str:
+        return f"<kiln control {self.name}={self.value!r} ({describe_allowed(self.entry)})>"
+
+
+class Trace:
+    """Task timings of the calls made while it records, as Chrome trace-event JSON.
+
+    ``events`` holds ``(program, task, queue, start_ns, end_ns)``; ``to_json``
+    gives complete (``ph: "X"``) events in microseconds, one thread per queue.
+    """
+
+    def __init__(self):
+        self.events: list[tuple[str, str, str, int, int]] = []
+        self._lock = threading.Lock()
+        self.origin_ns = time.perf_counter_ns()
+
+    def add(self, program: str, task: str, queue: str, start_ns: int, end_ns: int) -> None:
+        with self._lock:
+            self.events.append((program, task, queue, start_ns, end_ns))
+
+    def to_json(self) -> dict:
+        queues = list(dict.fromkeys(q for _, _, q, _, _ in self.events))
+        tid = {q: i for i, q in enumerate(queues)}
+        pid = os.getpid()
+        meta = [{"name": "thread_name", "ph": "M", "pid": pid, "tid": tid[q], "args": {"name": q}} for q in queues]
+        events = [{"name": task, "cat": program, "ph": "X", "ts": (start - self.origin_ns) / 1e3,
+                   "dur": (end - start) / 1e3, "pid": pid, "tid": tid[queue],
+                   "args": {"program": program, "queue": queue}}
+                  for program, task, queue, start, end in self.events]
+        return {"traceEvents": meta + events, "displayTimeUnit": "ms"}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json(), indent=1))
+        return path
+
+
+class Program:
+    """One program of an artifact: its signature, controls and task DAG, with kernels loaded."""
+
+    def __init__(self, name: str, entry: dict, artifact: Artifact, files: _ArtifactFiles, owner: CompiledModel):
+        self.name = name
+        self.entry = entry
+        self.signature = Signature.from_json(entry["signature"])
+        self.controls: dict[str, Control] = {c["name"]: Control(c) for c in entry.get("controls", ())}
+        self._owner = owner
+        self._weights = artifact.weights
+        tasks = entry["tasks"]
+        order = topological_order(tasks, f"program {name!r}")  # read_artifact has checked every name
+        self._tasks = []
+        for i in order:
+            t = tasks[i]
+            kernel = load_kernel(t, files, {w: artifact.weights[w] for w in t["weights"]})
+            self._tasks.append((t["name"], t["queue"], t["inputs"], t["outputs"], kernel, t["after"]))
+        self.queues = list(dict.fromkeys(t[1] for t in self._tasks)) or [entry.get("queue", "cpu0")]
+        self._outputs = entry["outputs"]
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    def set_controls(self, **values) -> None:
+        """Set controls for the next calls; each value is checked first (none is set if one is refused)."""
+        for name, value in values.items():
+            if name not in self.controls:
+                raise ControlError(f"program {self.name!r} has no control {name!r}"
+                                   + (f"; its controls are {', '.join(self.controls)}" if self.controls else
+                                      "; it has none"))
+            self.controls[name].check(value)
+        for name, value in values.items():
+            self.controls[name].value = value
+
+    def run(self, flat_inputs: list[torch.Tensor], trace: Trace | None = None) -> list:
+        """Run on flat, already checked inputs (controls from their current values); returns flat outputs."""
+        policy = self._owner.policy
+        if policy is not None and self.controls:
+            chosen = policy(self.name, {n: c.value for n, c in self.controls.items()})
+            if chosen:
+                self.set_controls(**chosen)
+        trace = trace if trace is not None else self._owner._trace
+        env = dict(zip((i.name for i in self.signature.inputs), flat_inputs))
+        env.update((n, c.tensor()) for n, c in self.controls.items())
+        if len(self.queues) == 1:
+            self._run_queue(self._tasks, env, trace, None)
+        else:
+            self._run_queues(env, trace)
+        weights = self._weights
+        return [(env[o["value"]] if o["value"] in env else weights[o["value"]]) if "value" in o else o["literal"]
+                for o in self._outputs]
+
+    def _run_queue(self, tasks, env: dict, trace: Trace | None, events: dict | None) -> None:
+        with torch.no_grad():  # thread-local: every worker sets it
+            for name, queue, inputs, outputs, kernel, after in tasks:
+                if events is not None:
+                    for dep in after:
+                        events[dep].wait()
+                    if events[None].is_set():
+                        return
+                start = time.perf_counter_ns() if trace is not None else 0
+                env.update(zip(outputs, kernel(*[env[n] for n in inputs])))
+                if trace is not None:
+                    trace.add(self.name, name, queue, start, time.perf_counter_ns())
+                if events is not None:
+                    events[name].set()
+
+    def _run_queues(self, env: dict, trace: Trace | None) -> None:
+        events = {t[0]: threading.Event() for t in self._tasks}
+        events[None] = threading.Event()
+        per_queue = {q: [t for t in self._tasks if t[1] == q] for q in self.queues}
+
+        def work(tasks):
+            try:
+                self._run_queue(tasks, env, trace, events)
+            except BaseException:
+                events[None].set()
+                for e in events.values():  # wake every waiter: they see the failure and stop
+                    e.set()
+                raise
+
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(len(self.queues) - 1, thread_name_prefix=f"kiln-{self.name}")
+        first, *others = self.queues
+        futures = [self._pool.submit(work, per_queue[q]) for q in others]
+        errors = []
+        try:
+            work(per_queue[first])
+        except BaseException as e:
+            errors.append(e)
+        for f in futures:
+            try:
+                f.result()
+            except BaseException as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def __call__(self, *args, **kwargs):
+        return self.signature.unflatten(self.run(self.signature.flatten(args, kwargs)))
+
+    def __repr__(self) -> str:
+        return (f"<kiln program {self.name} tasks={len(self._tasks)} queues={self.queues} "
+                f"controls={list(self.controls)}>")
+
+
+Policy = Callable[[str, Mapping[str, object]], "Mapping[str, object] | None"]
+
+
 class CompiledModel:
-    """A compiled model: call it like the original module."""
+    """A compiled model: call it like the original module (its default program); ``programs`` holds them all.
+
+    ``policy``: called as ``policy(program_name, current_controls)`` before
+    every call of a program with controls; the values it returns are set
+    (checked) for that call and the ones after.
+    """
 
     def __init__(self, artifact: Artifact):
         self.artifact = artifact
-        m = artifact.manifest
-        self.signature = Signature.from_json(m["signature"])
         self._files = _ArtifactFiles(artifact)
-        self._steps = []
-        for entry in m["partitions"]:  # read_artifact has checked every name (runtime/manifest.py)
-            kernel = load_kernel(entry, self._files, {w: artifact.weights[w] for w in entry["weights"]})
-            self._steps.append((entry["inputs"], entry["outputs"], kernel))
-        self._outputs = m["outputs"]
+        self.policy: Policy | None = None
+        self._trace: Trace | None = None
+        m = artifact.manifest
+        self.programs: dict[str, Program] = {name: Program(name, entry, artifact, self._files, self)
+                                             for name, entry in m["programs"].items()}
+        self.default_program = self.programs[m["default_program"]]
+        self.signature = self.default_program.signature
 
     @property
     def target(self) -> str:
@@ -74,15 +276,28 @@ class CompiledModel:
     def example_inputs(self) -> list[torch.Tensor] | None:
         return self.artifact.example_inputs
 
-    def run(self, flat_inputs: list[torch.Tensor]) -> list:
-        """Run on flat, already checked inputs; returns flat outputs."""
-        env = dict(zip((i.name for i in self.signature.inputs), flat_inputs))
-        with torch.no_grad():
-            for inputs, outputs, kernel in self._steps:
-                env.update(zip(outputs, kernel(*[env[n] for n in inputs])))
-        weights = self.artifact.weights
-        return [(env[o["value"]] if o["value"] in env else weights[o["value"]]) if "value" in o else o["literal"]
-                for o in self._outputs]
+    @property
+    def controls(self) -> dict[str, Control]:
+        """The default program's controls, by name (each with ``allowed`` and ``value``)."""
+        return self.default_program.controls
+
+    def set_controls(self, **values) -> None:
+        """Set the default program's controls for the next calls (``ControlError`` if a value is not allowed)."""
+        self.default_program.set_controls(**values)
+
+    @contextlib.contextmanager
+    def tracing(self, trace: Trace | None = None) -> Iterator[Trace]:
+        """Record every task of the calls made inside the block: ``with model.tracing() as t: ...; t.save(f)``."""
+        trace = trace or Trace()
+        previous, self._trace = self._trace, trace
+        try:
+            yield trace
+        finally:
+            self._trace = previous
+
+    def run(self, flat_inputs: list[torch.Tensor], trace: Trace | None = None) -> list:
+        """Run the default program on flat, already checked inputs; returns flat outputs."""
+        return self.default_program.run(flat_inputs, trace)
 
     def __call__(self, *args, **kwargs):
         return self.signature.unflatten(self.run(self.signature.flatten(args, kwargs)))
@@ -98,5 +313,6 @@ class CompiledModel:
 
     def __repr__(self) -> str:
         m = self.artifact.manifest
-        return (f"<kiln.CompiledModel {m.get('model')} target={m['target']} "
-                f"partitions={len(m['partitions'])} weights={len(self.artifact.weights)}>")
+        return (f"<kiln.CompiledModel {m.get('model')} target={m['target']} programs={list(self.programs)} "
+                f"tasks={sum(len(p.entry['tasks']) for p in self.programs.values())} "
+                f"weights={len(self.artifact.weights)}>")

@@ -73,10 +73,11 @@ def _when_format(name: str, spec: dict, files: dict) -> dict:
             "then": {"properties": {"spec": spec, "files": files}}}
 
 
-_PARTITION = {
-    "type": "object", "required": ["name", "format", "inputs", "outputs", "weights", "spec", "files"],
+_TASK = {
+    "type": "object", "required": ["name", "format", "queue", "after", "inputs", "outputs", "weights", "spec", "files"],
     "properties": {
         "name": _NAME, "backend": {"type": "string"}, "format": {"type": "string"},
+        "queue": _NAME, "after": _UNIQUE_NAMES,
         "inputs": _NAMES, "outputs": _UNIQUE_NAMES, "weights": _UNIQUE_NAMES, "spec": {"type": "object"},
         "files": _UNIQUE_NAMES, "compiler_files": _UNIQUE_NAMES, "report": {"type": "object"},
     },
@@ -87,26 +88,61 @@ _PARTITION = {
 }
 _OUTPUT = {"type": "object", "minProperties": 1, "maxProperties": 1,
            "properties": {"value": _NAME, "literal": {}}, "additionalProperties": False}
+_CONTROL_VALUE = {"type": ["integer", "string"]}
+_CONTROL = {
+    "type": "object", "required": ["name", "dtype", "default"], "additionalProperties": False,
+    "properties": {
+        "name": _NAME, "dtype": {"enum": ["i64", "i32"]}, "default": _CONTROL_VALUE,
+        "min": {"type": "integer"}, "max": {"type": "integer"},  # an integer range, both ends included
+        "values": {"type": "array", "items": _CONTROL_VALUE, "minItems": 1, "uniqueItems": True},  # or an enum
+    },
+    "oneOf": [{"required": ["min", "max"], "not": {"required": ["values"]}},
+              {"required": ["values"], "not": {"anyOf": [{"required": ["min"]}, {"required": ["max"]}]}}],
+}
+_SIGNATURE = {"type": "object", "required": ["inputs", "in_spec", "out_spec"], "properties": {
+    "inputs": {"type": "array", "items": {**_KILN_TYPE, "required": ["name", "shape", "dtype"],
+                                          "properties": {**_KILN_TYPE["properties"], "name": _NAME}}},
+    "in_spec": {"type": "string"}, "out_spec": {"type": "string"}}}
+_PROGRAM = {
+    "type": "object", "required": ["signature", "tasks", "outputs"],
+    "properties": {
+        "signature": _SIGNATURE,
+        "tasks": {"type": "array", "items": _TASK},
+        "outputs": {"type": "array", "items": _OUTPUT},
+        "controls": {"type": "array", "items": _CONTROL},
+        "weight_sources": {"type": "object", "additionalProperties": {"type": "string"}},
+        "passes": {"type": "array"},
+        "fallbacks": {"type": "array"},
+        # room for multi-process programs: the worker group that runs this program, and its rank in it
+        "group": {"type": "object", "required": ["name", "rank", "size"], "properties": {
+            "name": _NAME, "rank": {"type": "integer", "minimum": 0}, "size": {"type": "integer", "minimum": 1}}},
+    },
+}
+PROGRAM_NAME = "^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+QUEUE_NAME = "^[a-z]+[0-9]+$"  # cpu0, npu0, cuda1: a device kind and an index
 
 SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
-    "required": ["format", "format_version", "target", "signature", "partitions", "outputs", "files",
+    "required": ["format", "format_version", "target", "programs", "default_program", "queues", "files",
                  "manifest_sha256"],
     "properties": {
         "format": {"const": "kiln-artifact"}, "format_version": {"type": "integer"},
         "kiln_version": {"type": ["string", "null"]}, "torch_version": {"type": ["string", "null"]},
         "tvm_version": {"type": ["string", "null"]}, "target": {"type": "string"},
         "model": {"type": ["string", "null"]},
-        "signature": {"type": "object", "required": ["inputs", "in_spec", "out_spec"], "properties": {
-            "inputs": {"type": "array", "items": {**_KILN_TYPE, "required": ["name", "shape", "dtype"],
-                                                  "properties": {**_KILN_TYPE["properties"], "name": _NAME}}},
-            "in_spec": {"type": "string"}, "out_spec": {"type": "string"}}},
-        "partitions": {"type": "array", "items": _PARTITION},
-        "outputs": {"type": "array", "items": _OUTPUT},
-        "weight_sources": {"type": "object", "additionalProperties": {"type": "string"}},
+        "programs": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": PROGRAM_NAME},
+                     "additionalProperties": _PROGRAM},
+        "default_program": _NAME,
+        "queues": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": QUEUE_NAME},
+                   "additionalProperties": {"type": "object", "required": ["device"],
+                                            "properties": {"device": _NAME}}},
+        # an LLM (kiln/llm.py): which program prefills each prompt-length bucket, and which decodes
+        "llm": {"type": "object", "required": ["prefill", "decode"], "additionalProperties": False, "properties": {
+            "prefill": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": "^[1-9][0-9]*$"},
+                        "additionalProperties": _NAME},
+            "decode": _NAME}},
         "weight_aliases": {"type": "object", "additionalProperties": _NAME},
-        "passes": {"type": "array"},
         "files": {"type": "object", "additionalProperties": {
             "type": "object", "required": ["bytes", "sha256"],
             "properties": {"bytes": {"type": "integer", "minimum": 0},
@@ -151,37 +187,143 @@ def _field(path) -> str:
     return out or "(the manifest itself)"
 
 
+# The devices whose queues this runtime runs (a worker thread each); an artifact naming another is refused.
+DEVICES = ("cpu",)
+
+
 def check_consistency(manifest: dict, weights: dict[str, torch.Tensor], where: str) -> None:
     """Raise ArtifactError unless every name in a structurally valid ``manifest`` resolves (see the module doc)."""
+    programs = manifest["programs"]
+    if manifest["default_program"] not in programs:
+        raise ArtifactError(f"{where}: field default_program names program {manifest['default_program']!r}, "
+                            f"which is not in field programs (it has {', '.join(sorted(programs))})")
+    for name, queue in manifest["queues"].items():
+        if queue["device"] not in DEVICES:
+            raise ArtifactError(f"{where}: queue {name!r} runs on device {queue['device']!r}, which this runtime "
+                                f"has no worker for (known: {', '.join(DEVICES)})")
+    for name, program in programs.items():
+        _check_program(manifest, program, weights, f"{where}: programs[{name!r}]")
+    if "llm" in manifest:
+        for name in [manifest["llm"]["decode"], *manifest["llm"]["prefill"].values()]:
+            if name not in programs:
+                raise ArtifactError(f"{where}: field llm names program {name!r}, which is not in field programs "
+                                    f"(it has {', '.join(sorted(programs))})")
+
+
+def _check_program(manifest: dict, program: dict, weights: dict[str, torch.Tensor], where: str) -> None:
     for key in ("in_spec", "out_spec"):
         try:
-            _load_treespec(manifest["signature"][key])
+            _load_treespec(program["signature"][key])
         except ArtifactError as e:
             raise ArtifactError(f"{where}: field signature.{key}: {e}") from None
-    defined = {i["name"] for i in manifest["signature"]["inputs"]}
-    for i, entry in enumerate(manifest["partitions"]):
-        at = f"{where}: partitions[{i}] ({entry['name']!r})"
+    inputs = [i["name"] for i in program["signature"]["inputs"]]
+    controls = [c["name"] for c in program.get("controls", ())]
+    if len(set(inputs + controls)) != len(inputs) + len(controls):
+        raise ArtifactError(f"{where}: input and control names must be unique; they are {inputs + controls}")
+    for i, control in enumerate(program.get("controls", ())):
+        _check_control(control, f"{where}.controls[{i}] ({control['name']!r})")
+    tasks = program["tasks"]
+    by_name: dict[str, int] = {}
+    for i, entry in enumerate(tasks):
+        if entry["name"] in by_name:
+            raise ArtifactError(f"{where}: tasks[{i}]: task name {entry['name']!r} is used twice")
+        by_name[entry["name"]] = i
+    producer = {n: None for n in (*inputs, *controls)}  # value -> the task that computes it (None: an input)
+    for i, entry in enumerate(tasks):
+        at = f"{where}.tasks[{i}] ({entry['name']!r})"
+        if entry["queue"] not in manifest["queues"]:
+            raise ArtifactError(f"{at} runs on queue {entry['queue']!r}, which field queues does not declare "
+                                f"(it declares {', '.join(sorted(manifest['queues']))})")
+        if unknown := [a for a in entry["after"] if a not in by_name]:
+            raise ArtifactError(f"{at}: field after names tasks {unknown[:5]} that this program does not have")
+        if redefined := [o for o in entry["outputs"] if o in producer]:
+            raise ArtifactError(f"{at}: outputs {redefined[:5]} are already defined by an input, a control or "
+                                "another task")
+        producer.update(dict.fromkeys(entry["outputs"], entry["name"]))
+    order = topological_order(tasks, where)
+    ancestors: dict[str, set[str]] = {}
+    for i in order:
+        entry = tasks[i]
+        at = f"{where}.tasks[{i}] ({entry['name']!r})"
+        ancestors[entry["name"]] = set(entry["after"]).union(*(ancestors[a] for a in entry["after"]))
         if entry["format"] not in FORMATS:
             raise ArtifactError(f"{at} has kernel format {entry['format']!r}, which this runtime cannot load "
                                 f"(known: {', '.join(sorted(FORMATS))})")
         for name in entry["inputs"]:
-            if name not in defined:
-                raise ArtifactError(f"{at}: input {name!r} is neither a model input nor an output of an earlier "
-                                    "partition (unknown, or computed later: the schedule is out of order)")
+            if name not in producer:
+                raise ArtifactError(f"{at}: input {name!r} is neither a program input, a control nor an output of "
+                                    "a task")
+            if producer[name] is not None and producer[name] not in ancestors[entry["name"]]:
+                raise ArtifactError(f"{at}: input {name!r} is computed by task {producer[name]!r}, which field "
+                                    "after does not make it wait for")
         if missing := [w for w in entry["weights"] if w not in weights]:
             raise ArtifactError(f"{at} reads weights missing from weights.safetensors: {missing[:5]}")
-        if redefined := [o for o in entry["outputs"] if o in defined]:
-            raise ArtifactError(f"{at}: outputs {redefined[:5]} are already defined by an input or an earlier "
-                                "partition")
         for name in (*entry["files"], *entry.get("compiler_files", ())):
             if name not in manifest["files"]:
                 raise ArtifactError(f"{at}: file {name!r} is not listed in field files")
         _CHECKS[entry["format"]](entry, weights, at)
-        defined.update(entry["outputs"])
-    for i, out in enumerate(manifest["outputs"]):
-        if "value" in out and out["value"] not in defined and out["value"] not in weights:
-            raise ArtifactError(f"{where}: outputs[{i}] is {out['value']!r}, which is neither a model input, "
-                                "a partition's output nor a weight")
+    for i, out in enumerate(program["outputs"]):
+        if "value" in out and out["value"] not in producer and out["value"] not in weights:
+            raise ArtifactError(f"{where}.outputs[{i}] is {out['value']!r}, which is neither a program input, "
+                                "a task's output nor a weight")
+
+
+def topological_order(tasks: list[dict], where: str) -> list[int]:
+    """The tasks' indices in an order that respects every ``after`` (list order among ready tasks).
+
+    Raises ArtifactError naming a cycle if there is one.
+    """
+    index = {t["name"]: i for i, t in enumerate(tasks)}
+    state: dict[int, int] = {}  # 1: on the current path, 2: done
+    order: list[int] = []
+    for root in range(len(tasks)):
+        if root in state:
+            continue
+        stack = [(root, iter(tasks[root]["after"]))]
+        state[root] = 1
+        while stack:
+            i, deps = stack[-1]
+            dep = next(deps, None)
+            if dep is None:
+                stack.pop()
+                state[i] = 2
+                order.append(i)
+                continue
+            j = index[dep]
+            if state.get(j) == 1:
+                path = [tasks[k]["name"] for k, _ in stack]
+                cycle = path[path.index(dep):] + [dep]
+                raise ArtifactError(f"{where}: the tasks' dependencies form a cycle: "
+                                    + " -> ".join(reversed(cycle)) + " (field after)")
+            if j not in state:
+                state[j] = 1
+                stack.append((j, iter(tasks[j]["after"])))
+    return order
+
+
+def _check_control(control: dict, at: str) -> None:
+    if "values" in control:
+        allowed = control["values"]
+        if any(isinstance(v, bool) for v in allowed) or len({type(v) for v in allowed}) != 1:
+            raise ArtifactError(f"{at}: field values must be all integers or all strings")
+    elif control["min"] > control["max"]:
+        raise ArtifactError(f"{at}: min {control['min']} is more than max {control['max']}")
+    if not control_allows(control, control["default"]):
+        raise ArtifactError(f"{at}: its default {control['default']!r} is not one of its allowed values "
+                            f"({describe_allowed(control)})")
+
+
+def control_allows(control: dict, value) -> bool:
+    """Whether ``value`` is one of the allowed values of the control ``control`` (a manifest entry)."""
+    if "values" in control:
+        return any(type(value) is type(v) and value == v for v in control["values"])
+    return isinstance(value, int) and not isinstance(value, bool) and control["min"] <= value <= control["max"]
+
+
+def describe_allowed(control: dict) -> str:
+    if "values" in control:
+        return "one of " + ", ".join(repr(v) for v in control["values"])
+    return f"an integer from {control['min']} to {control['max']}"
 
 
 def _check_torch_graph(entry: dict, weights: dict[str, torch.Tensor], at: str) -> None:

@@ -24,7 +24,7 @@ def test_round_trip_matches_eager(compiled, saved):
 
 def test_manifest_records_versions_target_and_hashes(saved):
     m = json.loads((saved / "manifest.json").read_text())
-    assert m["format"] == "kiln-artifact" and m["format_version"] == 1
+    assert m["format"] == "kiln-artifact" and m["format_version"] == 2
     assert m["target"] == "cpu" and m["torch_version"] == torch.__version__
     assert m["tvm_version"].startswith("0.27")
     data = (saved / "weights.safetensors").read_bytes()
@@ -66,15 +66,29 @@ def test_truncated_manifest_is_refused(saved, no_kernel_loads):
 
 def test_edited_manifest_is_refused(saved, no_kernel_loads, rewrite_manifest):
     def return_the_input(m):
-        m["outputs"][0]["value"] = m["signature"]["inputs"][0]["name"]
+        program = m["programs"]["main"]
+        program["outputs"][0]["value"] = program["signature"]["inputs"][0]["name"]
     rewrite_manifest(saved, return_the_input, rehash=False)
     with pytest.raises(ArtifactError, match="modified after it was written"):
         kiln.load(saved)
 
 
 def test_future_format_version_is_refused(saved, no_kernel_loads, rewrite_manifest):
-    rewrite_manifest(saved, lambda m: m.update(format_version=2))
-    with pytest.raises(ArtifactError, match="format version 2 is not supported by this runtime \\(it reads version 1"):
+    rewrite_manifest(saved, lambda m: m.update(format_version=3))
+    with pytest.raises(ArtifactError, match="format version 3 is not supported by this runtime \\(it reads version 2"):
+        kiln.load(saved)
+
+
+def test_a_version_1_artifact_is_refused_naming_its_version_and_how_to_rebuild_it(saved, no_kernel_loads,
+                                                                                    rewrite_manifest):
+    def as_version_1(m):  # format 1: one flat schedule of partitions
+        program = m.pop("programs")["main"]
+        del m["default_program"], m["queues"]
+        m.update(format_version=1, signature=program["signature"], outputs=program["outputs"],
+                 partitions=program["tasks"])
+    rewrite_manifest(saved, as_version_1)
+    with pytest.raises(ArtifactError, match=r"artifact format version 1 is not supported by this runtime \(it reads "
+                                            r"version 2.*\); rebuild it with this kiln: `kiln compile"):
         kiln.load(saved)
 
 

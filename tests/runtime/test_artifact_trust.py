@@ -16,7 +16,7 @@ def _call(target, args, kwargs=None, node="linear"):
     """An edit turning the graph's call ``node`` into ``target(*args, **kwargs)``, as a hostile writer would."""
 
     def edit(m):
-        entry = next(n for n in m["partitions"][0]["spec"]["graph"]["nodes"] if n["name"] == node)
+        entry = next(n for n in m["programs"]["main"]["tasks"][0]["spec"]["graph"]["nodes"] if n["name"] == node)
         entry.update(target=target, args=args)
         entry.pop("kwargs", None)
         if kwargs:
@@ -44,7 +44,7 @@ W = {"node": "p_0_weight"}
 def test_torch_graph_ops_outside_the_allow_list_are_refused_at_load(torch_saved, no_kernel_loads, rewrite_manifest,
                                                                      target, args, kwargs, why):
     rewrite_manifest(torch_saved, _call(target, args, kwargs))
-    with pytest.raises(ArtifactError, match=rf"partitions\[0\].*node linear: op '{target}' is not allowed in an "
+    with pytest.raises(ArtifactError, match=rf"tasks\[0\].*node linear: op '{target}' is not allowed in an "
                                             rf"artifact graph: {why}"):
         kiln.load(torch_saved)
 

@@ -14,8 +14,12 @@ import kiln
 from kiln.errors import ArtifactError
 
 
+def _prog(m):
+    return m["programs"]["main"]
+
+
 def _part(m):
-    return m["partitions"][0]
+    return _prog(m)["tasks"][0]
 
 
 def _drop(key):
@@ -26,17 +30,20 @@ def _drop(key):
     (lambda m: m["files"]["weights.safetensors"].pop("bytes"),
      r"field files\['weights.safetensors'\].bytes is missing"),
     (lambda m: m.update(files=list(m["files"])), "field files must be of type object, not an array"),
-    (_drop("partitions"), "field partitions is missing"),
-    (lambda m: _part(m).update(files=[]), r"field partitions\[0\].files: \[\] should be non-empty"),
-    (lambda m: _part(m).update(files=["part0_cpu.so"] * 2), r"field partitions\[0\].files: \['part0_cpu.so', 'part0_cpu.so'\] is"),
-    (lambda m: _part(m).update(inputs="x"), r"field partitions\[0\].inputs must be of type array, not a string"),
-    (lambda m: m["signature"]["inputs"][0].update(dtype="f99"), r"field signature.inputs\[0\].dtype: 'f99' is not"),
+    (_drop("programs"), "field programs is missing"),
+    (lambda m: _part(m).update(files=[]), r"field programs.main.tasks\[0\].files: \[\] should be non-empty"),
+    (lambda m: _part(m).update(files=["part0_cpu.so"] * 2),
+     r"field programs.main.tasks\[0\].files: \['part0_cpu.so', 'part0_cpu.so'\] is"),
+    (lambda m: _part(m).update(inputs="x"), r"field programs.main.tasks\[0\].inputs must be of type array, not a string"),
+    (lambda m: _prog(m)["signature"]["inputs"][0].update(dtype="f99"),
+     r"field programs.main.signature.inputs\[0\].dtype: 'f99' is not"),
     (lambda m: m.update(weight_aliases={"p_c_weight": "nope"}),
      r"field weight_aliases\['p_c_weight'\] names 'nope', which is not in weights.safetensors"),
-    (lambda m: m["signature"].update(in_spec="{not json"), "field signature.in_spec: cannot rebuild"),
+    (lambda m: _prog(m)["signature"].update(in_spec="{not json"),
+     r"programs\['main'\]: field signature.in_spec: cannot rebuild"),
     (lambda m: _part(m).update(inputs=["ghost"]),
-     r"partitions\[0\] \('part0_cpu'\): input 'ghost' is neither a model input nor an output of an earlier"),
-    (lambda m: m["outputs"].append({"value": "ghost"}), r"outputs\[2\] is 'ghost', which is neither"),
+     r"programs\['main'\].tasks\[0\] \('part0_cpu'\): input 'ghost' is neither a program input, a control nor"),
+    (lambda m: _prog(m)["outputs"].append({"value": "ghost"}), r"outputs\[2\] is 'ghost', which is neither"),
     (lambda m: _part(m).update(format="onnx"), "has kernel format 'onnx', which this runtime cannot load"),
     (lambda m: _part(m)["spec"].update(weights=_part(m)["spec"]["weights"][::-1]),
      "spec.weights does not list the partition's weights in order"),
@@ -47,15 +54,16 @@ def test_malformed_manifests_are_refused_naming_the_field(saved, no_kernel_loads
         kiln.load(saved)
 
 
-def test_a_schedule_out_of_order_is_refused_at_load(torch_saved, no_kernel_loads, rewrite_manifest):
-    """A partition reading a value computed only by a later one (a cycle, or simply the wrong order)."""
+def test_a_task_reading_a_value_it_does_not_wait_for_is_refused_at_load(torch_saved, no_kernel_loads,
+                                                                        rewrite_manifest):
+    """A task reading a value computed by a task its ``after`` does not name (it could run first)."""
     def reorder(m):
         first = json.loads(json.dumps(_part(m)))
-        first.update(name="early", inputs=_part(m)["outputs"], outputs=["early_out"])
-        m["partitions"].insert(0, first)
+        first.update(name="early", inputs=_part(m)["outputs"], outputs=["early_out"], after=[])
+        _prog(m)["tasks"].insert(0, first)
     rewrite_manifest(torch_saved, reorder)
-    with pytest.raises(ArtifactError, match=r"partitions\[0\] \('early'\): input 'linear_1' is neither a model input "
-                                            r"nor an output of an earlier partition .*out of order"):
+    with pytest.raises(ArtifactError, match=r"tasks\[0\] \('early'\): input 'linear_1' is computed by task "
+                                            r"'part0_torch', which field after does not make it wait for"):
         kiln.load(torch_saved)
 
 
@@ -73,7 +81,7 @@ def test_deeply_nested_graph_arguments_are_refused(torch_saved, no_kernel_loads,
             deep = [deep]
         node["args"].append(deep)
     rewrite_manifest(torch_saved, nest)
-    with pytest.raises(ArtifactError, match=r"field partitions\[0\].spec.graph.nodes\[5\].args\[3\]"):
+    with pytest.raises(ArtifactError, match=r"field programs.main.tasks\[0\].spec.graph.nodes\[5\].args\[3\]"):
         kiln.load(torch_saved)
 
 
