@@ -119,6 +119,8 @@ def compare(eager, got, fp64) -> dict:
             if kr <= max(1.0, MARGIN * er):
                 continue  # as close to the exact result as eager is
             outcome = "wrong" if er <= 1 else "mismatch"
+            if outcome == "mismatch":  # how many times further from fp64 kiln is than eager
+                result["fp64_distance_ratio"] = round(max(result.get("fp64_distance_ratio", 0), kr / er), 2)
         rank = OUTCOMES.index(outcome)
         if rank > worst:
             worst = rank
@@ -203,12 +205,16 @@ def _run(case: Case, target: str) -> dict:
         return {**out, **second}
 
     def fp64():
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)  # int / int and other promotions to float: float64 too
         try:
             module, inputs = reference(case)
             return module(*inputs)
         except Exception as e:  # noqa: BLE001
             out["fp64_exception"] = _exception(e)
             return ()
+        finally:
+            torch.set_default_dtype(default)
     return {**out, **compare(eager, got, fp64)}
 
 

@@ -217,7 +217,9 @@ def write_report(records: list[dict], out_dir: Path, meta: dict) -> tuple[Path, 
         if r["outcome"] in ("wrong", "mismatch"):
             text.append(f"{r.get('reason', '')}: max error kiln vs eager {_fmt_err(r.get('err_kiln_eager'))}, "
                         f"eager vs fp64 {_fmt_err(r.get('err_eager_fp64'))}, "
-                        f"kiln vs fp64 {_fmt_err(r.get('err_kiln_fp64'))}")
+                        f"kiln vs fp64 {_fmt_err(r.get('err_kiln_fp64'))}"
+                        + (f" (kiln {r['fp64_distance_ratio']}x eager's distance from fp64, in tolerances)"
+                           if r.get("fp64_distance_ratio") else ""))
         if r.get("fallback"):
             text.append(f"fell back to torch: {', '.join(r['fallback'])}")
         if r.get("stderr_tail"):
