@@ -267,8 +267,9 @@ class _Bridge:
         x = self.env[node.args[0]]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
         out_dtype = self._dtype(node.meta["val"].dtype)
-        if x.ty.dtype != out_dtype:
+        if x.ty.dtype != out_dtype and not node.meta["val"].dtype.is_floating_point:
             # torch sums bools (and small ints) in int64; LLVM cannot scan a bool buffer.
+            # (A bf16 scan runs on its fp32 input from _in_fp32: PyTorch accumulates bf16 in fp32.)
             x = self.bb.emit(relax.op.astype(x, out_dtype))
         return self.bb.emit(relax.op.cumsum(x, dim))
 
