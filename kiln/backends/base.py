@@ -66,6 +66,15 @@ class Backend(ABC):
     def lower(self, partition: Partition) -> LoweredPartition:
         """Turn a partition into a loadable kernel; must not mutate ``partition``."""
 
+    def cost(self, node: fx.Node) -> float | None:
+        """What running ``node`` (which it supports) here costs, lower is better; None: this backend has no cost model.
+
+        Placement puts a node on the cheapest backend that prices it, and on
+        the first that supports it where none does (first-fit). The unit is
+        the target's to choose (estimated microseconds, say), shared by its backends.
+        """
+        return None
+
 
 _BACKENDS: dict[str, type[Backend]] = {}
 

@@ -1,7 +1,10 @@
 """Choosing what runs where, and cutting the graph into per-backend partitions.
 
-``assign_placement`` tags every compute node with the first backend of the
-target that supports it (a placement a pass already set is kept, and checked).
+``assign_placement`` tags every compute node with the backend of the target
+that supports it at the lowest ``Backend.cost``, or the first that supports
+it where no backend prices it (first-fit); a placement a pass already set is
+kept, and checked. The ``place`` pass (``kiln/passes/place.py``) runs it as
+a pass, so a pipeline ending in it shows the placements in ``kiln inspect``.
 ``split_by_placement`` then cuts the graph into maximal runs of consecutive
 nodes (in topological order) with one placement; consecutive runs are always
 acyclic, so the schedule is simply their order.
@@ -41,12 +44,11 @@ def assign_placement(graph: Graph, target: str, backends: list[Backend]) -> None
                     f"node {node.name} ({op_name(node.target)}) was placed on {meta.placement!r}, "
                     f"which target {target!r} cannot run it on (its backends: {', '.join(by_name)})")
             continue
-        for backend in backends:
-            if backend.supports(node):
-                meta.placement = backend.name
-                if backend is not backends[0]:
-                    fallbacks[f"{op_name(node.target)} -> {backend.name}"] += 1
-                break
+        backend = _choose(node, backends)
+        if backend is not None:
+            meta.placement = backend.name
+            if backend is not backends[0]:
+                fallbacks[f"{op_name(node.target)} -> {backend.name}"] += 1
         else:
             raise UnsupportedOpError(
                 f"node {node.name}: op {op_name(node.target)} is not supported by target {target!r} "
@@ -54,6 +56,15 @@ def assign_placement(graph: Graph, target: str, backends: list[Backend]) -> None
     if fallbacks:
         log.info("kiln: target %r: %d nodes not supported by %r fall back: %s", target, sum(fallbacks.values()),
                  backends[0].name, ", ".join(f"{k} (x{n})" for k, n in sorted(fallbacks.items())))
+
+
+def _choose(node: fx.Node, backends: list[Backend]) -> Backend | None:
+    """The cheapest backend supporting ``node`` among those that price it (``Backend.cost``), else the first."""
+    supporting = [b for b in backends if b.supports(node)]
+    priced = [(cost, i) for i, b in enumerate(supporting) if (cost := b.cost(node)) is not None]
+    if priced:
+        return supporting[min(priced)[1]]
+    return supporting[0] if supporting else None
 
 
 def _where(node: fx.Node) -> str:

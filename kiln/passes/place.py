@@ -1,0 +1,33 @@
+"""Placement as a pass: every compute node gets the backend it will run on, before lowering.
+
+It runs :func:`kiln.backends.assign_placement` with the compile target's
+backends: a placement an earlier pass set is kept (and checked: the backend
+must support the node), every other node goes to the supporting backend with
+the lowest ``Backend.cost``, or the first that supports it where none prices
+it (first-fit). The pass manager records each placed node as annotated and
+stamps its provenance, so ``kiln inspect`` shows where each node runs and who
+put it there. Lowering places what is still unplaced (the default pipelines do
+not run this pass yet; add it last: ``passes=[*get_pipeline("cpu"), "place"]``),
+and moves a node its backend then fails to lower to the fallback. Stats: the
+number of nodes per backend (``on_<backend>``).
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+from ..ir import Graph
+from .base import Pass, PassContext, PassResult, register_pass
+
+
+@register_pass
+class Place(Pass):
+    name = "place"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        from ..backends import assign_placement, target_backends  # the compile side, only when placing
+
+        before = {n.name: graph.meta(n).placement for n in graph.compute_nodes()}
+        assign_placement(graph, ctx.target, target_backends(ctx.target, ctx.options))
+        after = {n.name: graph.meta(n).placement for n in graph.compute_nodes()}
+        counts = Counter(after.values())
+        return PassResult(after != before, {f"on_{b}": n for b, n in sorted(counts.items())})
