@@ -47,7 +47,7 @@ def test_a_library_for_another_cpu_or_tvm_is_refused_on_load(tmp_path, field, va
     m, ids = Embed().eval(), torch.randint(0, 50, (2, 6))
     path = kiln.compile(m, (ids,)).save(tmp_path / "art")
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["partitions"][0]["spec"][field] = value  # as if written on another machine
+    manifest["programs"]["main"]["tasks"][0]["spec"][field] = value  # as if written on another machine
     manifest["manifest_sha256"] = _sha256(_canonical(manifest))
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=re.escape(message)):
