@@ -96,7 +96,8 @@ def compare(eager, got, fp64) -> dict:
     """Classify kiln's outputs ``got`` against eager's; ``fp64()`` gives the fp64 outputs (None: not available),
     called only when kiln and eager differ."""
     if not isinstance(got, (tuple, list)) or len(got) != len(eager):
-        return {"outcome": "wrong", "reason": f"kiln returned {type(got).__name__} of {len(got)}, eager {len(eager)}"}
+        what = f"{len(got)} outputs" if isinstance(got, (tuple, list)) else f"a {type(got).__name__}"
+        return {"outcome": "wrong", "reason": f"kiln returned {what}, eager a tuple of {len(eager)}"}
     result = {"outcome": "match", "err_kiln_eager": 0.0, "err_eager_fp64": None, "err_kiln_fp64": None}
     worst, ref = 0, None
     for i, (e, k) in enumerate(zip(eager, got)):
