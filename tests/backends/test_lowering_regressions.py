@@ -243,3 +243,28 @@ def test_bf16_cumsum_accumulates_in_fp32():
     kiln_error = (cm(x).double() - exact).abs().max().item()
     eager_error = (x.cumsum(0).double() - exact).abs().max().item()
     assert kiln_error <= 1.5 * eager_error, (kiln_error, eager_error)
+
+
+@pytest.mark.parametrize("chain", ["clamps", "activations", "relus"])
+def test_chained_selects_compile_in_bounded_time(chain):
+    # Fuzz F3 (seed 3000208): three chained clamps took 214 s in the schedule stage and an activation chain
+    # 160 s: each read of a fused producer got a copy of its whole expression. The budgeted inliner and
+    # Elementwise before dlight's rules keep these under a second; a regression shows as a very slow test.
+    fn = {"clamps": lambda x: x.clamp(-1, 1).clamp(-0.5, 2).clamp(0, 0.7).clamp(0.1, 0.6),
+          "activations": lambda x: torch.exp(torch.tanh(F.gelu(torch.sigmoid(F.silu(x))))),
+          "relus": lambda x: torch.relu(torch.relu(torch.relu(torch.relu(x) - 0.1) - 0.1) - 0.1)}[chain]
+    cm = _check(Fn(lambda s, x: fn(x)), torch.cat([_gen(4, 16), SPECIAL[:, :6].expand(4, 6)], 1))
+    assert all(p["backend"] == "cpu" for p in cm.manifest["partitions"])
+    assert "fallbacks" not in cm.manifest
+
+
+@pytest.mark.parametrize("op", ["expm1", "elu", "softplus"])
+def test_ops_with_cancellation_near_zero_are_relative_accurate(op):
+    # Fuzz F5: TVM computes expm1 / elu as exp(x) - 1 and softplus as log(1 + exp(x)): 1.3e-2 relative error
+    # at x = -1e-6 (eager 4.5e-8), which a following division or log turns into a wrong result.
+    fn = {"expm1": torch.expm1, "elu": F.elu, "softplus": F.softplus}[op]
+    x = torch.tensor([-1e-6, 1e-7, -3e-5, 2e-4, -30.0, 1e-3])
+    cm = kiln.compile(Fn(lambda s, x: fn(x)), (x,), target="cpu")
+    exact = fn(x.double())
+    relative = ((cm(x).double() - exact).abs() / exact.abs()).max().item()
+    assert relative < 1e-5, relative

@@ -179,10 +179,15 @@ class _Bridge:
         x = self.env[node.args[0]]
         dtype = str(x.ty.dtype)
         special = torch.tensor([float("inf"), -float("inf")])
-        pos, neg = node.target(special, *node.args[1:], **node.kwargs).tolist()
-        for at, result in ((float("inf"), pos), (-float("inf"), neg)):
-            value = relax.op.where(relax.op.equal(x, relax.const(at, dtype)), relax.const(result, dtype), value)
-        return self.bb.emit(relax.op.where(relax.op.isnan(x), x, value))
+        # NaN as the one canonical NaN (PyTorch's gelu(inf) is -nan: a tuning record would print it as nan)
+        pos, neg = (float("nan") if v != v else v for v in node.target(special, *node.args[1:], **node.kwargs).tolist())
+        value = self.bb.emit(value) if not isinstance(value, relax.Var) else value
+
+        def guard(v, y):
+            c = functools.partial(tvm.tirx.const, dtype=dtype)
+            return tvm.tirx.Select(tvm.tirx.isnan(v), v, tvm.tirx.Select(
+                v == c(float("inf")), c(pos), tvm.tirx.Select(v == c(-float("inf")), c(neg), y)))
+        return self._elementwise("nonfinite_as_torch", [x, value], guard)
 
     def _convert_op(self, node: fx.Node):
         own = self._own.get(node.target)
@@ -306,16 +311,18 @@ class _Bridge:
         The frontend's ``clip`` returned 3 for ``clamp(3, -3)`` (PyTorch: -3) and
         dropped NaN (LLVM's min/max); it also filled a missing bound with +-inf,
         which does not convert to an integer dtype. Two selects keep all three
-        right: ``x < lo`` and ``x > hi`` are false for NaN.
+        right: ``x < lo`` and ``x > hi`` are false for NaN (see ``_elementwise``).
         """
         value = self.env[x if x is not None else node.args[0]]
-        dtype = value.ty.dtype
-        for bound, compare in ((lo, relax.op.less), (hi, relax.op.greater)):
-            if bound is None:
-                continue
-            b = self._scalar(bound, dtype)
-            value = self.bb.emit(relax.op.where(compare(value, b), b, value))
-        return value
+        dtype = str(value.ty.dtype)
+
+        def clamp(v):
+            for bound, below in ((lo, True), (hi, False)):
+                if bound is not None:
+                    b = tvm.tirx.const(bound, dtype)
+                    v = tvm.tirx.Select(v < b if below else v > b, b, v)
+            return v
+        return self._elementwise("clamp", [value], clamp)
 
     def _relu(self, node: fx.Node) -> relax.Var:
         return self._clamp_to(node, 0, None)
@@ -328,11 +335,11 @@ class _Bridge:
     def _extremum(self, node: fx.Node, op) -> relax.Var:
         """``maximum``/``minimum``: NaN if either side is NaN (PyTorch), which LLVM's max/min drop."""
         a, b = (self.env[v] for v in node.args[:2])
-        value = self.bb.emit(op(a, b))
         if not node.meta["val"].dtype.is_floating_point:
-            return value
-        either_nan = relax.op.logical_or(relax.op.isnan(a), relax.op.isnan(b))
-        return self.bb.emit(relax.op.where(either_nan, relax.op.add(a, b), value))
+            return self.bb.emit(op(a, b))
+        pick = tvm.tirx.max if op is relax.op.maximum else tvm.tirx.min
+        return self._elementwise(op.__name__, [a, b], lambda x, y: tvm.tirx.Select(
+            tvm.tirx.isnan(x) | tvm.tirx.isnan(y), x + y, pick(x, y)))
 
     def _self_comparison(self, node: fx.Node) -> relax.Var:
         """``x == x`` is ``not isnan(x)``: compiled as a comparison, TVM's simplifier folded
@@ -357,25 +364,21 @@ class _Bridge:
         if b is a:
             return self.bb.emit(relax.op.isnan(x))
         # (not a == b) would be simplified straight back to a != b
-        either_nan = relax.op.isnan(x) if not isinstance(b, fx.Node) else relax.op.logical_or(
-            relax.op.isnan(x), relax.op.isnan(other))
-        return self.bb.emit(relax.op.logical_or(either_nan, relax.op.not_equal(x, other)))
+        return self._elementwise("not_equal", [x, other], lambda u, v: tvm.tirx.isnan(u) | tvm.tirx.isnan(v) | (u != v))
 
     def _clamp_tensor(self, node: fx.Node) -> relax.Var:
         """``clamp`` with tensor bounds: NaN in ``x`` or in a bound gives NaN, and ``max`` wins over ``min``."""
         names = ("input", "min", "max")
         given = {**dict(zip(names, node.args)), **node.kwargs}
-        value = self.env[given["input"]]
         floating = node.meta["val"].dtype.is_floating_point
-        for name, compare in (("min", relax.op.less), ("max", relax.op.greater)):
-            if given.get(name) is None:
-                continue
-            bound = self.env[given[name]]
-            picked = compare(value, bound)
-            if floating:
-                picked = relax.op.logical_or(picked, relax.op.isnan(bound))
-            value = self.bb.emit(relax.op.where(picked, bound, value))
-        return value
+        names = [n for n in ("min", "max") if given.get(n) is not None]
+
+        def clamp(v, *bounds):
+            for name, b in zip(names, bounds):
+                picked = v < b if name == "min" else v > b
+                v = tvm.tirx.Select(picked | tvm.tirx.isnan(b) if floating else picked, b, v)
+            return v
+        return self._elementwise("clamp", [self.env[given["input"]]] + [self.env[given[n]] for n in names], clamp)
 
     def _variance(self, node: fx.Node) -> relax.Var:
         """``var``/``std`` over ``dim`` with Bessel's ``correction`` (the frontend ignored a ``correction=``
@@ -394,6 +397,25 @@ class _Bridge:
         squares = relax.op.sum(relax.op.multiply(centered, centered), dims, keepdims=keepdim)
         var = self.bb.emit(relax.op.divide(squares, relax.const(float(count - correction), "float64")))
         return self.bb.emit(relax.op.sqrt(var)) if node.target.overloadpacket is aten.std else var
+
+    def _elementwise(self, name: str, inputs: list[relax.Expr], scalar_fn) -> relax.Var:
+        """One element-wise kernel ``out[i] = scalar_fn(a[i], b[i], ...)`` (inputs broadcast to one shape).
+
+        The selects that keep NaN (``where(x < lo, lo, x)``) read their input two
+        to four times; the CPU schedule inlines a producer into such a reader only
+        while the copies stay small (``schedule._inline_bounded``): three chained
+        clamps took 214 s to compile when every read got a copy of the chain.
+        (A ``Let`` per input would keep one copy, but TVM then rebinds one variable
+        twice when the kernel is inlined into a reader of two elements.)
+        """
+        shape = [int(d) for d in _broadcast_shape([list(x.ty.shape) for x in inputs])]
+        inputs = [x if [int(d) for d in x.ty.shape] == shape else self.bb.emit(relax.op.broadcast_to(x, shape))
+                  for x in inputs]
+
+        def compute(*tensors):
+            return tvm.te.compute(tensors[0].shape, lambda *i: scalar_fn(*(t(*i) for t in tensors)), name=name)
+
+        return self.bb.emit_te(compute, *inputs, primfunc_name_hint=name)
 
     def _scalar(self, value, dtype: str) -> relax.Constant:
         return relax.const(value, dtype)
@@ -527,6 +549,13 @@ def _op_table() -> tuple[frozenset, frozenset]:
     return frozenset(bridge._own), frozenset(bridge.imp.convert_map)
 
 
+def _broadcast_shape(shapes: list[list]) -> list:
+    """NumPy broadcasting of static shapes."""
+    rank = max(len(s) for s in shapes)
+    padded = [[1] * (rank - len(s)) + [int(d) for d in s] for s in shapes]
+    return [max(dims) for dims in zip(*padded)]
+
+
 def _is_low_float(node) -> bool:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return isinstance(val, torch.Tensor) and val.dtype in (torch.bfloat16, torch.float16)
@@ -597,10 +626,11 @@ def _float_inputs(node: fx.Node) -> bool:
 # convolutions (conv1d k=1 stride 2 was wrong), advanced indexing (``index.Tensor``:
 # an unchecked take read out of bounds), scatter/index_put/take (unchecked indices),
 # integer division by a tensor (0 traps in TVM, PyTorch raises), float remainder and
-# floor division (PyTorch's rounding rules), and random ops.
+# floor division (PyTorch's rounding rules), random ops, and expm1 / elu / softplus / mish
+# (TVM computes exp(x) - 1 and log(1 + exp(x)): 1e-2 relative error near 0).
 _POINTWISE = """
-    abs neg exp log log1p log2 expm1 sqrt rsqrt sin cos tan tanh sigmoid silu gelu erf relu hardtanh
-    leaky_relu elu softplus hardswish hardsigmoid mish reciprocal sign floor ceil round trunc square
+    abs neg exp log log1p log2 sqrt rsqrt sin cos tan tanh sigmoid silu gelu erf relu hardtanh
+    leaky_relu hardswish hardsigmoid reciprocal sign floor ceil round trunc square
     clamp clamp_min clamp_max maximum minimum where masked_fill
     add sub rsub mul div pow eq ne lt le gt ge logical_not logical_and logical_or bitwise_and bitwise_or
     bitwise_xor bitwise_not __and__ __or__ __xor__ isnan isinf

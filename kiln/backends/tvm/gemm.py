@@ -92,7 +92,9 @@ def candidates(shape: GemmShape, mode: str) -> list[str]:
     names = ["mkl"]
     if shape.n >= 2 * COLUMN_BLOCK:
         names.append("mkl_cols")
-    if mode == "measure":
+    if mode == "measure" and shape.dtype == "float32":
+        # Not for bf16: oneDNN's bf16 inner product spread a NaN of one input row into the
+        # output row before it (M=32, K=5; tests/fuzz FINDINGS F2); eager's MKL path does not.
         names.append("onednn")
     return names
 

@@ -12,7 +12,7 @@ and unscheduled TIR runs single-threaded and scalar. kiln's rules:
 - dlight's ``Reduction`` and ``GEMV`` for the shapes ours do not take;
 - ``RowParallel``: whatever is left (gathers, scans) at least runs its rows in parallel.
 
-Rules are tried in order; the first that returns a schedule wins, and
+Rules are tried in order (``Elementwise`` first); the first that returns a schedule wins, and
 ``applied_rule`` reads back which one did (the report lists it per kernel).
 """
 from __future__ import annotations
@@ -71,9 +71,53 @@ class Elementwise(CPUScheduleRule):
         blocks = normalize_prim_func(sch)
         if not blocks or not all(b.is_injective() for b in blocks) or any(_is_reduction(sch, b) for b in blocks):
             return None
-        for block in try_inline(sch, blocks):
+        for block in _inline_bounded(sch, blocks):
             _parallel_vectorize(sch, block.block_rv, target)
         return sch
+
+
+# Characters of TIR a producer's value may be copied into its consumers, all reads
+# together (a GELU's inner polynomial read by tanh's: about 1500).
+INLINE_BUDGET = 4000
+
+
+def _inline_bounded(sch: s_tir.Schedule, blocks) -> list:
+    """dlight's ``try_inline``, but a producer whose value its consumers read several times is
+    inlined only while the copies stay small; otherwise it is computed once into its buffer.
+
+    Inlining substitutes the producer's expression at every read: TVM's fast
+    polynomials read their input several times, so ``exp(tanh(gelu(sigmoid(x))))``
+    grew exponentially and took 160 s to compile (clamp chains alike).
+    """
+    remaining = list(blocks)
+    progress = True
+    while progress:
+        progress = False
+        for block in list(remaining):
+            rv = block.block_rv
+            # compute_inline copies rv's value into its consumers; reverse_compute_inline copies
+            # rv's producers' values into rv.
+            for inline, producers in ((sch.compute_inline, [rv]), (sch.reverse_compute_inline, sch.get_producers(rv))):
+                if not all(_copies_small(sch, p) for p in producers):
+                    continue
+                try:
+                    inline(rv)
+                except Exception:  # noqa: BLE001 - TVM refuses: the block stays
+                    continue
+                remaining.remove(block)
+                progress = True
+                break
+    return remaining
+
+
+def _copies_small(sch: s_tir.Schedule, producer) -> bool:
+    """Whether substituting ``producer``'s value at each of its consumers' reads stays within the budget."""
+    stmt = sch.get(producer)
+    if not stmt.writes:
+        return True
+    name = stmt.writes[0].source.name
+    reads = sum(str(sch.get(c).body).count(f"{name}[") for c in sch.get_consumers(producer))
+    return reads <= 1 or len(str(stmt.body)) * reads <= INLINE_BUDGET
 
 
 def _is_reduction(sch: s_tir.Schedule, block) -> bool:
@@ -269,11 +313,13 @@ def applied_rule(func: tirx.PrimFunc) -> str | None:
 
 
 def default_rules() -> list:
+    # Elementwise first: it takes only all-injective kernels, and dlight's GEMV rule inlines every
+    # block without bound before it checks the kernel's shape (160 s on a chain of activations).
     return [
+        _Named("kiln.Elementwise", Elementwise()),
         _Named("kiln.RowReduction", RowReduction()),
         _Named("dlight.cpu.Reduction", dlight.cpu.Reduction()),
         _Named("dlight.cpu.GEMV", dlight.cpu.GEMV()),
-        _Named("kiln.Elementwise", Elementwise()),
         _Named("kiln.RowParallel", RowParallel()),
     ]
 
