@@ -29,6 +29,7 @@ from kiln import zoo  # noqa: E402
 from kiln.kv_cache import KVCacheLM  # noqa: E402
 from kiln.llm import compile_llm  # noqa: E402
 from kiln.runtime import CompiledModel  # noqa: E402
+from kiln.timing import machine  # noqa: E402
 
 
 def _bytes(path: Path) -> int:
@@ -68,6 +69,7 @@ def main() -> None:
             part.files = {f: d for f, d in part.files.items()
                           if any(f in (*task["files"], *task.get("compiler_files", ())) for task in tasks)}
             separate += _bytes(CompiledModel(part).save(tmp / f"sep_{name}"))
+    print(f"machine: {machine()}")
     print(f"Llama {args.hidden} wide, {args.layers} layers, vocab {args.vocab} ({params / 1e6:.2f} MB of parameters), "
           f"target {args.target}, prefill buckets {list(buckets)} + decode, capacity {args.capacity}")
     print(f"  one graph's artifact (decode alone):     {one:>12,} bytes")

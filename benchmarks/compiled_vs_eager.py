@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
 import statistics
 import time
 import warnings
@@ -32,6 +31,7 @@ from rich.table import Table  # noqa: E402
 
 import kiln  # noqa: E402
 from kiln import zoo  # noqa: E402
+from kiln import timing  # noqa: E402
 from kiln.timing import paired_speedup, rounds_ms  # noqa: E402
 
 LLAMA = dict(hidden=512, layers=4, heads=8, kv_heads=4, vocab=32000)
@@ -130,7 +130,7 @@ def main() -> None:
     inductor = not args.no_inductor
 
     console = Console(width=130)
-    console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+    console.print(f"machine: {timing.machine()}; torch {torch.__version__} "
                   f"({torch.get_num_threads()} threads), kiln {kiln.__version__}, target {args.target}; "
                   f"{args.repeat} interleaved rounds after 3 warm-up rounds (speed-up: median of per-round "
                   f"ratios \\[quartiles]); "

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kiln.backends.tvm import gemm
+from kiln import timing  # noqa: E402
 
 # workload -> (rule, m, k, n) of its GEMMs (the zoo models of benchmarks/compiled_vs_eager.py)
 SHAPES = {
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.5, help="seconds of measuring per kernel and shape")
     args = parser.parse_args()
     console = Console(width=140)
+    console.print(f"machine: {timing.machine()}")
     console.print(f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads); "
                   f"median us per call, ~{args.budget} s per kernel and shape; load average {os.getloadavg()[0]:.2f}")
     table = Table()

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import kiln
+from kiln.timing import machine
 from kiln.runtime import Artifact, CompiledModel, Trace
 from kiln.runtime.artifact import place_on_queues
 
@@ -90,6 +91,7 @@ def main() -> None:
     for name, fn in paths.items():
         assert all(torch.equal(a, b) for a, b in zip(fn(), reference)), name
     n = len(tasks)
+    print(f"machine: {machine()}")
     print(f"{n} tasks ({', '.join(t['backend'] for t in tasks)}), median of {args.repeat} calls, "
           f"torch {torch.get_num_threads()} threads")
     base = None

@@ -25,6 +25,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kiln  # noqa: E402
 from kiln.timing import median_ms  # noqa: E402
+from kiln.timing import machine  # noqa: E402
 
 
 class DecoderTir(nn.Module):
@@ -72,6 +73,7 @@ def main() -> None:
 
     report = tuned.manifest["partitions"][0]["report"]
     tuning = report["tuning"]
+    print(f"machine: {machine()}")
     print(f"tuning: {', '.join(f'{k} {v}' for k, v in tuning.items() if isinstance(v, int))}")
     print("kernel (us measured while tuning: kiln's rule / best MetaSchedule candidate) -> schedule applied")
     for kernel in report["kernels"]:

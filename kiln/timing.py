@@ -38,3 +38,29 @@ def paired_speedup(baseline: list[float], contender: list[float]) -> tuple[float
     ratios = sorted(b / c for b, c in zip(baseline, contender, strict=True))
     q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
     return median, q1, q3
+
+
+# CPU features that decide which kernels are fast here (GEMMs in bf16 / int8 above all).
+_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+
+
+def machine() -> str:
+    """The CPU model, its kernel-relevant flags and the core count, for every benchmark's output:
+    numbers differ between machines, and a reader must know which one printed them."""
+    import os
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    have = [f for f in _FLAGS if f in flags]
+    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(have) or 'none of ' + ' '.join(_FLAGS)}"
