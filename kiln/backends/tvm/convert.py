@@ -495,6 +495,9 @@ class _Bridge:
             # PyTorch computes these as products too; TIR's pow is a scalar libm call.
             sq = relax.op.multiply(x, x)
             return self.bb.emit(sq if exponent == 2 else relax.op.multiply(sq, x))
+        if exponent in (0.5, -0.5) and node.meta["val"].dtype.is_floating_point:
+            # PyTorch takes these as sqrt / rsqrt: (-inf) ** 0.5 is NaN there, inf in libm's pow.
+            return self.bb.emit(relax.op.sqrt(x) if exponent == 0.5 else relax.op.rsqrt(x))
         return self.imp.convert_map["pow.Tensor_Scalar"](node)
 
     def _reshape_to_meta(self, node: fx.Node) -> relax.Var:

@@ -18,7 +18,7 @@ can run up to any stage and look at the module.
 from __future__ import annotations
 
 import tvm
-from tvm import relax
+from tvm import relax, topi
 
 from ...errors import UnknownNameError
 from .fusion import fuse_residual_norm
@@ -29,12 +29,38 @@ def fuse_norm_passes() -> list:
     return [fuse_residual_norm]
 
 
+def _layer_norm_two_pass(x, gamma, beta, axis, epsilon):
+    """Layer norm as PyTorch computes it: the mean first, then the mean square of ``x - mean``.
+
+    TOPI's ``layer_norm`` takes the variance in one pass as E[x^2] - E[x]^2, which
+    cancels catastrophically when a row's mean is large against its spread: a
+    constant row normalized to 0.118 instead of 0 (eps 1e-12, fuzz seed 7001395).
+    """
+    ndim = len(x.shape)
+    axes = [a % ndim for a in axis]
+    count = 1
+    for a in axes:
+        count *= int(x.shape[a])
+    mean = topi.divide(topi.sum(x, axis=axes, keepdims=True), tvm.tirx.const(count, x.dtype))
+    centered = topi.subtract(x, mean)
+    var = topi.divide(topi.sum(topi.multiply(centered, centered), axis=axes, keepdims=True),
+                      tvm.tirx.const(count, x.dtype))
+    normed = topi.multiply(centered, topi.rsqrt(topi.add(var, tvm.tirx.const(epsilon, x.dtype))))
+    return topi.add(topi.multiply(normed, gamma), beta)
+
+
+def _legalize_layer_norm(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    return bb.call_te(_layer_norm_two_pass, call.args[0], call.args[1], call.args[2],
+                      axis=[int(a) for a in call.attrs.axes], epsilon=float(call.attrs.epsilon),
+                      primfunc_name_hint="layer_norm")
+
+
 def legalize_passes() -> list:
     return [
         relax.transform.DeadCodeElimination(),
         # Scans and sorts (cumsum) have no LegalizeOps rule on CPU; TVM routes them here.
         relax.backend.DispatchSortScan(),
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(customize_legalize_map={"relax.nn.layer_norm": _legalize_layer_norm}),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
     ]
