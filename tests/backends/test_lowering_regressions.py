@@ -286,3 +286,14 @@ def test_layer_norm_of_rows_with_a_large_mean_is_as_accurate_as_eager(offset):
     kiln_error = (cm(x).double() - exact).abs().max().item()
     eager_error = (model(x).double() - exact).abs().max().item()
     assert kiln_error <= 2 * eager_error + 1e-6, (kiln_error, eager_error)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-12])
+def test_layer_norm_of_a_constant_row_is_its_bias(eps):
+    # Fuzz seed 8001135: a constant row (a conv's padding, after a cumsum) normalized to rounding noise
+    # times 1/sqrt(eps) (2e-5 off; eager's Welford mean is exact there). The shifted two-pass is exact too.
+    ln = nn.LayerNorm(7, eps=eps)
+    nn.init.normal_(ln.weight), nn.init.normal_(ln.bias)
+    x = torch.cat([torch.full((2, 7), 0.3895), _gen(2, 7) + 0.3895])
+    cm = _check(Fn(lambda s, x: s.mods[0](x), ln), x)
+    torch.testing.assert_close(cm(x)[:2], ln.bias.detach().expand(2, 7), rtol=0, atol=0)

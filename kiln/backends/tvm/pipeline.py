@@ -30,7 +30,7 @@ def fuse_norm_passes() -> list:
 
 
 def _layer_norm_two_pass(x, gamma, beta, axis, epsilon):
-    """Layer norm as PyTorch computes it: the mean first, then the mean square of ``x - mean``.
+    """Layer norm in two passes, as PyTorch: the mean first, then the mean square of ``x - mean``.
 
     TOPI's ``layer_norm`` takes the variance in one pass as E[x^2] - E[x]^2, which
     cancels catastrophically when a row's mean is large against its spread: a
@@ -41,8 +41,13 @@ def _layer_norm_two_pass(x, gamma, beta, axis, epsilon):
     count = 1
     for a in axes:
         count *= int(x.shape[a])
-    mean = topi.divide(topi.sum(x, axis=axes, keepdims=True), tvm.tirx.const(count, x.dtype))
-    centered = topi.subtract(x, mean)
+    # Shifted by the row's first element: a constant row is then exactly 0 (sum(x) / n alone is
+    # off by rounding, which eps = 1e-5 amplifies to 2e-5 of a constant row's output; seed 8001135).
+    def first(*i):
+        return x(*(0 if d in axes else v for d, v in enumerate(i)))
+    shifted = tvm.te.compute(x.shape, lambda *i: x(*i) - first(*i), name="shifted")
+    mean = topi.divide(topi.sum(shifted, axis=axes, keepdims=True), tvm.tirx.const(count, x.dtype))
+    centered = topi.subtract(shifted, mean)
     var = topi.divide(topi.sum(topi.multiply(centered, centered), axis=axes, keepdims=True),
                       tvm.tirx.const(count, x.dtype))
     normed = topi.multiply(centered, topi.rsqrt(topi.add(var, tvm.tirx.const(epsilon, x.dtype))))
