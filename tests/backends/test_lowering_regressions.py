@@ -297,3 +297,19 @@ def test_layer_norm_of_a_constant_row_is_its_bias(eps):
     x = torch.cat([torch.full((2, 7), 0.3895), _gen(2, 7) + 0.3895])
     cm = _check(Fn(lambda s, x: s.mods[0](x), ln), x)
     torch.testing.assert_close(cm(x)[:2], ln.bias.detach().expand(2, 7), rtol=0, atol=0)
+
+
+def test_layer_norm_of_one_element_rows_keeps_nan_and_inf():
+    # Fuzz seeds 9000459, 9000599: shifting a one-element row by its first element became x[0] - x[0],
+    # which TVM folds to 0: inf and NaN rows came out as the bias.
+    x = torch.tensor([[float("inf")], [float("nan")], [-float("inf")], [2.5]])
+    _check(Fn(lambda s, x: s.mods[0](x), nn.LayerNorm(1)), x)
+
+
+def test_fp32_cumsum_accumulates_in_double_as_eager():
+    # Fuzz seed 9000768: PyTorch's CPU scan sums float32 in double; kiln's fp32 scan was 4x further from fp64
+    x = _gen(128, 33)
+    cm = kiln.compile(Fn(lambda s, x: x.cumsum(0)), (x,), target="cpu")
+    torch.testing.assert_close(cm(x), x.cumsum(0))
+    exact = x.double().cumsum(0)
+    assert (cm(x).double() - exact).abs().max() <= (x.cumsum(0).double() - exact).abs().max()

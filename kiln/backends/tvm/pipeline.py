@@ -45,7 +45,8 @@ def _layer_norm_two_pass(x, gamma, beta, axis, epsilon):
     # off by rounding, which eps = 1e-5 amplifies to 2e-5 of a constant row's output; seed 8001135).
     def first(*i):
         return x(*(0 if d in axes else v for d, v in enumerate(i)))
-    shifted = tvm.te.compute(x.shape, lambda *i: x(*i) - first(*i), name="shifted")
+    # (Not for one-element rows: TVM's simplifier folds x[0] - x[0] to 0, and inf or NaN came out 0.)
+    shifted = tvm.te.compute(x.shape, lambda *i: x(*i) - first(*i), name="shifted") if count > 1 else x
     mean = topi.divide(topi.sum(shifted, axis=axes, keepdims=True), tvm.tirx.const(count, x.dtype))
     centered = topi.subtract(shifted, mean)
     var = topi.divide(topi.sum(topi.multiply(centered, centered), axis=axes, keepdims=True),
