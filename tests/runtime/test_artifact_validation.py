@@ -3,7 +3,6 @@ import json
 import os
 import resource
 import struct
-import time
 
 import pytest
 import torch
@@ -142,11 +141,10 @@ def test_a_file_of_the_wrong_size_is_refused_without_reading_it(saved, no_kernel
     expected = os.path.getsize(saved / "weights.safetensors")
     _sparse(saved / "weights.safetensors")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
-    start = time.perf_counter()
     with pytest.raises(ArtifactError, match=f"weights.safetensors is truncated or padded: the manifest says {expected} "
                                             f"bytes, the file has {2 << 30}"):
         kiln.load(saved)
-    assert time.perf_counter() - start < 2
+    # not read: the 2 GiB file would show in the peak RSS (no wall-clock bound: tests assert behaviour)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 512 << 10
 
 
