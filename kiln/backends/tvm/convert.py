@@ -31,6 +31,7 @@ which are not public API; TVM is pinned, and the tests exercise each path.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 
 import torch
@@ -389,12 +390,7 @@ class _Bridge:
         argument: ``std(0, correction=1)`` came out as the population std). Two passes; ``_check`` casts
         the result back to the node's dtype."""
         x = self.env[node.args[0]]
-        dims, correction, keepdim = _variance_args(node)
-        shape = node.args[0].meta["val"].shape
-        dims = list(range(len(shape))) if dims is None else [d % len(shape) for d in dims]
-        count = 1
-        for d in dims:
-            count *= shape[d]
+        dims, count, correction, keepdim = _variance_args(node)
         # In float64, as PyTorch's CPU kernel accumulates: squares of large values overflow float32.
         x = self.bb.emit(relax.op.astype(x, "float64"))
         centered = self.bb.emit(relax.op.subtract(x, relax.op.mean(x, dims, keepdims=True)))
@@ -420,9 +416,6 @@ class _Bridge:
             return tvm.te.compute(tensors[0].shape, lambda *i: scalar_fn(*(t(*i) for t in tensors)), name=name)
 
         return self.bb.emit_te(compute, *inputs, primfunc_name_hint=name)
-
-    def _scalar(self, value, dtype: str) -> relax.Constant:
-        return relax.const(value, dtype)
 
     def _layer_norm(self, node: fx.Node) -> relax.Var:
         """``layer_norm`` with or without its affine weight and bias (the frontend needed both)."""
@@ -593,15 +586,19 @@ def _int_divisor(node: fx.Node) -> bool:
             and isinstance(divisor, int) and not isinstance(divisor, bool) and divisor != 0)
 
 
-def _variance_args(node: fx.Node) -> tuple[list[int] | None, float, bool]:
-    """``(dims, correction, keepdim)`` of a ``var``/``std`` node (``.dim``: ``unbiased``; ``.correction``)."""
+def _variance_args(node: fx.Node) -> tuple[list[int], int, float, bool]:
+    """``(dims, elements reduced, correction, keepdim)`` of a ``var``/``std`` node (``.dim``: ``unbiased``;
+    ``.correction``); ``dims`` non-negative, all of them when the node gives none."""
+    shape = node.args[0].meta["val"].shape
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = list(range(len(shape))) if dims is None else [d % len(shape) for d in dims]
+    count = math.prod(shape[d] for d in dims)
     if node.target.__name__.endswith(".dim"):
         unbiased = node.args[2] if len(node.args) > 2 else node.kwargs.get("unbiased", True)
         keepdim = node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False)
-        return dims, 1.0 if unbiased else 0.0, keepdim
+        return dims, count, 1.0 if unbiased else 0.0, keepdim
     correction = node.kwargs.get("correction")
-    return dims, 1.0 if correction is None else float(correction), node.kwargs.get("keepdim", False)
+    return dims, count, 1.0 if correction is None else float(correction), node.kwargs.get("keepdim", False)
 
 
 def _positive_variance_divisor(node: fx.Node) -> bool:
@@ -609,11 +606,7 @@ def _positive_variance_divisor(node: fx.Node) -> bool:
     may fold; such a ``var``/``std`` runs on PyTorch."""
     if not _float_inputs(node):
         return False
-    dims, correction, _ = _variance_args(node)
-    shape = node.args[0].meta["val"].shape
-    count = 1
-    for d in range(len(shape)) if dims is None else dims:
-        count *= shape[d]
+    _, count, correction, _ = _variance_args(node)
     return count - correction > 0
 
 
@@ -721,7 +714,7 @@ def convertible(node: fx.Node) -> bool:
     condition = _CONDITIONS.get(name)
     if condition is not None:
         return bool(condition(node))
-    if name in _CONDITIONS or _packet(target) not in _ALLOWED_NAMES and name not in _ALLOWED_NAMES:
+    if _packet(target) not in _ALLOWED_NAMES and name not in _ALLOWED_NAMES:
         return False
     if _packet(target) == "div" and name not in ("div.Tensor", "div.Scalar"):
         return False  # div with a rounding mode: only by _CONDITIONS' rule above

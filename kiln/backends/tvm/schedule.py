@@ -24,7 +24,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import get_root_block, normalize_prim_func
-from tvm.s_tir.dlight.base import get_extent, try_inline
+from tvm.s_tir.dlight.base import get_extent
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_vector_width
@@ -256,7 +256,7 @@ class RowParallel(CPUScheduleRule):
         changed = False
         # No inlining next to a reduction: an epilogue inlined into a unit-axis reduction
         # would run inside its accumulation (see _is_reduction).
-        for block in (blocks if any(_is_reduction(sch, b) for b in blocks) else try_inline(sch, blocks)):
+        for block in (blocks if any(_is_reduction(sch, b) for b in blocks) else _inline_bounded(sch, blocks)):
             kinds = block.dom_kind()
             lead = len(kinds) - len(kinds.lstrip("S"))
             loops = sch.get_loops(block.block_rv)[:lead]
