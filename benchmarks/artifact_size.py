@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 import kiln  # noqa: E402
 from kiln import zoo  # noqa: E402
-from kiln.kv_cache import KVCacheLM  # noqa: E402
+from kiln.llm.hf import KVCacheLM  # noqa: E402
 from kiln.llm import compile_llm  # noqa: E402
 from kiln.runtime import CompiledModel  # noqa: E402
 from kiln.timing import machine  # noqa: E402

@@ -28,7 +28,7 @@ def load(path: str | os.PathLike, trusted_keys=None):
     """
     model = CompiledModel(read_artifact(path, trusted_keys))
     if "llm" in model.manifest:
-        from ..llm import CompiledLLM  # runtime only: kiln.llm imports the compiler only inside compile_llm
+        from ..llm.runtime import CompiledLLM  # the runtime side only: kiln.llm.compile is the compiler side
 
         return CompiledLLM(model)
     return model

@@ -137,7 +137,7 @@ SCHEMA = {
         "queues": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": QUEUE_NAME},
                    "additionalProperties": {"type": "object", "required": ["device"],
                                             "properties": {"device": _NAME}}},
-        # an LLM (kiln/llm.py): which program prefills each prompt-length bucket, and which decodes
+        # an LLM (kiln/llm/runtime.py): which program prefills each prompt-length bucket, and which decodes
         "llm": {"type": "object", "required": ["prefill", "decode"], "additionalProperties": False, "properties": {
             "prefill": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": "^[1-9][0-9]*$"},
                         "additionalProperties": _NAME},

@@ -1,13 +1,10 @@
-"""LLM generation with compiled prefill and decode programs, the KV cache passed in and out as tensors.
+"""The runtime side of an LLM: :class:`CompiledLLM` runs compiled prefill and decode programs, the KV cache as tensors.
 
-``compile_llm(model)`` wraps a transformers causal LM (Llama, Qwen2, Mixtral,
-GPT-2) in :class:`kiln.kv_cache.KVCacheLM` and compiles it with
-``kiln.compile`` once per prompt-length bucket (prefill) and once for a single
-token (decode), then packs them as ONE artifact whose programs are
-``prefill_<bucket>`` and ``decode`` over one weight store (every tensor stored
-once: the weights are the model's own in every program). Its manifest's
-``llm`` field names them; ``kiln.load`` (or :func:`load`) returns a
-:class:`CompiledLLM` for it, which runs them for greedy generation.
+An LLM artifact (written by :func:`kiln.llm.compile.compile_llm`) holds the
+programs ``prefill_<bucket>`` (one per prompt-length bucket) and ``decode``
+over one weight store; its manifest's ``llm`` field names them. ``kiln.load``
+(or :func:`load`) returns a :class:`CompiledLLM` for it, which runs them for
+greedy generation.
 
 Every program is ``(input_ids, k_cache, v_cache) -> (logits, k_cache_new,
 v_cache_new)`` with the run-time control ``start_pos``, ``logits`` being the
@@ -35,8 +32,8 @@ Not handled: prompts of different lengths in one batch (every row is padded
 by the same amount), sampling (greedy only), stopping at an end-of-sequence token,
 sliding-window attention.
 
-This module is the runtime side too: :func:`load` and :class:`CompiledLLM`
-import nothing from the compiler; :func:`compile_llm` imports it when called.
+This module imports the runtime only: never the compiler (``kiln.api``,
+``kiln.passes``, ``kiln.backends``), transformers or :mod:`kiln.zoo`.
 """
 from __future__ import annotations
 
@@ -45,16 +42,16 @@ from pathlib import Path
 
 import torch
 
-from .errors import ArtifactError, InputMismatchError, KilnError
-from .ir.meta import dtype_from_name
-from .runtime import CompiledModel, read_artifact
-from .runtime.artifact import REBUILD, declare_control, merge_programs
-from .runtime.executor import Program
+from ..errors import ArtifactError, InputMismatchError, KilnError
+from ..ir.meta import dtype_from_name
+from ..runtime import CompiledModel, read_artifact
+from ..runtime.artifact import REBUILD
+from ..runtime.executor import Program
 
-DECODE = "decode"
+DECODE = "decode"  # the decode program's name; a prefill program is prefill_<bucket>
 OLD_INDEX = "llm.json"  # what kiln 0.1 saved an LLM as: a directory of artifacts, one per graph
 _INPUTS = ("input_ids", "k_cache", "v_cache")
-_CONTROL = "start_pos"
+START_POS = "start_pos"  # the run-time control every LLM program takes
 
 
 class CompiledLLM:
@@ -173,9 +170,9 @@ class CompiledLLM:
 
 def _cache_type(graph: Program, name: str):
     names = tuple(i.name for i in graph.signature.inputs)
-    if names != _INPUTS or _CONTROL not in graph.controls:
+    if names != _INPUTS or START_POS not in graph.controls:
         raise KilnError(f"{name} takes inputs {names} and controls {tuple(graph.controls)}; an LLM program takes "
-                        f"{_INPUTS} and the control {_CONTROL!r}")
+                        f"{_INPUTS} and the control {START_POS!r}")
     k, v = graph.signature.inputs[1].type, graph.signature.inputs[2].type
     if k != v or len(k.shape) != 5:
         raise KilnError(f"{name}: k_cache {k} and v_cache {v} must both be [layers, batch, kv_heads, capacity, head_dim]")
@@ -192,38 +189,3 @@ def load(path: str | os.PathLike, trusted_keys=None) -> CompiledLLM:
         raise ArtifactError(f"{path} is an LLM saved by kiln 0.1 as a directory of artifacts with {OLD_INDEX}; "
                             f"this runtime reads an LLM as one artifact (format 2); {REBUILD}")
     return CompiledLLM(CompiledModel(read_artifact(path, trusted_keys)))
-
-
-def compile_llm(model: torch.nn.Module, *, batch: int = 1, prefill_buckets=(32, 128), capacity: int = 256,
-                target: str = "cpu", options=None) -> CompiledLLM:
-    """Compile a transformers causal LM into one artifact: prefill programs (one per bucket) and a decode program.
-
-    ``options`` (a ``kiln.CompileOptions``) applies to every graph; the shapes
-    are static, so ``options.dynamic_shapes`` must be unset.
-    """
-    from .api import compile as kiln_compile
-    from .kv_cache import KVCacheLM
-
-    buckets = sorted(set(prefill_buckets))
-    if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
-        raise KilnError(f"prefill_buckets must be positive ints; got {prefill_buckets!r}")
-    if not isinstance(batch, int) or batch < 1:
-        raise KilnError(f"batch must be a positive int; got {batch!r}")
-    if buckets[-1] > capacity:
-        raise KilnError(f"the largest prefill bucket ({buckets[-1]}) exceeds the cache capacity ({capacity})")
-    if options is not None and getattr(options, "dynamic_shapes", None) is not None:
-        raise KilnError("compile_llm compiles one static graph per bucket; leave options.dynamic_shapes unset")
-    lm = KVCacheLM(model)
-    k, v = lm.empty_cache(batch, capacity)
-
-    def compile_for(length: int, name: str):
-        ids = torch.zeros(batch, length, dtype=torch.int64)
-        artifact = kiln_compile(lm, (ids, torch.tensor(0), k, v), target=target, options=options).artifact
-        (program,) = artifact.manifest["programs"].values()
-        first = 0 if length == 1 else 1 - length  # a prompt of one token, left-padded to the bucket
-        declare_control(program, _CONTROL, default=first, min=first, max=capacity - length)
-        return name, artifact
-
-    parts = dict([compile_for(b, f"prefill_{b}") for b in buckets] + [compile_for(1, DECODE)])
-    index = {"prefill": {str(b): f"prefill_{b}" for b in buckets}, "decode": DECODE}
-    return CompiledLLM(CompiledModel(merge_programs(parts, default_program=DECODE, llm=index)))

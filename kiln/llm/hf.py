@@ -35,7 +35,8 @@ Every op here is one the TVM frontend converts (``arange``, comparisons,
 ``cumsum`` and no ``cat``. Sliding-window attention is refused: the mask would
 not apply the window.
 
-This module imports transformers; the runtime side lives in :mod:`kiln.llm`.
+This module imports transformers, so only the compile side (:mod:`kiln.llm.compile`)
+imports it; the runtime (:mod:`kiln.llm.runtime`) never does.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from torch import nn
 from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin
 
-from .errors import KilnError
+from ..errors import KilnError
 
 
 def write_at(cache: torch.Tensor, new: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
