@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kiln-installed
 
-.PHONY: setup demo test test-all bench fuzz clean
+.PHONY: setup demo test test-all bench fuzz robot clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,17 @@ TARGET ?= cpu
 JOBS ?= 1
 fuzz: setup
 	$(PY) -m tests.fuzz -n $(N) $(if $(SEED),--seed $(SEED)) --target $(TARGET) -j $(JOBS) --out out/fuzz
+
+# The closed-loop Meta-World benchmark of the VLA-shaped policy (examples/robot): installs the `robot` extra, collects
+# demonstrations, trains, evaluates; out/robot/. Small by default; the full run: make robot ROBOT_ARGS=
+ROBOT_ARGS ?= --demos 20 --steps 300 --episodes 5 --configs fp32,static8
+ROBOT_STAMP := $(VENV)/.kiln-robot-installed
+$(ROBOT_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install -q -e '.[test,robot]'
+	touch $(ROBOT_STAMP)
+
+robot: $(ROBOT_STAMP)
+	$(PY) -m examples.robot all $(ROBOT_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
