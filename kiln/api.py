@@ -151,7 +151,7 @@ class Compilation:
         pm = PassManager(self.pass_names, self._instruments + list(extra_instruments))
         calibration = self.options.calibration
         ctx = PassContext(target=self.target, example_inputs=[n.meta["val"] for n in graph.input_nodes()],
-                          options=self.options, real_inputs=list(self.flat_inputs),
+                          options=self.options, real_inputs=list(self.flat_inputs), backends=self.backends,
                           calibration=None if calibration is None else flatten_calibration(calibration, graph.signature))
         self.records = pm.run(graph, ctx)
         for r in self.records:
@@ -172,6 +172,7 @@ class Compilation:
                 files[fname] = data
             entries.append({
                 "name": p.name, "backend": p.backend, "format": lowered.format,
+                **({"queue": p.queue} if p.queue is not None else {}),
                 "inputs": p.inputs, "outputs": p.outputs, "weights": p.weight_names,
                 "spec": lowered.spec, "report": lowered.report,
                 # what the kernel loader reads; compiler_files are stored and hashed, never loaded

@@ -44,6 +44,10 @@ class ArtifactError(KilnError):
     """An artifact on disk is missing, truncated, tampered with or of another version."""
 
 
+class ProcessGroupError(KilnError):
+    """A program calls a collective over a torch.distributed process group this process does not have."""
+
+
 class TuningError(KilnError):
     """Tuning options are invalid, or a tuning database cannot be read; the message names the field or path."""
 

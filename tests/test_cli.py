@@ -76,7 +76,7 @@ not_a_function = 3
 '''
 
 # Passes of these stages only rewrite the graph's form, never its arithmetic.
-EXACT_PASSES = {p for stage in ("cleanup", "analysis") for p in STAGES.get(stage, [])}
+EXACT_PASSES = {p for stage in ("cleanup", "analysis", "placement") for p in STAGES.get(stage, [])}
 
 
 def cli(*argv: str) -> tuple[int, str, str]:

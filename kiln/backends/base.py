@@ -34,6 +34,7 @@ class Partition:
     outputs: list[str]
     weight_names: list[str]
     weights: dict[str, torch.Tensor]
+    queue: str | None = None  # the queue its nodes were put on (NodeMeta.queue); None: the default queue
 
 
 @dataclass

@@ -6,8 +6,10 @@ it where no backend prices it (first-fit); a placement a pass already set is
 kept, and checked. The ``place`` pass (``kiln/passes/place.py``) runs it as
 a pass, so a pipeline ending in it shows the placements in ``kiln inspect``.
 ``split_by_placement`` then cuts the graph into maximal runs of consecutive
-nodes (in topological order) with one placement; consecutive runs are always
-acyclic, so the schedule is simply their order.
+nodes (in topological order) with one placement and one queue
+(``NodeMeta.queue``, set by a pass that schedules across queues; None: the
+default queue); consecutive runs are always acyclic, so their order is a
+valid schedule, and each task waits only for the tasks computing its inputs.
 
 ``place_and_lower`` does both and lowers every partition. A backend that
 cannot lower a partition it said it supports (a converter refusing one node,
@@ -78,9 +80,11 @@ def _where(node: fx.Node) -> str:
 def split_by_placement(graph: Graph) -> tuple[list[Partition], list[dict]]:
     """Partitions in execution order, and the model's flat outputs: ``{"value": name}`` or ``{"literal": x}``."""
     runs: list[list[fx.Node]] = []
+    def key(node: fx.Node) -> tuple[str | None, str | None]:
+        return graph.meta(node).placement, graph.meta(node).queue
+
     for node in graph.compute_nodes():
-        placement = graph.meta(node).placement
-        if runs and graph.meta(runs[-1][0]).placement == placement:
+        if runs and key(runs[-1][0]) == key(node):
             runs[-1].append(node)
         else:
             runs.append([node])
@@ -104,7 +108,7 @@ def split_by_placement(graph: Graph) -> tuple[list[Partition], list[dict]]:
         for n in run:
             env[n] = sub.node_copy(n, env.__getitem__)
         sub.output(tuple(env[n] for n in outputs))
-        placement = graph.meta(run[0]).placement
+        placement, queue = key(run[0])
         partitions.append(Partition(
             name=f"part{i}_{placement}",
             backend=placement,
@@ -113,6 +117,7 @@ def split_by_placement(graph: Graph) -> tuple[list[Partition], list[dict]]:
             outputs=[n.name for n in outputs],
             weight_names=[n.name for n in weights],
             weights={n.name: graph.weights[n.name] for n in weights},
+            queue=queue,
         ))
     flat_outputs = [{"value": a.name} if isinstance(a, fx.Node) else {"literal": a} for a in _flat(output_node.args[0])]
     return partitions, flat_outputs

@@ -89,13 +89,65 @@ def types_of(value) -> tuple[TensorType, ...] | None:
     return None
 
 
-@dataclass
-class QuantSpec:
-    """How a node's weight is quantized; filled by the quantization passes."""
+QUANT_LAYOUTS = ("per-channel", "grouped", "nested-msb", "bit-planes")
 
-    scheme: str
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a node's weight is quantized, set by a quantization pass and read by the backend that lowers it.
+
+    ``bits`` lists every bit-width the stored weight serves (one for a plain
+    quantized weight; several for a nested one, widest first). ``scale`` and
+    ``zero_point`` name the graph weights (``Graph.weights``) holding the
+    scales and zero points (None: symmetric, no zero point); ``axis`` is the
+    weight axis the scales run along (0: one per output channel of a linear)
+    and ``group_size`` the number of elements of the other axis sharing one
+    scale (None: the whole axis). ``layout`` says how the codes are stored:
+
+    - ``per-channel`` / ``grouped``: one integer code per element;
+    - ``nested-msb``: ``bits[0]``-bit codes whose top ``b`` bits are the
+      ``b``-bit code, each view with its own scales (``scale`` then names the
+      first view's; the others follow the pass's naming, documented there);
+    - ``bit-planes``: one plane per bit, most significant first.
+    """
+
+    scheme: str  # e.g. "symmetric", "asymmetric", "nested"
     bits: tuple[int, ...]
+    scale: str | None = None
+    zero_point: str | None = None
+    axis: int | None = 0
     group_size: int | None = None
+    layout: str = "per-channel"
+
+    def __post_init__(self):
+        object.__setattr__(self, "bits", tuple(self.bits))
+        if not self.bits or any(not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= 16 for b in self.bits):
+            raise ValueError(f"QuantSpec.bits must be bit-widths 1..16, not {self.bits!r}")
+        if self.layout not in QUANT_LAYOUTS:
+            raise ValueError(f"QuantSpec.layout {self.layout!r} is not one of {', '.join(QUANT_LAYOUTS)}")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
+            raise ValueError(f"QuantSpec.group_size must be a positive integer or None, not {self.group_size!r}")
+
+    def __str__(self) -> str:
+        parts = [self.scheme, "/".join(map(str, self.bits)) + "b", self.layout]
+        if self.group_size is not None:
+            parts.append(f"g{self.group_size}")
+        if self.scale is not None:
+            parts.append(f"scale={self.scale}")
+        if self.zero_point is not None:
+            parts.append(f"zp={self.zero_point}")
+        return " ".join(parts)
+
+    def to_json(self) -> dict:
+        return {"scheme": self.scheme, "bits": list(self.bits), "scale": self.scale, "zero_point": self.zero_point,
+                "axis": self.axis, "group_size": self.group_size, "layout": self.layout}
+
+    @classmethod
+    def from_json(cls, data: dict) -> QuantSpec:
+        return cls(**data)
+
+
+ROLES = ("attention", "ffn", "other", "comm")
 
 
 @dataclass
@@ -103,9 +155,11 @@ class NodeMeta:
     """Everything kiln knows about a node beyond its op and arguments."""
 
     types: tuple[TensorType, ...] | None = None
-    placement: str | None = None  # backend name, set by the partitioner
+    placement: str | None = None  # backend name, set by placement
+    queue: str | None = None  # the queue its task runs on ("cpu0", "npu0"); None: the backend's default queue
+    program: str | None = None  # the program it belongs to, for passes that split a graph into several
     layer: int | None = None  # transformer layer index, set by region analysis
-    role: str | None = None  # "attention" | "ffn" | "other" | "comm"
+    role: str | None = None  # one of ROLES: "attention" | "ffn" | "other" | "comm" (a collective)
     quant: QuantSpec | None = None
     chunk: int | None = None
     stage: int | None = None
@@ -115,7 +169,7 @@ class NodeMeta:
     def annotations(self) -> dict[str, object]:
         """The set fields other than types and provenance, for printing."""
         out: dict[str, object] = {}
-        for key in ("placement", "layer", "role", "quant", "chunk", "stage"):
+        for key in ("placement", "queue", "program", "layer", "role", "quant", "chunk", "stage"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value

@@ -54,7 +54,7 @@ import torch
 _ATTENTION = re.compile(r"Attention")
 _FFN = re.compile(r"MLP|Mlp|MoE|Moe|Expert|FeedForward|FFN|Ffn|LayerFF|Intermediate|(?<!Self)Output$")
 
-ROLES = ("attention", "ffn", "other")
+REGION_ROLES = ("attention", "ffn", "other")  # how a layer splits; NodeMeta.role adds "comm" for collectives
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def find_regions(gm: torch.fx.GraphModule) -> list[LayerRegion]:
             continue
         layer_path, layer_cls = stack[pos]
         if layer_path not in layers:
-            layers[layer_path] = (layer_cls, {r: [] for r in ROLES}, {"attention": [], "ffn": []})
+            layers[layer_path] = (layer_cls, {r: [] for r in REGION_ROLES}, {"attention": [], "ffn": []})
         _, nodes, paths = layers[layer_path]
         role, module = _role(stack[pos + 1:])
         nodes[role].append(name)
@@ -141,10 +141,10 @@ def find_regions(gm: torch.fx.GraphModule) -> list[LayerRegion]:
 
 
 def node_roles(regions: list[LayerRegion]) -> dict[str, tuple[int, str]]:
-    """Map every node name in ``regions`` to ``(layer index, role)``; role is one of :data:`ROLES`."""
+    """Map every node name in ``regions`` to ``(layer index, role)``; role is one of :data:`REGION_ROLES`."""
     roles: dict[str, tuple[int, str]] = {}
     for region in regions:
-        for role in ROLES:
+        for role in REGION_ROLES:
             for name in getattr(region, role):
                 roles[name] = (region.index, role)
     return roles

@@ -9,8 +9,8 @@ one derives from (its *origin*):
 - the FX metadata that says where the node came from in the model
   (:data:`CARRIED_FX_META`: ``nn_module_stack``, ``stack_trace``,
   ``source_fn_stack``, ``torch_fn``);
-- the kiln annotations in :data:`CARRIED_FIELDS` (placement, layer, role,
-  chunk, stage; ``quant`` only on a replacement, which computes the same op);
+- the kiln annotations in :data:`CARRIED_FIELDS` (placement, queue, program,
+  layer, role, chunk, stage; ``quant`` only on a replacement, which computes the same op);
 - provenance: a helper node inserted for the origin (a slice of its input) is
   created by the running pass; a *replacement* (the origin computed another
   way: on fewer rows, with other arguments) keeps the origin's ``created_by``
@@ -27,7 +27,7 @@ import torch.fx as fx
 from .meta import META_KEY, NodeMeta, types_of
 
 CARRIED_FX_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn")
-CARRIED_FIELDS = ("placement", "layer", "role", "chunk", "stage")
+CARRIED_FIELDS = ("placement", "queue", "program", "layer", "role", "chunk", "stage")
 REPLACES_KEY = "kiln_replaces"  # on a replacement until the pass manager stamps its provenance
 
 

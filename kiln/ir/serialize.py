@@ -18,9 +18,10 @@ import torch.fx as fx
 
 from ..errors import ArtifactError, KilnError
 from .meta import dtype_from_name, dtype_name, types_of
+from .collectives import is_collective
 from .ops import is_kiln_op  # also registers kiln's ops, which graphs resolve by name
 
-_OP_NAMESPACES = ("aten", "prims", "kiln")
+_OP_NAMESPACES = ("aten", "prims", "kiln", "_c10d_functional")
 _PYTHON_TARGETS = {
     f"{mod}.{fn.__name__}": fn
     for mod, fns in {
@@ -58,7 +59,8 @@ def op_refusal(target) -> str | None:
     """Why an artifact graph may not call ``target`` (None: it may).
 
     Admitted: the Python operators above, and ATen/prims ops (and kiln's own,
-    ``kiln.ir.ops.OPS``: the ``kiln`` namespace is not a door for other code's ops) whose schema
+    ``kiln.ir.ops.OPS``: the ``kiln`` namespace is not a door for other code's ops;
+    and the functional collectives of ``kiln.ir.collectives.COLLECTIVES``) whose schema
     is functional (no argument written in place or as ``out=``, so a graph
     never writes an input's, a weight's or a shared file's storage), that take
     no ``Storage`` and are not in ``_DENIED_OPS``. Random ops (and
@@ -68,9 +70,11 @@ def op_refusal(target) -> str | None:
     if is_python_target(target):
         return None
     if not isinstance(target, torch._ops.OpOverload) or target.namespace not in _OP_NAMESPACES:
-        return "not an ATen/prims/kiln op or a known Python operator"
+        return "not an ATen/prims/kiln op, a functional collective or a known Python operator"
     if target.namespace == "kiln" and not is_kiln_op(target):
         return "a kiln:: op that kiln itself does not register (kiln.ir.ops)"
+    if target.namespace == "_c10d_functional" and not is_collective(target):
+        return "a _c10d_functional op other than the collectives kiln admits (kiln.ir.collectives)"
     schema = target._schema
     if schema.is_mutable:
         return "it writes its arguments in place (artifact graphs are functional)"
@@ -93,7 +97,7 @@ def resolve_target(name: str):
         return _PYTHON_TARGETS[name]
     parts = name.split(".")
     if len(parts) != 3 or parts[0] not in _OP_NAMESPACES:
-        raise ArtifactError(f"op {name!r} is not an ATen/prims/kiln op or a known Python operator")
+        raise ArtifactError(f"op {name!r} is not an ATen/prims/kiln op, a functional collective or a known Python operator")
     ns, op, overload = parts
     try:
         target = getattr(getattr(getattr(torch.ops, ns), op), overload)

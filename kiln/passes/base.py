@@ -29,6 +29,7 @@ class PassContext:
     ran: list[str] = field(default_factory=list)  # names of the passes run so far
     real_inputs: list[torch.Tensor] = field(default_factory=list)  # the same example inputs, real tensors
     calibration: list[list[torch.Tensor]] | None = None  # flat user inputs per sample (CompileOptions.calibration)
+    backends: list | None = None  # the target's kiln.backends.Backend objects, most preferred first (None: build them)
     _activation_stats: Any = field(default=None, repr=False, compare=False)  # cache of activation_stats
 
     def activation_stats(self, graph: Graph, *, histograms: bool = True, bins: int | None = None,

@@ -2,7 +2,8 @@
 
 A node is foldable when it is a pure ATen op whose inputs are all weights or
 foldable nodes (ops with no inputs, such as ``arange`` over a static size,
-count too; random ops never do). Each foldable value that a non-foldable node
+count too; random ops and ops with side effects, such as collectives, never
+do: ``kiln.ir.collectives.has_side_effects``). Each foldable value that a non-foldable node
 reads becomes a new weight, and the subgraph that computed it is removed.
 A value much larger than what it is computed from (e.g. a materialised mask)
 is not folded: it would trade a cheap op for memory. Needs nothing before it;
@@ -14,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from ..ir import Graph
+from ..ir.collectives import has_side_effects
 from .base import Pass, PassContext, PassResult, register_pass
 
 # A folded value may be this many elements even when its inputs are smaller.
@@ -49,7 +51,7 @@ class FoldConstants(Pass):
 
 def _is_pure_op(node: fx.Node) -> bool:
     t = node.target
-    return (node.op == "call_function" and not node.is_impure()
+    return (node.op == "call_function" and not has_side_effects(node)
             and not (isinstance(t, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in t.tags))
 
 

@@ -11,11 +11,12 @@ STAGES: dict[str, list[str]] = {
     "cleanup": ["remove_trace_asserts", "eliminate_dead_code", "fold_constants"],
     "optimize": ["prune_rows"],
     "analysis": ["annotate_regions"],
+    "placement": ["place"],  # last: every pass before it may set placements it needs kept
 }
 
 PIPELINES: dict[str, list[str]] = {
-    "cpu": ["cleanup", "optimize", "analysis"],
-    "torch": ["cleanup", "optimize", "analysis"],
+    "cpu": ["cleanup", "optimize", "analysis", "placement"],
+    "torch": ["cleanup", "optimize", "analysis", "placement"],
     "none": [],
 }
 

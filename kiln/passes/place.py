@@ -1,15 +1,16 @@
 """Placement as a pass: every compute node gets the backend it will run on, before lowering.
 
 It runs :func:`kiln.backends.assign_placement` with the compile target's
-backends: a placement an earlier pass set is kept (and checked: the backend
+backends (``PassContext.backends``, the ones lowering will use): a placement an earlier pass set is kept (and checked: the backend
 must support the node), every other node goes to the supporting backend with
 the lowest ``Backend.cost``, or the first that supports it where none prices
 it (first-fit). The pass manager records each placed node as annotated and
 stamps its provenance, so ``kiln inspect`` shows where each node runs and who
-put it there. Lowering places what is still unplaced (the default pipelines do
-not run this pass yet; add it last: ``passes=[*get_pipeline("cpu"), "place"]``),
-and moves a node its backend then fails to lower to the fallback. Stats: the
-number of nodes per backend (``on_<backend>``).
+put it there. It ends the default pipelines (stage ``placement``): a pass
+after it sees the placements and keeps them, or sets its own (and must check
+them with the backend). Lowering places what is still unplaced (a pipeline
+without this pass), and moves a node its backend then fails to lower to the
+fallback. Stats: the number of nodes per backend (``on_<backend>``).
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ class Place(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         from ..backends import assign_placement, target_backends  # the compile side, only when placing
 
+        backends = ctx.backends if ctx.backends is not None else target_backends(ctx.target, ctx.options)
         before = {n.name: graph.meta(n).placement for n in graph.compute_nodes()}
-        assign_placement(graph, ctx.target, target_backends(ctx.target, ctx.options))
+        assign_placement(graph, ctx.target, backends)
         after = {n.name: graph.meta(n).placement for n in graph.compute_nodes()}
         counts = Counter(after.values())
         return PassResult(after != before, {f"on_{b}": n for b, n in sorted(counts.items())})

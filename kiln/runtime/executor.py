@@ -18,10 +18,15 @@ Controls are program inputs the caller does not pass: small integers or enum
 values (``start_pos``, a bit-width) set between calls with
 ``set_controls``, or by a ``policy`` called before every call; a value not
 allowed raises :class:`ControlError` naming the control and its allowed values.
+Each call reads one consistent set of values when it starts: the model's
+(``set_controls``, under a lock), then those of ``with model.using(...)``
+(local to the thread or asyncio task, so concurrent callers can run with
+different values), then ``run(..., controls=...)``, then the policy's.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import tempfile
@@ -95,9 +100,10 @@ class Control:
         if not control_allows(self.entry, value):
             raise ControlError(f"control {self.name!r} cannot be {value!r}; it allows {describe_allowed(self.entry)}")
 
-    def tensor(self) -> torch.Tensor:
-        value = self.entry["values"].index(self.value) if "values" in self.entry else self.value
-        return torch.tensor(value, dtype=self.dtype)
+    def tensor(self, value) -> torch.Tensor:
+        """``value`` as the 0-d tensor the program reads (an enum value: its index)."""
+        index = self.entry["values"].index(value) if "values" in self.entry else value
+        return torch.tensor(index, dtype=self.dtype)
 
     def __repr__(self) -> str:
         return f"<kiln control {self.name}={self.value!r} ({describe_allowed(self.entry)})>"
@@ -136,6 +142,10 @@ class Trace:
         return path
 
 
+# Control values of ``using`` blocks, local to a thread / asyncio task: {id(program): {name: value}}.
+_USING: contextvars.ContextVar[dict[int, dict]] = contextvars.ContextVar("kiln_controls_using", default={})
+
+
 class Program:
     """One program of an artifact: its signature, controls and task DAG, with kernels loaded."""
 
@@ -157,28 +167,61 @@ class Program:
         self._outputs = entry["outputs"]
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._controls_lock = threading.Lock()
 
-    def set_controls(self, **values) -> None:
-        """Set controls for the next calls; each value is checked first (none is set if one is refused)."""
+    def _checked(self, values: Mapping) -> dict:
         for name, value in values.items():
             if name not in self.controls:
                 raise ControlError(f"program {self.name!r} has no control {name!r}"
                                    + (f"; its controls are {', '.join(self.controls)}" if self.controls else
                                       "; it has none"))
             self.controls[name].check(value)
-        for name, value in values.items():
-            self.controls[name].value = value
+        return dict(values)
 
-    def run(self, flat_inputs: list[torch.Tensor], trace: Trace | None = None) -> list:
-        """Run on flat, already checked inputs (controls from their current values); returns flat outputs."""
+    def set_controls(self, **values) -> None:
+        """Set controls for the next calls; each value is checked first (none is set if one is refused)."""
+        values = self._checked(values)
+        with self._controls_lock:
+            for name, value in values.items():
+                self.controls[name].value = value
+
+    @contextlib.contextmanager
+    def using(self, **values) -> Iterator[None]:
+        """Run the calls of this thread (or asyncio task) inside the block with these control values."""
+        values = self._checked(values)
+        outer = _USING.get()
+        token = _USING.set({**outer, id(self): {**outer.get(id(self), {}), **values}})
+        try:
+            yield
+        finally:
+            _USING.reset(token)
+
+    def control_values(self, controls: Mapping | None = None) -> dict:
+        """The control values a call made now would run with (before the policy's): see the module docstring."""
+        with self._controls_lock:
+            values = {n: c.value for n, c in self.controls.items()}
+        values.update(_USING.get().get(id(self), {}))
+        if controls:
+            values.update(self._checked(controls))
+        return values
+
+    def run(self, flat_inputs: list[torch.Tensor], trace: Trace | None = None, controls: Mapping | None = None
+            ) -> list:
+        """Run on flat, already checked inputs; returns flat outputs.
+
+        ``controls``: values for this call only, over those of ``set_controls`` and ``using``.
+        A policy's choice applies to this call and is kept for the next ones (``set_controls``).
+        """
+        values = self.control_values(controls)
         policy = self._owner.policy
         if policy is not None and self.controls:
-            chosen = policy(self.name, {n: c.value for n, c in self.controls.items()})
+            chosen = policy(self.name, dict(values))
             if chosen:
                 self.set_controls(**chosen)
+                values.update(chosen)
         trace = trace if trace is not None else self._owner._trace
         env = dict(zip((i.name for i in self.signature.inputs), flat_inputs))
-        env.update((n, c.tensor()) for n, c in self.controls.items())
+        env.update((n, self.controls[n].tensor(v)) for n, v in values.items())
         if len(self.queues) == 1:
             self._run_queue(self._tasks, env, trace, None)
         else:
@@ -285,6 +328,11 @@ class CompiledModel:
         """Set the default program's controls for the next calls (``ControlError`` if a value is not allowed)."""
         self.default_program.set_controls(**values)
 
+    def using(self, **values):
+        """``with model.using(bits=4): model(x)``: control values for this thread's (asyncio task's) calls
+        inside the block only; other threads keep theirs."""
+        return self.default_program.using(**values)
+
     @contextlib.contextmanager
     def tracing(self, trace: Trace | None = None) -> Iterator[Trace]:
         """Record every task of the calls made inside the block: ``with model.tracing() as t: ...; t.save(f)``."""
@@ -295,9 +343,10 @@ class CompiledModel:
         finally:
             self._trace = previous
 
-    def run(self, flat_inputs: list[torch.Tensor], trace: Trace | None = None) -> list:
-        """Run the default program on flat, already checked inputs; returns flat outputs."""
-        return self.default_program.run(flat_inputs, trace)
+    def run(self, flat_inputs: list[torch.Tensor], trace: Trace | None = None, controls: Mapping | None = None
+            ) -> list:
+        """Run the default program on flat, already checked inputs; returns flat outputs (``Program.run``)."""
+        return self.default_program.run(flat_inputs, trace, controls)
 
     def __call__(self, *args, **kwargs):
         return self.signature.unflatten(self.run(self.signature.flatten(args, kwargs)))

@@ -34,13 +34,18 @@ def costed(monkeypatch):
     monkeypatch.setitem(backends_base.TARGETS, "costed", ["torch", "cheap_relu"])  # first-fit would pick torch
 
 
-PLACED = [*get_pipeline("torch"), "place"]
+UNPLACED = [p for p in get_pipeline("torch") if p != "place"]
 
 
-def test_the_place_pass_ends_a_pipeline_and_is_recorded_like_any_pass(tmp_path):
+def test_the_place_pass_ends_the_default_pipelines():
+    for target in ("cpu", "torch"):
+        assert get_pipeline(target)[-1] == "place"
+
+
+def test_the_place_pass_is_recorded_like_any_pass(tmp_path):
     torch.manual_seed(0)
     m, x = Alternating().eval(), torch.randn(3, 4)
-    cm = kiln.compile(m, (x,), target="torch", passes=PLACED)
+    cm = kiln.compile(m, (x,), target="torch")
     (record,) = [p for p in cm.manifest["passes"] if p["name"] == "place"]
     assert record["stats"] == {"on_torch": 3} and record["annotated"] == 3 and record["modified"]
     torch.testing.assert_close(cm(x), m(x))
@@ -49,12 +54,12 @@ def test_the_place_pass_ends_a_pipeline_and_is_recorded_like_any_pass(tmp_path):
 def test_a_backend_cost_chooses_over_first_fit(costed):
     torch.manual_seed(0)
     m, x = Alternating().eval(), torch.randn(3, 4)
-    cm = kiln.compile(m, (x,), target="costed", passes=PLACED)
+    cm = kiln.compile(m, (x,), target="costed", passes=get_pipeline("torch"))
     (record,) = [p for p in cm.manifest["passes"] if p["name"] == "place"]
     assert record["stats"] == {"on_cheap_relu": 1, "on_torch": 2}
     assert [t["backend"] for t in cm.manifest["partitions"]] == ["torch", "cheap_relu", "torch"]
     torch.testing.assert_close(cm(x), m(x))
-    first_fit = kiln.compile(m, (x,), target="costed", passes=get_pipeline("torch"))  # lowering places the same
+    first_fit = kiln.compile(m, (x,), target="costed", passes=UNPLACED)  # lowering places the same
     assert [t["backend"] for t in first_fit.manifest["partitions"]] == ["torch", "cheap_relu", "torch"]
 
 

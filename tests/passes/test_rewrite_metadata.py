@@ -6,7 +6,7 @@ import torch
 
 from kiln import zoo
 from kiln.api import Compilation, CompileOptions
-from kiln.ir import NodeMeta, trace
+from kiln.ir import NodeMeta, QuantSpec, trace
 from kiln.ir.meta import META_KEY
 from kiln.ir.regions import find_regions, node_roles
 from kiln.ir.rewrite import insert_node, replace_node
@@ -109,6 +109,8 @@ def test_insert_and_replace_carry_metadata():
     g = trace(M(), (torch.randn(2, 4),))
     relu = next(n for n in g.compute_nodes() if n.target is aten.relu.default)
     g.meta(relu).layer, g.meta(relu).role, g.meta(relu).placement = 3, "ffn", "torch"
+    g.meta(relu).queue, g.meta(relu).program = "cpu1", "ffn"
+    g.meta(relu).quant = QuantSpec("symmetric", (8,), scale="p_proj_scale")
 
     class RewriteRelu(Pass):
         """relu(y) -> clamp_min(neg(y), 0): one helper node, one replacement."""
@@ -126,7 +128,10 @@ def test_insert_and_replace_carry_metadata():
     for n in (neg, new):
         assert n.meta["nn_module_stack"] == relu.meta["nn_module_stack"]
         assert (g.meta(n).layer, g.meta(n).role, g.meta(n).placement) == (3, "ffn", "torch")
+        assert (g.meta(n).queue, g.meta(n).program) == ("cpu1", "ffn")
         assert isinstance(n.meta[META_KEY], NodeMeta) and "kiln_replaces" not in n.meta
     assert (g.meta(neg).created_by, g.meta(neg).rewritten_by) == ("test_rewrite", [])
     assert (g.meta(new).created_by, g.meta(new).rewritten_by) == ("trace", ["test_rewrite"])
     assert g.meta(new).types is not None  # the pass manager re-propagated types
+    # quant goes to a replacement (the same op computed another way), not to a helper node
+    assert g.meta(new).quant == QuantSpec("symmetric", (8,), scale="p_proj_scale") and g.meta(neg).quant is None

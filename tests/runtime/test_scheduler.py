@@ -1,5 +1,7 @@
 """Artifact format 2: programs of task DAGs on queues, the scheduler, its trace, run-time controls, one weight store."""
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from torch import nn
 
 import kiln
 from kiln.errors import ArtifactError
+from kiln.passes import Pass, PassResult, get_pipeline
 from kiln.runtime import CompiledModel, ControlError, Trace
 from kiln.runtime.artifact import declare_control, merge_programs, place_on_queues
 
@@ -56,6 +59,33 @@ def test_a_program_on_two_queues_runs_bitwise_equal_to_sequential(branches, tmp_
     loaded = kiln.load(two.save(tmp_path / "two"))  # the queues survive a save
     assert loaded.default_program.queues == ["cpu0", "cpu1"]
     assert torch.equal(loaded(x), expected)
+
+
+class SecondBranchOnCpu1(Pass):
+    """As a scheduling pass would: the nodes computing from ``b``'s weight go to queue cpu1."""
+
+    name = "second_branch_on_cpu1"
+
+    def run(self, graph, ctx):
+        on_b = {graph.node("p_b_weight"), graph.node("p_b_bias")}
+        for node in graph.compute_nodes():
+            if node in on_b or any(i in on_b for i in node.all_input_nodes):
+                on_b.add(node)
+                if node.target is not torch.ops.aten.mul.Tensor:  # the join stays on cpu0
+                    graph.meta(node).queue = "cpu1"
+        return PassResult(True)
+
+
+def test_queues_set_on_nodes_by_a_pass_become_tasks_on_those_queues(branches):
+    m, x, cm = branches
+    passes = [p for p in get_pipeline("cpu") if p != "place"] + [SecondBranchOnCpu1(), "place"]
+    queued = kiln.compile(m, (x,), passes=passes)
+    tasks = queued.manifest["programs"]["main"]["tasks"]
+    on_cpu1 = [t for t in tasks if t["queue"] == "cpu1"]
+    assert on_cpu1 and all("p_a_weight" not in t["weights"] for t in on_cpu1)
+    assert queued.default_program.queues == ["cpu0", "cpu1"]
+    assert sorted(queued.manifest["queues"]) == ["cpu0", "cpu1"]
+    assert torch.equal(queued(x), cm(x))
 
 
 def test_a_failing_task_on_one_queue_raises_and_the_other_queue_stops(branches, monkeypatch):
@@ -173,6 +203,67 @@ def test_a_policy_sets_controls_before_every_call(with_control):
     cm.policy = lambda program, controls: {"k": 7}
     with pytest.raises(ControlError, match="control 'k' cannot be 7"):
         cm(x)
+
+
+def test_control_values_for_one_call_or_one_block_leave_the_model_s_own(with_control):
+    x, cm = with_control
+    assert torch.equal(cm.run([x], controls={"k": 4})[0], x * 2 + 4)
+    with cm.using(k=3):
+        assert torch.equal(cm(x), x * 2 + 3)
+        with cm.using(k=0):
+            assert torch.equal(cm(x), x * 2)
+        assert torch.equal(cm.run([x], controls={"k": 2})[0], x * 2 + 2)  # the call's own value wins
+        assert torch.equal(cm(x), x * 2 + 3)
+    assert cm.controls["k"].value == 1 and torch.equal(cm(x), x * 2 + 1)
+    with pytest.raises(ControlError, match=r"control 'k' cannot be 9"):
+        with cm.using(k=9):
+            pass
+    with pytest.raises(ControlError, match=r"has no control 'bits'"):
+        cm.run([x], controls={"bits": 4})
+
+
+def test_concurrent_callers_each_run_with_their_own_control_values(with_control):
+    x, cm = with_control
+    start = threading.Barrier(4)
+
+    def caller(k):
+        start.wait()
+        with cm.using(k=k):
+            return [bool(torch.equal(cm(x), x * 2 + k)) for _ in range(300)]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(caller, [0, 1, 3, 4]))
+    assert all(all(r) for r in results)
+
+
+def test_a_call_reads_one_consistent_set_of_values_while_another_thread_sets_them():
+    x = torch.randint(-5, 5, (3, 4))
+    cm = kiln.compile(AddTwo(), (x, torch.tensor(0), torch.tensor(0)), target="torch")
+    (program,) = cm.artifact.manifest["programs"].values()
+    declare_control(program, "a", default=0, min=0, max=1000)
+    declare_control(program, "b", default=0, min=-1000, max=0)
+    cm = CompiledModel(cm.artifact)
+    stop = threading.Event()
+
+    def setter():
+        i = 0
+        while not stop.is_set():
+            i = (i + 1) % 1000
+            cm.set_controls(a=i, b=-i)  # a + b is 0 in every consistent set
+
+    thread = threading.Thread(target=setter)
+    thread.start()
+    try:
+        outputs = [cm(x) for _ in range(500)]
+    finally:
+        stop.set()
+        thread.join()
+    assert all(torch.equal(out, x) for out in outputs)
+
+
+class AddTwo(nn.Module):
+    def forward(self, x, a, b):
+        return x + a + b
 
 
 def test_an_enum_control_feeds_the_index_of_its_value():
