@@ -6,6 +6,10 @@ transformers, only over the whole cache capacity with masked slots, so the
 sums differ in order only. Greedy tokens must be equal.
 """
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -16,6 +20,7 @@ from kiln.errors import InputMismatchError, KilnError
 from kiln.llm.hf import KVCacheLM
 from kiln.llm import compile_llm
 from kiln.runtime import ControlError
+from kiln.runtime.executor import Program
 
 BUCKETS = (8, 16)
 CAPACITY = 64
@@ -69,6 +74,29 @@ def test_compiled_greedy_generation_equals_hf(compiled):
     torch.testing.assert_close(llm.generate(ids, NEW_TOKENS), _hf_greedy(model, ids, NEW_TOKENS), rtol=0, atol=0)
     prompt = ids[:, :5]  # a shorter prompt through the smaller bucket
     torch.testing.assert_close(llm.generate(prompt, NEW_TOKENS), _hf_greedy(model, prompt, NEW_TOKENS), rtol=0, atol=0)
+
+
+def test_concurrent_generations_each_run_at_their_own_positions(compiled, monkeypatch):
+    """start_pos is passed per call, not set on the shared program: threads generating at once do not race."""
+    _, ids, llm = compiled
+    prompts = [ids, ids[:, :5], ids[:, 3:], ids[:, :8]]
+    expected = [llm.generate(p, NEW_TOKENS) for p in prompts]
+    set_controls = Program.set_controls
+
+    def set_then_yield(self, **values):  # widens the window a shared setting would race in
+        set_controls(self, **values)
+        time.sleep(0.002)
+    monkeypatch.setattr(Program, "set_controls", set_then_yield)
+    start = threading.Barrier(len(prompts))
+
+    def generate(prompt):
+        start.wait()
+        return [llm.generate(prompt, NEW_TOKENS) for _ in range(3)]
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(pool.map(generate, prompts))
+    for want, got in zip(expected, results):
+        assert all(torch.equal(g, want) for g in got)
 
 
 def test_compiled_greedy_generation_equals_hf_for_a_batch():

@@ -102,9 +102,8 @@ class CompiledLLM:
         bucket = self._bucket(n)
         padded = torch.zeros(self.batch, bucket, dtype=torch.int64)
         padded[:, bucket - n:] = input_ids
-        program = self.prefill_graphs[bucket]
-        program.set_controls(start_pos=n - bucket)
-        logits, k, v = program.run([padded, *self.empty_cache()])
+        logits, k, v = self.prefill_graphs[bucket].run([padded, *self.empty_cache()],
+                                                       controls={START_POS: n - bucket})
         return logits[:, -1], k, v
 
     def decode(self, token_ids: torch.Tensor, pos: int, k_cache: torch.Tensor,
@@ -117,8 +116,8 @@ class CompiledLLM:
             if tuple(cache.shape) != self.cache_shape or cache.dtype != self.cache_dtype:
                 raise InputMismatchError(f"{name} is {cache.dtype} {list(cache.shape)}; the programs take "
                                          f"{self.cache_dtype} {list(self.cache_shape)}")
-        self.decode_graph.set_controls(start_pos=pos)
-        logits, k, v = self.decode_graph.run([self._check_ids(token_ids), k_cache, v_cache])
+        logits, k, v = self.decode_graph.run([self._check_ids(token_ids), k_cache, v_cache],
+                                             controls={START_POS: pos})
         return logits[:, -1], k, v
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
