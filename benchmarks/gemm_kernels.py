@@ -6,7 +6,7 @@ and oneDNN, each through the runtime function the compiled library calls
 (``kiln/runtime/kernels/tvm_dispatch.py``), interleaved rounds, medians; the
 ratio is MKL's time over the kernel's (> 1: faster than eager's kernel), and
 "chosen" is what ``select_gemm`` would pick from these times
-(``kiln/backends/tvm/gemm.py``: >= 5% faster to replace eager's).
+(``kiln/backends/cpu/gemm.py``: >= 5% faster to replace eager's).
 
     .venv/bin/python benchmarks/gemm_kernels.py [--budget 0.5]
 """
@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kiln.backends.tvm import gemm
+from kiln.backends.cpu import gemm
 from kiln import timing  # noqa: E402
 
 # workload -> (rule, m, k, n) of its GEMMs (the zoo models of benchmarks/compiled_vs_eager.py)

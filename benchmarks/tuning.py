@@ -1,4 +1,4 @@
-"""MetaSchedule tuning (``CompileOptions.tune_trials``) vs kiln's schedule rules, on the TIR kernels of a decoder layer.
+"""MetaSchedule tuning (``CpuOptions.tune_trials``) vs kiln's schedule rules, on the TIR kernels of a decoder layer.
 
     .venv/bin/python benchmarks/tuning.py [--trials 64] [--rounds 50]
 
@@ -24,6 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import kiln  # noqa: E402
+from kiln.backends.cpu import CpuOptions  # noqa: E402
 from kiln.timing import median_ms  # noqa: E402
 from kiln.timing import machine  # noqa: E402
 
@@ -57,12 +58,13 @@ def main() -> None:
     rules = kiln.compile(model, inputs)
     rules_s = time.perf_counter() - start
     start = time.perf_counter()
-    tuned = kiln.compile(model, inputs, options=kiln.CompileOptions(tune_trials=args.trials))
+    tuned = kiln.compile(model, inputs, options=kiln.CompileOptions(backend_options={"cpu": CpuOptions(tune_trials=args.trials)}))
     tuned_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         tuned.save(Path(tmp) / "a")
         start = time.perf_counter()
-        kiln.compile(model, inputs, options=kiln.CompileOptions(tuning_database=str(Path(tmp) / "a")))
+        reuse = kiln.CompileOptions(backend_options={"cpu": CpuOptions(tuning_database=str(Path(tmp) / "a"))})
+        kiln.compile(model, inputs, options=reuse)
         reuse_s = time.perf_counter() - start
 
     with torch.no_grad():

@@ -9,15 +9,14 @@ import dataclasses
 import enum
 import importlib.metadata
 import logging
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .backends import LoweredPartition, place_and_lower, target_backends
-from .errors import KilnError, TuningError, UnknownNameError
+from .backends.base import check_backend_options
+from .errors import KilnError, UnknownNameError
 from .ir import Graph
 from .ir.tracing import trace
 from .passes import (Instrument, PassContext, PassManager, PassRecord, Skip, StopAfter, Verify, get_pipeline,
@@ -35,14 +34,6 @@ class VerifyMode(str, enum.Enum):
     NEVER = "never"
 
 
-class GemmKernels(str, enum.Enum):
-    """How the ``cpu`` target picks each GEMM's kernel (kiln/backends/tvm/gemm.py)."""
-
-    MEASURE = "measure"  # time MKL, MKL in column blocks and oneDNN per shape on this machine; run the fastest
-    MKL = "mkl"  # eager's kernel only (column blocks where faster): GEMM results bitwise eager's
-    ONEDNN = "onednn"  # oneDNN wherever it applies, unmeasured (comparisons, tests)
-
-
 @dataclass
 class CompileOptions:
     """Everything that tunes a compilation. Enum fields also accept their string values."""
@@ -54,15 +45,9 @@ class CompileOptions:
     dynamic_shapes: Any = None  # passed to torch.export.export as is
     keep_example_inputs: bool = True  # store them in the artifact, for `kiln run`
     instruments: list[Instrument] = field(default_factory=list)  # extra instruments around every pass
-    # Offline tuning of the cpu target's TIR kernels with MetaSchedule: the number of
-    # candidate schedules measured in total (0: none). Minutes per 100 trials; never needed
-    # to compile or run. See kiln/backends/tvm/README.md, "Tuning".
-    tune_trials: int = 0
-    # A kiln artifact directory (its stored tuning databases, verified) or a MetaSchedule
-    # JSON database directory: its best records are applied, and the kernels it covers
-    # are not tuned again. Works with tune_trials=0 (apply only).
-    tuning_database: str | None = None
-    gemm_kernels: GemmKernels = GemmKernels.MEASURE
+    # Each backend's own options, by backend name: {"cpu": kiln.backends.cpu.CpuOptions(tune_trials=64)}.
+    # A backend without an entry gets its defaults; an unknown name or a wrong type is an error.
+    backend_options: dict[str, Any] = field(default_factory=dict)
     # Calibration data for passes that measure activations (kiln/passes/calibration.py): an
     # iterable of input tuples, each called like the example inputs. Kept as a list.
     calibration: Any = field(default=None, repr=False)
@@ -80,23 +65,13 @@ class CompileOptions:
         self.skip_passes = tuple(self.skip_passes)
         if self.calibration is not None:
             self.calibration = check_calibration(self.calibration)
-        if isinstance(self.tune_trials, bool) or not isinstance(self.tune_trials, int) or self.tune_trials < 0:
-            raise TuningError(f"CompileOptions.tune_trials must be a whole number of trials >= 0 (0: no tuning), "
-                              f"not {self.tune_trials!r}")
-        if self.tuning_database is not None:
-            if not isinstance(self.tuning_database, (str, os.PathLike)):
-                raise TuningError("CompileOptions.tuning_database must be a path (str or os.PathLike), "
-                                  f"not {type(self.tuning_database).__name__}")
-            self.tuning_database = os.fspath(self.tuning_database)
-            if not Path(self.tuning_database).is_dir():
-                raise TuningError(f"CompileOptions.tuning_database: {self.tuning_database!r} does not exist or is "
-                                  "not a directory (give a kiln artifact or a MetaSchedule database directory)")
+        self.backend_options = check_backend_options(self.backend_options)
 
     def verifying(self) -> bool:
         return self.verify is VerifyMode.ALWAYS or (self.verify is VerifyMode.AUTO and verification_default())
 
 
-_ENUM_FIELDS = {"verify": VerifyMode, "gemm_kernels": GemmKernels}
+_ENUM_FIELDS = {"verify": VerifyMode}
 
 
 def compile(model: torch.nn.Module, example_inputs, target: str = "cpu", passes: list[str] | None = None,

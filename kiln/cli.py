@@ -274,9 +274,10 @@ def _compilation(args):
     """The compilation the command line asks for; unknown target, pipeline and pass
     names are reported here, before the model is built (often the slowest step)."""
     from . import api
+    from .backends.cpu import CpuOptions
 
-    options = api.CompileOptions(pipeline=args.pipeline, skip_passes=tuple(args.skip), tune_trials=args.tune,
-                                 tuning_database=args.tuning_db, gemm_kernels=args.gemm_kernels)
+    cpu = CpuOptions(tune_trials=args.tune, tuning_database=args.tuning_db, gemm_kernels=args.gemm_kernels)
+    options = api.CompileOptions(pipeline=args.pipeline, skip_passes=tuple(args.skip), backend_options={"cpu": cpu})
     return api.Compilation(args.target, options=options)
 
 

@@ -52,11 +52,19 @@ class LoweredPartition:
 
 
 class Backend(ABC):
-    """One backend, configured for one compilation by its ``CompileOptions`` (None: defaults)."""
+    """One backend, configured for one compilation by its own options object.
+
+    ``options_type`` is the dataclass of those options (None: the backend has
+    none); a compilation gives it ``CompileOptions.backend_options[name]``, or
+    ``options_type()`` (the defaults) when that has no entry for it.
+    """
 
     name: ClassVar[str]
+    options_type: ClassVar[type | None] = None
 
     def __init__(self, options=None):
+        if options is None and self.options_type is not None:
+            options = self.options_type()
         self.options = options
 
     @abstractmethod
@@ -93,17 +101,38 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
     return cls
 
 
-def get_backend(name: str, options=None) -> Backend:
+def _backend_class(name: str, kind: str = "backend") -> type[Backend]:
     try:
-        cls = _BACKENDS[name]
+        return _BACKENDS[name]
     except KeyError:
-        raise UnknownNameError("backend", name, _BACKENDS) from None
-    return cls(options)
+        raise UnknownNameError(kind, name, _BACKENDS, plural="backends") from None
+
+
+def get_backend(name: str, options=None) -> Backend:
+    """Backend ``name`` with its own ``options`` (an instance of its ``options_type``; None: the defaults)."""
+    return _backend_class(name)(options)
+
+
+def check_backend_options(backend_options) -> dict:
+    """``CompileOptions.backend_options`` checked: backend names, each with an instance of its ``options_type``."""
+    if not isinstance(backend_options, dict):
+        raise KilnError("CompileOptions.backend_options must be a dict of backend name -> that backend's options "
+                        f"(e.g. {{'cpu': CpuOptions(...)}}), not {type(backend_options).__name__}")
+    for name, value in backend_options.items():
+        cls = _backend_class(name, "backend name in CompileOptions.backend_options:")
+        if cls.options_type is None:
+            raise KilnError(f"CompileOptions.backend_options[{name!r}]: backend {name!r} takes no options")
+        if not isinstance(value, cls.options_type):
+            raise KilnError(f"CompileOptions.backend_options[{name!r}] must be a {cls.options_type.__module__}."
+                            f"{cls.options_type.__name__}, not {type(value).__name__}")
+    return dict(backend_options)
 
 
 def target_backends(target: str, options=None) -> list[Backend]:
+    """The backends of ``target``, each with its options from ``options`` (a ``CompileOptions``; None: defaults)."""
     try:
         names = TARGETS[target]
     except KeyError:
         raise UnknownNameError("target", target, TARGETS) from None
-    return [get_backend(n, options) for n in names]
+    backend_options = options.backend_options if options is not None else {}
+    return [get_backend(n, backend_options.get(n)) for n in names]

@@ -1,11 +1,12 @@
-"""GEMM kernel selection (kiln/backends/tvm/gemm.py) and the runtime GEMM functions it chooses between."""
+"""GEMM kernel selection (kiln/backends/cpu/gemm.py) and the runtime GEMM functions it chooses between."""
 import pytest
 import torch
 from torch import nn
 
-from kiln.api import CompileOptions
-from kiln.backends.tvm import gemm, lower_partition
-from kiln.backends.tvm.dispatch import plan_dispatch
+from kiln.backends.cpu import CpuOptions, gemm
+from kiln.backends.cpu.dispatch import DISPATCH
+from kiln.backends.cpu.target import CpuTarget
+from kiln.backends.tvm import lower_partition
 from kiln.errors import UnknownNameError
 from kiln.runtime.kernels import tvm_dispatch
 
@@ -54,7 +55,7 @@ def test_choose_keeps_eager_kernel_unless_another_is_clearly_faster():
 
 def test_selection_applies_measured_choices_per_shape_and_reports_them():
     _, _, gm, _, _ = _plan()
-    plan = plan_dispatch(gm)
+    plan = DISPATCH.plan(gm)
     asked = []
     timer = _fake_timer({"linear_bias": {"mkl": 10, "onednn": 5},
                          "addmm": {"mkl": 10, "onednn": 12},
@@ -75,7 +76,7 @@ def test_selection_applies_measured_choices_per_shape_and_reports_them():
 
 def test_mkl_mode_never_measures_onednn_and_onednn_mode_measures_nothing():
     _, _, gm, _, _ = _plan()
-    plan = plan_dispatch(gm)
+    plan = DISPATCH.plan(gm)
     asked = []
     timer = _fake_timer({r: {"mkl": 10, "mkl_cols": 1, "onednn": 1} for r in ("linear", "linear_bias", "addmm")}, asked)
     chosen, _ = gemm.select_gemm_kernels(plan, "mkl", timer=timer)
@@ -92,8 +93,8 @@ def test_mkl_mode_never_measures_onednn_and_onednn_mode_measures_nothing():
 def test_unknown_mode_is_refused_with_the_valid_ones():
     with pytest.raises(UnknownNameError, match="GEMM kernel mode 'fast'.*measure, mkl, onednn"):
         gemm.select_gemm_kernels({}, "fast")
-    with pytest.raises(UnknownNameError, match="CompileOptions.gemm_kernels 'fast'.*measure, mkl, onednn"):
-        CompileOptions(gemm_kernels="fast")
+    with pytest.raises(UnknownNameError, match="CpuOptions.gemm_kernels 'fast'.*measure, mkl, onednn"):
+        CpuOptions(gemm_kernels="fast")
 
 
 def test_real_measurement_times_every_candidate():
@@ -105,7 +106,7 @@ def test_real_measurement_times_every_candidate():
 @pytest.mark.parametrize("mode", ["mkl", "onednn", "measure"])
 def test_each_mode_compiles_and_matches_eager(tmp_path, mode):
     model, x, gm, n, weights = _plan()
-    lowered = lower_partition(gm, n, weights, gemm_kernels=mode)
+    lowered = lower_partition(gm, n, weights, CpuTarget(gemm_kernels=mode))
     (got,) = run_lowered(lowered, weights, (x,), tmp_path)
     with torch.no_grad():
         want = model(x)

@@ -15,8 +15,8 @@ from torch import nn
 
 import kiln
 from kiln.api import Compilation, CompileOptions
-from kiln.backends.tvm import database_file_names, read_tuning_databases
-from kiln.backends.tvm.tuning import RECORD_FILE, WORKLOAD_FILE
+from kiln.backends.cpu import CpuOptions
+from kiln.backends.cpu.tuning import RECORD_FILE, WORKLOAD_FILE, database_file_names, read_tuning_databases
 from kiln.cli import main
 from kiln.errors import ArtifactError, TuningError
 from kiln.runtime import read_artifact
@@ -43,6 +43,11 @@ def make_model():
     return NormMLP().eval(), (torch.randn(8, 64),)
 
 
+def cpu(**options) -> CompileOptions:
+    """Compile options with these ``CpuOptions`` for the cpu backend."""
+    return CompileOptions(backend_options={"cpu": CpuOptions(**options)})
+
+
 def compile_with(options: CompileOptions) -> Compilation:
     model, inputs = make_model()
     compilation = Compilation("cpu", options=options)
@@ -66,7 +71,7 @@ def tuned(tmp_path_factory):
             mp.setattr(pickle, name, _refuse)
         mp.setattr(popen_pool.PopenWorker, "__init__", _refuse)
         mp.setattr(popen_pool.PopenPoolExecutor, "__init__", _refuse)
-        compilation = compile_with(CompileOptions(tune_trials=TRIALS))
+        compilation = compile_with(cpu(tune_trials=TRIALS))
     path = compilation.compiled.save(tmp_path_factory.mktemp("tuned") / "artifact")
     return compilation, path
 
@@ -113,7 +118,7 @@ def test_artifact_holds_the_database_hashed_and_runs_without_it(tuned, fresh_pyt
 
 def test_reusing_the_artifact_applies_its_records_without_tuning(tuned):
     first, path = tuned
-    again = compile_with(CompileOptions(tuning_database=str(path)))
+    again = compile_with(cpu(tuning_database=str(path)))
     tuning = _report(again.compiled)["tuning"]
     applied = _report(first.compiled)["tuning"]["applied"]
     assert tuning["trials_run"] == 0 and tuning["tuned"] == 0
@@ -129,7 +134,7 @@ def test_a_metaschedule_database_directory_is_reused_too(tuned, tmp_path):
     workloads, records = database_file_names(PART)
     shutil.copy(path / workloads, tmp_path / WORKLOAD_FILE)
     shutil.copy(path / records, tmp_path / RECORD_FILE)
-    again = compile_with(CompileOptions(tuning_database=tmp_path))
+    again = compile_with(cpu(tuning_database=tmp_path))
     assert _report(again.compiled)["tuning"]["applied"] == _report(first.compiled)["tuning"]["applied"]
     assert again.lowered[PART].details["tir"] == first.lowered[PART].details["tir"]
 
@@ -146,20 +151,20 @@ def test_a_tampered_database_in_an_artifact_is_refused(tuned, tmp_path):
 
 @pytest.mark.parametrize("bad", [-1, 2.5, True, "8", None])
 def test_bad_tune_trials_is_a_clear_error(bad):
-    with pytest.raises(TuningError, match=r"CompileOptions\.tune_trials .* not " + repr(bad).replace(".", r"\.")):
-        CompileOptions(tune_trials=bad)
+    with pytest.raises(TuningError, match=r"CpuOptions\.tune_trials .* not " + repr(bad).replace(".", r"\.")):
+        CpuOptions(tune_trials=bad)
 
 
 def test_missing_or_wrong_tuning_database_is_a_clear_error(tmp_path):
     missing = tmp_path / "nope"
-    with pytest.raises(TuningError, match=r"CompileOptions\.tuning_database: .*nope.* does not exist"):
-        CompileOptions(tuning_database=str(missing))
+    with pytest.raises(TuningError, match=r"CpuOptions\.tuning_database: .*nope.* does not exist"):
+        CpuOptions(tuning_database=str(missing))
     with pytest.raises(TuningError, match="neither a kiln artifact .* nor a MetaSchedule database"):
         read_tuning_databases(tmp_path)
     (tmp_path / WORKLOAD_FILE).write_text("not json\n")
     (tmp_path / RECORD_FILE).write_text("not json\n")
     with pytest.raises(TuningError, match="not a readable MetaSchedule JSON database"):
-        compile_with(CompileOptions(tuning_database=tmp_path))
+        compile_with(cpu(tuning_database=tmp_path))
 
 
 FACTORY = '''
@@ -215,7 +220,7 @@ def test_tuning_a_transformer_block_stays_within_tolerance():
     from kiln import zoo
 
     model, inputs = zoo.llama(layers=1)
-    cm = kiln.compile(model, inputs, options=CompileOptions(tune_trials=64))
+    cm = kiln.compile(model, inputs, options=cpu(tune_trials=64))
     with torch.no_grad():
         want = model(*inputs)
     torch.testing.assert_close(cm(*inputs).logits, want.logits)

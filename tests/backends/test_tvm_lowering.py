@@ -7,8 +7,9 @@ import torch.fx as fx
 from torch import nn
 from torch.export.graph_signature import InputKind
 
+from kiln.backends.cpu.dispatch import ALL_RULES
+from kiln.backends.cpu.target import CpuTarget
 from kiln.backends.tvm import lower_partition
-from kiln.backends.tvm.dispatch import ALL_RULES
 from kiln.errors import ArtifactError, UnsupportedOpError
 from kiln.runtime.kernels import tvm_dispatch
 from kiln.runtime.kernels.tvm_vm import TvmVmKernel
@@ -47,7 +48,7 @@ def check(model, args, tmp_path, gemm_kernels="mkl", **tol):
     """Lower ``model`` and compare with eager; GEMMs on eager's kernel unless told (names in reports are fixed)."""
     gm, n, weights = export_partition(model, args)
     before = gm.graph.python_code("self").src
-    lowered = lower_partition(gm, n, weights, gemm_kernels=gemm_kernels)
+    lowered = lower_partition(gm, n, weights, CpuTarget(gemm_kernels=gemm_kernels))
     assert gm.graph.python_code("self").src == before, "lower_partition mutated its input"
     got = run_lowered(lowered, weights, args, tmp_path)
     with torch.no_grad():
@@ -219,7 +220,7 @@ def test_gap_dynamic_sequence_length_is_refused_with_buckets_advice():
     gm = fx.GraphModule(nn.Module(), ep.graph)
     weights = {s.arg.name: ep.state_dict[s.target] for s in ep.graph_signature.input_specs if s.kind == InputKind.PARAMETER}
     with pytest.raises(UnsupportedOpError, match="dynamic shape.*shape bucket"):
-        lower_partition(gm, 0, weights)
+        lower_partition(gm, 0, weights, CpuTarget())
 
 
 def _inplace_graph(mutate_input: bool) -> fx.GraphModule:
@@ -241,14 +242,14 @@ def test_gap_inplace_update_is_kept(tmp_path):
     gm = _inplace_graph(mutate_input=False)
     x = torch.randn(4, 8)
     want = gm(x.clone())
-    got = run_lowered(lower_partition(gm, 1, {}), {}, [x], tmp_path)
+    got = run_lowered(lower_partition(gm, 1, {}, CpuTarget()), {}, [x], tmp_path)
     torch.testing.assert_close(got, list(want))
     torch.testing.assert_close(got[0], (x + 1) * 2)
 
 
 def test_gap_inplace_update_of_an_input_is_refused():
     with pytest.raises(UnsupportedOpError, match="writes to input x"):
-        lower_partition(_inplace_graph(mutate_input=True), 1, {})
+        lower_partition(_inplace_graph(mutate_input=True), 1, {}, CpuTarget())
 
 
 def test_every_dispatch_rule_has_a_runtime_function():
@@ -259,7 +260,7 @@ def test_version_and_cpu_mismatch_are_refused(tmp_path):
     torch.manual_seed(0)
     lin = nn.Linear(8, 8).eval()
     gm, n, weights = export_partition(lin, (torch.randn(2, 8),))
-    lowered = lower_partition(gm, n, weights)
+    lowered = lower_partition(gm, n, weights, CpuTarget())
     path = tmp_path / "lib.so"
     path.write_bytes(lowered.library)
     for key, value, message in [("tvm_version", "0.0.1", r"built for TVM '0\.0\.1' \(this runtime has TVM '0\.27"),
@@ -275,7 +276,7 @@ def test_misaligned_weights_are_accepted(tmp_path):
     torch.manual_seed(0)
     lin = nn.Linear(8, 8).eval()
     gm, n, weights = export_partition(lin, (torch.randn(2, 8),))
-    lowered = lower_partition(gm, n, weights)
+    lowered = lower_partition(gm, n, weights, CpuTarget())
     # A weight that starts 4 bytes into its storage, as memory-mapped safetensors often do.
     shifted = {k: torch.cat([torch.zeros(1), v.flatten()])[1:].view(v.shape) for k, v in weights.items()}
     assert any(v.data_ptr() % 64 for v in shifted.values())
@@ -289,7 +290,7 @@ def test_outputs_of_two_calls_do_not_alias(tmp_path):
             return (x * 3,)
 
     gm, n, weights = export_partition(M(), (torch.randn(4, 4),))
-    lowered = lower_partition(gm, n, weights)
+    lowered = lower_partition(gm, n, weights, CpuTarget())
     path = tmp_path / "lib.so"
     path.write_bytes(lowered.library)
     kernel = TvmVmKernel(lowered.spec, str(path), weights)

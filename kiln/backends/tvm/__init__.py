@@ -1,11 +1,14 @@
-"""The CPU backend's lowering: FX partition -> TVM Relax -> LLVM library, GEMMs and attention on PyTorch kernels.
+"""kiln's TVM lowering, target-neutral: FX partition -> TVM Relax -> a VM library, for any ``TvmTarget``.
 
+The core (conversion and its op table, fusion, the pipeline skeleton, the
+lowering driver) lives here; a target provides its own parts through
+``TvmTarget`` (``target.py``): the CPU's are in ``kiln/backends/cpu/``.
 See README.md in this folder for the flow and the measured numbers.
 """
-from . import gemm  # noqa: F401  (kiln.backends.tvm.gemm)
 from .convert import convertible
+from .dispatch import DispatchRule, LibraryDispatch
 from .lowering import TvmLowered, lower_partition
-from .tuning import Tuning, TuningDatabase, TuningError, TuningResult, database_file_names, read_tuning_databases
+from .target import PlanStage, TvmTarget
 
-__all__ = ["Tuning", "TuningDatabase", "TuningError", "TuningResult", "TvmLowered", "convertible",
-           "database_file_names", "lower_partition", "read_tuning_databases"]
+__all__ = ["DispatchRule", "LibraryDispatch", "PlanStage", "TvmLowered", "TvmTarget", "convertible",
+           "lower_partition"]

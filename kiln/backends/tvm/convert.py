@@ -4,7 +4,7 @@ Walks the graph once with TVM's own PyTorch converters (the op table of
 ``tvm.relax.frontend.torch``), so no re-export is needed, and adds what kiln
 relies on that the frontend lacks or gets wrong:
 
-- nodes in the dispatch plan become ``R.call_dps_packed("kiln.<op>", ...)``;
+- nodes in the target's dispatch plan become ``R.call_dps_packed("kiln.<op>", ...)``;
 - subgraphs that read no input (position ids, causal masks) are evaluated
   once with PyTorch and embedded as constants, so eager decides their exact
   values and none of their bool/int64 ops reach TVM's converters;
@@ -41,7 +41,7 @@ from tvm import relax, topi
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
 from ...errors import UnsupportedOpError
-from .dispatch import BSHD_OUTPUT, DISPATCHED_OPS, Args, DispatchRule, dispatches, heads_last_source, specialize
+from .dispatch import Args, DispatchRule, LibraryDispatch, Plan, heads_last_source
 
 aten = torch.ops.aten
 
@@ -53,9 +53,10 @@ _FOLD_MAX_ELEMENTS = 1 << 22
 
 
 class _Bridge:
-    def __init__(self, gm: fx.GraphModule, plan: dict[fx.Node, tuple[DispatchRule, Args]],
+    def __init__(self, gm: fx.GraphModule, dispatch: LibraryDispatch, plan: Plan,
                  weights: dict[str, torch.Tensor] | None = None):
         self.gm = gm
+        self.dispatch = dispatch
         self.plan = plan
         self.weights = weights or {}
         self.imp = ExportedProgramImporter()
@@ -126,7 +127,7 @@ class _Bridge:
             self._note(node, "constant")
             return
         if node in self.plan:
-            rule, args = specialize(*self.plan[node], self.known)
+            rule, args = self.dispatch.specialize(*self.plan[node], self.known)
             self.env[node] = self._emit_dispatch(node, rule, args)
             self._note(node, "dispatch", function=rule.function, rule=rule.name)
             return
@@ -240,14 +241,14 @@ class _Bridge:
             else:
                 relax_args.append(relax.prim_value(int(a)))
         out_type = self._type(node.meta["val"])
-        if rule.name in BSHD_OUTPUT:
+        if rule.name in self.dispatch.heads_last_output:
             b, h, s, d = node.meta["val"].shape
             out_type = relax.TensorType([b, s, h, d], self._dtype(node.meta["val"].dtype))
         if rule.returns:
             raw = self.bb.emit(relax.op.call_pure_packed(rule.function, *relax_args, ty_args=out_type))
         else:
             raw = self.bb.emit(relax.call_dps_packed(rule.function, relax_args, out_type))
-        if rule.name not in BSHD_OUTPUT:
+        if rule.name not in self.dispatch.heads_last_output:
             return raw
         # The library gives [B, S, H, D]; the node's [B, H, S, D] value is a transpose of it that
         # DeadCodeElimination drops when, as usual, only the head-merging transpose reads it.
@@ -545,7 +546,7 @@ class _Bridge:
 @functools.cache
 def _op_table() -> tuple[frozenset, frozenset]:
     """The ops kiln converts itself, and the names TVM's frontend has converters for."""
-    bridge = _Bridge(fx.GraphModule(torch.nn.Module(), fx.Graph()), {})
+    bridge = _Bridge(fx.GraphModule(torch.nn.Module(), fx.Graph()), LibraryDispatch((), abi=0), {})
     return frozenset(bridge._own), frozenset(bridge.imp.convert_map)
 
 
@@ -617,7 +618,7 @@ def _float_inputs(node: fx.Node) -> bool:
                if isinstance(a.meta.get("val"), torch.Tensor))
 
 
-# The cpu backend's op table: the ops whose lowering is known right, each with the
+# The op table of kiln's TVM lowering: the ops whose lowering is known right, each with the
 # condition under which it is (None: always). Everything else runs on PyTorch.
 # Known right means: the zoo models' end-to-end tests and the differential fuzzer
 # (tests/fuzz) cover it in fp32 and bf16 against eager and an fp64 reference.
@@ -698,16 +699,17 @@ def _packet(target) -> str | None:
     return target.overloadpacket.__name__ if isinstance(target, torch._ops.OpOverload) else None
 
 
-def convertible(node: fx.Node) -> bool:
-    """Whether the cpu backend lowers this ``call_function`` node: in its op table, and TVM has a converter."""
+def convertible(node: fx.Node, dispatch: LibraryDispatch) -> bool:
+    """Whether a TVM target with library ``dispatch`` lowers this ``call_function`` node: a dispatch rule
+    takes it, or it is in the op table and TVM has a converter."""
     own, frontend = _op_table()
     target = node.target
     if target in _NO_VALUE:
         return True
     if target is operator.getitem:  # an element of a tuple: lowered where the tuple is
-        return isinstance(node.args[0], fx.Node) and convertible(node.args[0])
-    if target in DISPATCHED_OPS:
-        return dispatches(node)  # PyTorch's own kernel, called from the library; never as TIR
+        return isinstance(node.args[0], fx.Node) and convertible(node.args[0], dispatch)
+    if target in dispatch.dispatched_ops:
+        return dispatch.dispatches(node)  # the library's own kernel, called from the TVM library; never as TIR
     name = getattr(target, "__name__", None)
     if target not in own and name not in frontend:
         return False
@@ -723,11 +725,12 @@ def convertible(node: fx.Node) -> bool:
     return True
 
 
-def to_relax(gm: fx.GraphModule, plan: dict[fx.Node, tuple[DispatchRule, Args]],
-             name: str = "main", weights: dict[str, torch.Tensor] | None = None) -> tuple[tvm.IRModule, list[dict]]:
+def to_relax(gm: fx.GraphModule, dispatch: LibraryDispatch, plan: Plan, name: str = "main",
+             weights: dict[str, torch.Tensor] | None = None) -> tuple[tvm.IRModule, list[dict]]:
     """The Relax module for ``gm`` (one function ``name``, params = placeholders) and a per-node report.
 
-    ``weights`` (by placeholder name) are read only to specialize dispatch calls (an all-True mask is dropped).
+    ``plan`` is ``dispatch``'s plan of ``gm`` (after any target stage refined it). ``weights`` (by
+    placeholder name) are read only to specialize dispatch calls (an all-True mask is dropped).
     """
-    bridge = _Bridge(gm, plan, weights)
+    bridge = _Bridge(gm, dispatch, plan, weights)
     return bridge.convert(name), bridge.report

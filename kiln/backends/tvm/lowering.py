@@ -1,10 +1,11 @@
-"""Lower one FX partition to a TVM Relax VM library for this CPU.
+"""Lower one FX partition to a TVM Relax VM library for a target.
 
-``lower_partition`` runs the stages of ``pipeline.py`` and returns the
-``export_library`` bytes with a JSON spec that ``TvmVmKernel`` needs to run
-them (no recompiling at load time) and a report of what went where. With a
-``tuning`` argument, MetaSchedule tunes and applies schedules between ``fuse``
-and ``schedule`` (``tuning.py``); kiln's rules then schedule only the rest.
+``lower_partition`` runs the stages of ``pipeline.py`` with the parts a
+``TvmTarget`` contributes (``target.py``; the CPU's is ``kiln.backends.cpu.target.CpuTarget``)
+and returns the ``export_library`` bytes with a JSON spec that ``TvmVmKernel``
+needs to run them (no recompiling at load time) and a report of what went
+where. A target that tunes (the CPU with MetaSchedule) schedules kernels
+between ``fuse`` and ``schedule``; its rules then schedule only the rest.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -21,14 +23,10 @@ from tvm import relax, tirx
 
 from ...errors import UnsupportedOpError
 from .convert import to_relax
-from ...runtime.kernels import tvm_dispatch
-from .dispatch import plan_dispatch
 from .fusion import FUSED
-from .gemm import select_gemm_kernels
 from .pipeline import stage
-from .schedule import applied_rule
-from .target import host_target, tvm_version
-from .tuning import META_SCHEDULE, Tuning, TuningResult, tune_kernels
+from .schedule import META_SCHEDULE, applied_rule
+from .target import TvmTarget, tvm_version
 
 ENTRY = "main"
 FORMAT = "tvm-vm"
@@ -39,7 +37,7 @@ class TvmLowered:
     library: bytes  # the shared library ``Executable.export_library`` wrote
     spec: dict  # JSON-serialisable: what TvmVmKernel needs, plus the report
     kernels: dict[str, str] = field(default_factory=dict)  # TIR kernel name -> scheduled TIR script
-    tuning: TuningResult | None = None  # what the tune stage did (None: it did not run)
+    tuning: Any = None  # what the target's tune stage did (None: it did not run); the CPU's: TuningResult
 
     def tir(self, kernel: str) -> str:
         """The scheduled TIR of one kernel (names as in ``spec["report"]["kernels"]``)."""
@@ -49,21 +47,12 @@ class TvmLowered:
 
 
 def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torch.Tensor],
-                    target: dict | None = None, tuning: Tuning | None = None,
-                    gemm_kernels: str = "measure") -> TvmLowered:
-    """Compile ``gm`` (placeholders: ``num_inputs`` inputs, then weights by name) for ``target``.
-
-    ``target`` is a TVM JSON target dict; by default this host
-    (``{"kind": "llvm", "mcpu": <LLVM's host CPU>, "num-cores": <cores>}``).
-    ``tuning``: measure up to ``tuning.trials`` MetaSchedule candidates and apply the
-    best records, starting from ``tuning.databases`` (None, or 0 trials and no
-    database: no tune stage). ``gemm_kernels``: how each dispatched GEMM's kernel is
-    chosen (``gemm.MODES``; by default measured on this machine).
-    """
-    target = dict(target or host_target())
+                    target: TvmTarget) -> TvmLowered:
+    """Compile ``gm`` (placeholders: ``num_inputs`` inputs, then weights by name) for ``target``."""
+    target_json = target.target_json()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     inputs, weight_nodes = placeholders[:num_inputs], placeholders[num_inputs:]
-    _check_static(gm)
+    _check_static(gm, target)
     missing = [n.name for n in weight_nodes if n.name not in weights]
     if missing:
         raise UnsupportedOpError(f"partition reads weights {missing} that were not given")
@@ -75,23 +64,25 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
         times[name] = round(time.perf_counter() - start, 4)
         return result
 
-    plan = timed("library_dispatch", plan_dispatch, gm)
-    plan, gemm_report = timed("select_gemm", select_gemm_kernels, plan, gemm_kernels)
-    mod, node_report = timed("convert", to_relax, gm, plan, ENTRY, weights)
-    tvm_target = tvm.target.Target(target)
+    plan = timed("library_dispatch", target.dispatch.plan, gm)
+    plan_reports = {}
+    for plan_stage in target.plan_stages():
+        plan, plan_reports[plan_stage.report_key] = timed(plan_stage.name, plan_stage.run, plan)
+    mod, node_report = timed("convert", to_relax, gm, target.dispatch, plan, ENTRY, weights)
+    tvm_target = tvm.target.Target(target_json)
     with tvm_target:
-        mod = timed("fuse_norm", stage("fuse_norm"), mod)
+        mod = timed("fuse_norm", stage("fuse_norm", target), mod)
         fused = Counter(str(f.attrs[FUSED]) for _, f in mod.functions_items()
                         if isinstance(f, relax.Function) and f.attrs is not None and FUSED in f.attrs)
         for name in ("legalize", "fuse"):
-            mod = timed(name, stage(name), mod)
+            mod = timed(name, stage(name, target), mod)
         tuned = None
-        if tuning is not None and tuning.active():
-            mod, tuned = timed("tune", tune_kernels, mod, tvm_target, tuning)
+        if target.tunes():
+            mod, tuned = timed("tune", target.tune, mod, tvm_target)
         # Already-scheduled kernels (tirx.is_scheduled, set by the tune stage) are skipped here.
-        mod = timed("schedule", stage("schedule"), mod)
+        mod = timed("schedule", stage("schedule", target), mod)
     kernels = {gv.name_hint: func for gv, func in mod.functions_items() if isinstance(func, tirx.PrimFunc)}
-    lower_and_finalize = tvm.transform.Sequential([stage("dataflow_lower"), stage("finalize")])
+    lower_and_finalize = tvm.transform.Sequential([stage("dataflow_lower", target), stage("finalize", target)])
     executable = timed("codegen", lambda: tvm.compile(mod, target=tvm_target, relax_pipeline=lower_and_finalize))
     library = timed("export", _export, executable)
 
@@ -100,9 +91,9 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
         "format": FORMAT,
         "entry": ENTRY,
         "tvm_version": tvm_version(),
-        "target": target,
-        "mcpu": target.get("mcpu"),
-        "dispatch_abi": tvm_dispatch.ABI,
+        "target": target_json,
+        **target.spec_fields(target_json),
+        "dispatch_abi": target.dispatch.abi,
         "inputs": [_tensor_spec(n.meta["val"], n.name) for n in inputs],
         "weights": [n.name for n in weight_nodes],
         "weight_types": [_tensor_spec(n.meta["val"]) for n in weight_nodes],  # checked against the weights on load
@@ -110,7 +101,7 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
         "report": {
             "nodes": node_report,
             "dispatched": dict(Counter(r["function"] for r in node_report if r["how"] == "dispatch")),
-            "gemm_kernels": gemm_report,
+            **plan_reports,
             "fused_patterns": dict(fused),
             # "tuning_database": the schedule is a tuning record's (MetaSchedule's, or kiln's rule measured faster)
             "kernels": [{"name": name, "schedule": _schedule_name(name, func, tuned),
@@ -124,7 +115,7 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
     return TvmLowered(library, spec, {name: func.script() for name, func in kernels.items()}, tuned)
 
 
-def _schedule_name(name: str, func: tirx.PrimFunc, tuned: TuningResult | None) -> str | None:
+def _schedule_name(name: str, func: tirx.PrimFunc, tuned) -> str | None:
     """The rule that scheduled ``func``, else ``meta_schedule`` when its schedule came from the tuning database.
 
     A database record may be kiln's own rule (measured faster than every candidate):
@@ -136,14 +127,14 @@ def _schedule_name(name: str, func: tirx.PrimFunc, tuned: TuningResult | None) -
     return rule
 
 
-def _check_static(gm: fx.GraphModule) -> None:
+def _check_static(gm: fx.GraphModule, target: TvmTarget) -> None:
     # Relax exports symbolic shapes, but tvm.compile of the result fails on this
     # TVM; a fixed set of shapes (one partition per bucket) is the supported way.
     for node in gm.graph.nodes:
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and not all(isinstance(s, int) for s in val.shape):
             raise UnsupportedOpError(
-                f"node {node.name} has dynamic shape {list(val.shape)}; the TVM CPU backend compiles static "
+                f"node {node.name} has dynamic shape {list(val.shape)}; the TVM {target.name} backend compiles static "
                 "shapes only: export one partition per shape bucket (e.g. sequence lengths 64/128/256)")
 
 

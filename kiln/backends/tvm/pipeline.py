@@ -1,21 +1,26 @@
-"""The CPU compilation pipeline as named stages (the shape of TVM's ``relax/backend/*/pipeline.py``).
+"""The compilation pipeline shared by kiln's TVM targets, as named stages (the shape of TVM's
+``relax/backend/*/pipeline.py``), with the stages a target contributes marked ``[target]``:
 
-    library_dispatch   FX: which nodes run as PyTorch kernels (dispatch.plan_dispatch)
-    select_gemm        FX: each dispatched GEMM's kernel (MKL, MKL in column blocks, oneDNN),
-                       measured per shape on this machine (gemm.select_gemm_kernels)
+    library_dispatch   FX: which nodes run as library kernels ([target] ``TvmTarget.dispatch``)
+    <plan stages>      FX: [target] refinements of the plan, e.g. the CPU's ``select_gemm``
+                       (each GEMM's kernel measured per shape: ``cpu/gemm.py``)
     convert            FX -> Relax, dispatched nodes as R.call_dps_packed (convert.to_relax)
     fuse_norm          residual add + RMS/layer norm grouped into one kernel (fusion.py)
-    legalize           Relax ops -> TIR PrimFuncs; constants folded
+    legalize           Relax ops -> TIR PrimFuncs; constants folded ([target] ``legalize_passes``;
+                       the default is ``legalize_passes`` here)
     fuse               chains of TIR ops -> one kernel each (residual add + norm,
                        bias/scale + activation, RoPE's mul/neg/cat/add)
-    schedule           every kernel gets a CPU schedule (schedule.default_rules)
+    tune               optional: [target] ``TvmTarget.tune`` (the CPU's MetaSchedule tuning)
+    schedule           every kernel gets a schedule ([target] ``schedule_rules``, schedule.py)
     dataflow_lower     Relax dataflow -> VM calls
     finalize           memory planning (buffers reused across kernels), VM lowering
 
 The Relax stages are lists of passes per name, so a test or ``kiln inspect``
-can run up to any stage and look at the module.
+can run up to any stage and look at the module: ``stage(name, target)``.
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import tvm
 from tvm import relax, topi
@@ -24,8 +29,11 @@ from ...errors import UnknownNameError
 from .fusion import fuse_residual_norm
 from .schedule import schedule_pass
 
+if TYPE_CHECKING:
+    from .target import TvmTarget
 
-def fuse_norm_passes() -> list:
+
+def fuse_norm_passes(_target: TvmTarget) -> list:
     return [fuse_residual_norm]
 
 
@@ -62,9 +70,10 @@ def _legalize_layer_norm(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr
 
 
 def legalize_passes() -> list:
+    """The default legalization: TVM's rules, with PyTorch's two-pass layer norm."""
     return [
         relax.transform.DeadCodeElimination(),
-        # Scans and sorts (cumsum) have no LegalizeOps rule on CPU; TVM routes them here.
+        # Scans and sorts (cumsum) have no LegalizeOps rule; TVM routes them per target here.
         relax.backend.DispatchSortScan(),
         relax.transform.LegalizeOps(customize_legalize_map={"relax.nn.layer_norm": _legalize_layer_norm}),
         relax.transform.AnnotateTIROpPattern(),
@@ -72,15 +81,15 @@ def legalize_passes() -> list:
     ]
 
 
-def fuse_passes() -> list:
+def fuse_passes(_target: TvmTarget) -> list:
     return [relax.transform.FuseOps(), relax.transform.FuseTIR(), relax.transform.DeadCodeElimination()]
 
 
-def schedule_passes() -> list:
-    return [schedule_pass()]
+def schedule_passes(target: TvmTarget) -> list:
+    return [schedule_pass(target.schedule_rules())]
 
 
-def dataflow_lower_passes() -> list:
+def dataflow_lower_passes(_target: TvmTarget) -> list:
     return [
         relax.transform.RewriteDataflowReshape(),
         relax.transform.ToNonDataflow(),
@@ -89,7 +98,7 @@ def dataflow_lower_passes() -> list:
     ]
 
 
-def finalize_passes() -> list:
+def finalize_passes(_target: TvmTarget) -> list:
     return [
         relax.transform.StaticPlanBlockMemory(),
         relax.transform.LowerAllocTensor(),
@@ -101,10 +110,11 @@ def finalize_passes() -> list:
     ]
 
 
-# The Relax-level stages, in order (library_dispatch, select_gemm and convert run on FX before them).
+# The Relax-level stages, in order (library_dispatch, the target's plan stages and convert run on
+# FX before them; the optional tune stage between fuse and schedule): name -> passes for a target.
 RELAX_STAGES = {
     "fuse_norm": fuse_norm_passes,
-    "legalize": legalize_passes,
+    "legalize": lambda target: target.legalize_passes(),
     "fuse": fuse_passes,
     "schedule": schedule_passes,
     "dataflow_lower": dataflow_lower_passes,
@@ -112,7 +122,8 @@ RELAX_STAGES = {
 }
 
 
-def stage(name: str) -> tvm.transform.Pass:
+def stage(name: str, target: TvmTarget) -> tvm.transform.Pass:
+    """The passes of stage ``name`` for ``target``, as one pass named ``kiln.<target>.<name>``."""
     if name not in RELAX_STAGES:
         raise UnknownNameError("pipeline stage", name, RELAX_STAGES)
-    return tvm.transform.Sequential(RELAX_STAGES[name](), name=f"kiln.cpu.{name}")
+    return tvm.transform.Sequential(RELAX_STAGES[name](target), name=f"kiln.{target.name}.{name}")

@@ -1,6 +1,6 @@
 """PyTorch kernels that TVM-compiled CPU code calls through ``R.call_dps_packed``.
 
-The compiler's library-dispatch stage (``kiln/backends/tvm/dispatch.py``)
+The compiler's library-dispatch stage (``kiln/backends/cpu/dispatch.py``)
 emits calls by name; this module registers a function under each name. TVM
 passes tensors as ``tvm.runtime.Tensor``; DLPack views them (``_t``)
 without a copy (0.5-2.6 us a call), and each function writes its result into

@@ -46,16 +46,14 @@ from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
 from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common, run_evaluator_common
 
 from ...errors import TuningError
-from .schedule import applied_rule, default_rules
+from ..tvm.schedule import applied_rule
+from .schedule import default_rules
 
 log = logging.getLogger("kiln")
 
 # The file names MetaSchedule's JSONDatabase uses in a work directory.
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
-
-# The schedule name the report gives a kernel whose schedule came from the database.
-META_SCHEDULE = "meta_schedule"
 
 # Candidates measured per search round, at most. MetaSchedule's default (64) would
 # spend a small budget on a single kernel's first round.

@@ -39,7 +39,8 @@ import torch.fx as fx
 
 from ...errors import UnknownNameError
 from ...runtime.kernels import tvm_dispatch
-from .dispatch import ONEDNN_RULES, Args, DispatchRule
+from ..tvm.dispatch import Args, DispatchRule
+from .dispatch import ONEDNN_RULES
 
 MODES = ("measure", "mkl", "onednn")
 COLUMN_BLOCK = 1024  # measured on LM heads here: 512-2048 within 4% of each other, 256 slower

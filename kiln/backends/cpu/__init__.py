@@ -1,26 +1,36 @@
 """The ``cpu`` backend: each partition compiled by TVM Relax for this host's CPU.
 
-GEMM-class ops and attention run as PyTorch kernels called from the compiled
-library (library dispatch); everything else becomes scheduled, fused TIR
+The shared TVM lowering (``kiln/backends/tvm/``) with this package's CPU
+parts, gathered in ``target.CpuTarget``: library dispatch of GEMM-class ops
+and attention to PyTorch kernels (``dispatch.py``), each GEMM's kernel
+measured per shape (``gemm.py``), kiln's CPU schedule rules (``schedule.py``),
+the LLVM host target (``target.py``) and optional MetaSchedule tuning
+(``tuning.py``); everything not dispatched becomes scheduled, fused TIR
 kernels. The flow, its named stages and measured numbers are in
 ``kiln/backends/tvm/README.md``.
 
-Op table: the ops ``kiln.backends.tvm.convertible`` accepts, with static
-shapes (TVM compiles one library per shape: compile per shape bucket). The
-``cpu`` target places what this backend cannot take on ``torch``, and says so
-in the log.
+Op table: the ops ``kiln.backends.tvm.convertible`` accepts with this
+dispatch, with static shapes (TVM compiles one library per shape: compile
+per shape bucket). The ``cpu`` target places what this backend cannot take
+on ``torch``, and says so in the log.
 
-With ``CompileOptions.tune_trials`` / ``tuning_database``, MetaSchedule tunes
-the TIR kernels (``kiln/backends/tvm/tuning.py``); each partition's database
-goes into the artifact as ``<partition>.tuning.{workloads,records}.json``.
+Its options are a ``CpuOptions`` (``options.py``), given as
+``CompileOptions(backend_options={"cpu": CpuOptions(...)})``: the GEMM kernel
+mode, and MetaSchedule tuning of the TIR kernels (``tune_trials`` /
+``tuning_database``, ``tuning.py``); each partition's tuning database goes
+into the artifact as ``<partition>.tuning.{workloads,records}.json``.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
-from .base import Backend, LoweredPartition, Partition, register_backend
-from .tvm import Tuning, convertible, database_file_names, lower_partition, read_tuning_databases
+from ..base import Backend, LoweredPartition, Partition, register_backend
+from ..tvm import convertible, lower_partition
+from .dispatch import DISPATCH
+from .options import CpuOptions, GemmKernels
+from .target import CpuTarget
+from .tuning import Tuning, database_file_names, read_tuning_databases
 
 
 def _static(node: fx.Node) -> bool:
@@ -40,16 +50,18 @@ def _non_empty(node: fx.Node) -> bool:
 @register_backend
 class CpuBackend(Backend):
     name = "cpu"
+    options_type = CpuOptions
+    options: CpuOptions
 
     def supports(self, node: fx.Node) -> bool:
-        return _static(node) and _non_empty(node) and convertible(node)
+        return _static(node) and _non_empty(node) and convertible(node, DISPATCH)
 
     _tuning: Tuning | None = None
 
     def tuning(self) -> Tuning | None:
         """The tuning this compilation asks for (None: none); a database is read once, for every partition."""
         options = self.options
-        if options is None or (not options.tune_trials and options.tuning_database is None):
+        if not options.tune_trials and options.tuning_database is None:
             return None
         if self._tuning is None:
             databases = read_tuning_databases(options.tuning_database) if options.tuning_database else ()
@@ -57,9 +69,8 @@ class CpuBackend(Backend):
         return self._tuning
 
     def lower(self, partition: Partition) -> LoweredPartition:
-        gemm_kernels = self.options.gemm_kernels.value if self.options is not None else "measure"
-        lowered = lower_partition(partition.gm, len(partition.inputs), partition.weights, tuning=self.tuning(),
-                                  gemm_kernels=gemm_kernels)
+        target = CpuTarget(gemm_kernels=self.options.gemm_kernels.value, tuning=self.tuning())
+        lowered = lower_partition(partition.gm, len(partition.inputs), partition.weights, target)
         spec = dict(lowered.spec)
         report = spec.pop("report")
         files = {f"{partition.name}.so": lowered.library}
@@ -78,3 +89,6 @@ class CpuBackend(Backend):
             report=report,
             details={"tir": lowered.kernels},
         )
+
+
+__all__ = ["CpuBackend", "CpuOptions", "CpuTarget", "GemmKernels"]

@@ -1,0 +1,56 @@
+"""The ``cpu`` backend's own compile options: ``CompileOptions(backend_options={"cpu": CpuOptions(...)})``.
+
+Only the ``cpu`` backend reads these; the backend gets this object as its
+``options`` (``Backend.options_type`` names the class, ``base.check_backend_options``
+checks what ``CompileOptions.backend_options`` holds).
+"""
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...errors import TuningError, UnknownNameError
+
+
+class GemmKernels(str, enum.Enum):
+    """How the ``cpu`` backend picks each GEMM's kernel (``gemm.py``)."""
+
+    MEASURE = "measure"  # time MKL, MKL in column blocks and oneDNN per shape on this machine; run the fastest
+    MKL = "mkl"  # eager's kernel only (column blocks where faster): GEMM results bitwise eager's
+    ONEDNN = "onednn"  # oneDNN wherever it applies, unmeasured (comparisons, tests)
+
+
+@dataclass
+class CpuOptions:
+    """What tunes the ``cpu`` backend's lowering. ``gemm_kernels`` also accepts its string values."""
+
+    # Offline tuning of the TIR kernels with MetaSchedule: the number of candidate schedules
+    # measured in total (0: none). Minutes per 100 trials; never needed to compile or run.
+    # See kiln/backends/tvm/README.md, "Tuning".
+    tune_trials: int = 0
+    # A kiln artifact directory (its stored tuning databases, verified) or a MetaSchedule
+    # JSON database directory: its best records are applied, and the kernels it covers
+    # are not tuned again. Works with tune_trials=0 (apply only).
+    tuning_database: str | None = None
+    gemm_kernels: GemmKernels = GemmKernels.MEASURE
+
+    def __post_init__(self):
+        if not isinstance(self.gemm_kernels, GemmKernels):
+            try:
+                self.gemm_kernels = GemmKernels(self.gemm_kernels)
+            except ValueError:
+                raise UnknownNameError("value for CpuOptions.gemm_kernels", self.gemm_kernels,
+                                       [m.value for m in GemmKernels]) from None
+        if isinstance(self.tune_trials, bool) or not isinstance(self.tune_trials, int) or self.tune_trials < 0:
+            raise TuningError(f"CpuOptions.tune_trials must be a whole number of trials >= 0 (0: no tuning), "
+                              f"not {self.tune_trials!r}")
+        if self.tuning_database is not None:
+            if not isinstance(self.tuning_database, (str, os.PathLike)):
+                raise TuningError("CpuOptions.tuning_database must be a path (str or os.PathLike), "
+                                  f"not {type(self.tuning_database).__name__}")
+            self.tuning_database = os.fspath(self.tuning_database)
+            if not Path(self.tuning_database).is_dir():
+                raise TuningError(f"CpuOptions.tuning_database: {self.tuning_database!r} does not exist or is "
+                                  "not a directory (give a kiln artifact or a MetaSchedule database directory)")
