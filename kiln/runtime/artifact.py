@@ -47,7 +47,10 @@ from .signing import PublicKey, SigningKey, canonical_json, sign_manifest, verif
 log = logging.getLogger("kiln")
 
 FORMAT_NAME = "kiln-artifact"
-FORMAT_VERSION = 2  # 2: programs of tasks on queues over one weight store; 1 (one flat schedule) is refused
+FORMAT_VERSION = 3  # 3: every dtype by kiln's name (f32, bf16, i64); 2 (torch names in tvm-vm specs) and 1 are refused
+# What changed after each version this runtime refuses: said in the refusal.
+_SUPERSEDED = {1: "version 1 stored one flat schedule of partitions",
+               2: "version 2 named the dtypes of TVM kernel specs the torch way (float32), not kiln's (f32)"}
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 EXAMPLES = "example_inputs.safetensors"
@@ -422,10 +425,11 @@ def _read_manifest_and_files(path: Path, dir_fd: int, trusted_keys: list | None)
     manifest = read_json_document(mpath, FORMAT_NAME, "a kiln artifact", dir_fd)
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
+        superseded = _SUPERSEDED.get(version) if type(version) is int else None
         raise ArtifactError(
             f"{mpath}: artifact format version {version!r} is not supported by this runtime "
             f"(it reads version {FORMAT_VERSION}; the artifact was written by kiln {manifest.get('kiln_version')!r}); "
-            f"{REBUILD}")
+            + (f"{superseded}; " if superseded else "") + REBUILD)
     if manifest.get("manifest_sha256") != _sha256(_canonical(manifest)):
         raise ArtifactError(f"{mpath} was modified after it was written (its checksum 'manifest_sha256' does not match)")
     if trusted_keys is not None:  # before any other file is even read

@@ -30,8 +30,8 @@ _SHAPE = {"type": "array", "items": {"type": ["integer", "string"]}}
 _STATIC_SHAPE = {"type": "array", "items": {"type": "integer", "minimum": 0}}
 _KILN_TYPE = {"type": "object", "required": ["shape", "dtype"],
               "properties": {"shape": _SHAPE, "dtype": {"enum": list(DTYPES_BY_NAME)}}}
-_TORCH_TYPE = {"type": "object", "required": ["shape", "dtype"],
-               "properties": {"shape": _STATIC_SHAPE, "dtype": {"type": "string", "pattern": "^[a-z0-9]+$"}}}
+_STATIC_KILN_TYPE = {"type": "object", "required": ["shape", "dtype"],
+                     "properties": {"shape": _STATIC_SHAPE, "dtype": {"enum": list(DTYPES_BY_NAME)}}}
 
 # A graph argument: a scalar, a one-key object ({"node": NAME}, {"dtype": "f32"}, ...)
 # or a list of those, nested at most three deep (kiln writes two: output tuples, index lists).
@@ -60,10 +60,10 @@ _TVM_VM_SPEC = {
     "type": "object", "required": ["format", "entry", "inputs", "weights", "outputs"],
     "properties": {
         "format": {"const": "tvm-vm"}, "entry": _NAME,
-        "inputs": {"type": "array", "items": {**_TORCH_TYPE, "required": ["name", "shape", "dtype"]}},
+        "inputs": {"type": "array", "items": {**_STATIC_KILN_TYPE, "required": ["name", "shape", "dtype"]}},
         "weights": _UNIQUE_NAMES,
-        "weight_types": {"type": "array", "items": _TORCH_TYPE},  # written since kiln 0.1 (optional)
-        "outputs": {"type": "array", "items": _TORCH_TYPE},
+        "weight_types": {"type": "array", "items": _STATIC_KILN_TYPE},  # written since kiln 0.1 (optional)
+        "outputs": {"type": "array", "items": _STATIC_KILN_TYPE},
     },
 }
 
@@ -355,15 +355,9 @@ def _check_tvm_vm(entry: dict, weights: dict[str, torch.Tensor], at: str) -> Non
                             f"{len(entry['outputs'])}")
     if spec["weights"] != entry["weights"]:
         raise ArtifactError(f"{at}: field spec.weights does not list the partition's weights in order")
+    # Dtype names were checked against kiln's (DTYPES_BY_NAME) with the schema.
     for name, declared in zip(spec["weights"], spec.get("weight_types", ())):
-        dtype = getattr(torch, declared["dtype"], None)
-        if not isinstance(dtype, torch.dtype):
-            raise ArtifactError(f"{at}: weight {name!r} has an unknown dtype {declared['dtype']!r} in spec.weight_types")
-        _check_weight(at, name, weights[name], declared["shape"], dtype)
-    for field in ("inputs", "outputs"):
-        for declared in spec[field]:
-            if not isinstance(getattr(torch, declared["dtype"], None), torch.dtype):
-                raise ArtifactError(f"{at}: spec.{field} has an unknown dtype {declared['dtype']!r}")
+        _check_weight(at, name, weights[name], declared["shape"], dtype_from_name(declared["dtype"]))
 
 
 def _check_weight(at: str, name: str, tensor: torch.Tensor, shape, dtype: torch.dtype) -> None:

@@ -6,6 +6,7 @@ import torch
 
 import kiln
 from kiln.errors import ArtifactError
+from kiln.ir.meta import dtype_from_name as kiln_dtype
 from kiln.runtime import artifact as artifact_mod
 from kiln.runtime.artifact import _sha256
 
@@ -24,7 +25,7 @@ def test_round_trip_matches_eager(compiled, saved):
 
 def test_manifest_records_versions_target_and_hashes(saved):
     m = json.loads((saved / "manifest.json").read_text())
-    assert m["format"] == "kiln-artifact" and m["format_version"] == 2
+    assert m["format"] == "kiln-artifact" and m["format_version"] == 3
     assert m["target"] == "cpu" and m["torch_version"] == torch.__version__
     assert m["tvm_version"].startswith("0.27")
     data = (saved / "weights.safetensors").read_bytes()
@@ -74,8 +75,8 @@ def test_edited_manifest_is_refused(saved, no_kernel_loads, rewrite_manifest):
 
 
 def test_future_format_version_is_refused(saved, no_kernel_loads, rewrite_manifest):
-    rewrite_manifest(saved, lambda m: m.update(format_version=3))
-    with pytest.raises(ArtifactError, match="format version 3 is not supported by this runtime \\(it reads version 2"):
+    rewrite_manifest(saved, lambda m: m.update(format_version=4))
+    with pytest.raises(ArtifactError, match="format version 4 is not supported by this runtime \\(it reads version 3"):
         kiln.load(saved)
 
 
@@ -88,7 +89,22 @@ def test_a_version_1_artifact_is_refused_naming_its_version_and_how_to_rebuild_i
                  partitions=program["tasks"])
     rewrite_manifest(saved, as_version_1)
     with pytest.raises(ArtifactError, match=r"artifact format version 1 is not supported by this runtime \(it reads "
-                                            r"version 2.*\); rebuild it with this kiln: `kiln compile"):
+                                            r"version 3.*\); version 1 stored one flat schedule of partitions; "
+                                            r"rebuild it with this kiln: `kiln compile"):
+        kiln.load(saved)
+
+
+def test_a_version_2_artifact_is_refused_naming_its_version_the_change_and_how_to_rebuild_it(saved, no_kernel_loads,
+                                                                                            rewrite_manifest):
+    def as_version_2(m):  # format 2: tvm-vm specs named dtypes the torch way
+        spec = m["programs"]["main"]["tasks"][0]["spec"]
+        for t in spec["inputs"] + spec["weight_types"] + spec["outputs"]:
+            t["dtype"] = str(kiln_dtype(t["dtype"])).removeprefix("torch.")
+        m.update(format_version=2)
+    rewrite_manifest(saved, as_version_2)
+    with pytest.raises(ArtifactError, match=r"artifact format version 2 is not supported by this runtime \(it reads "
+                                            r"version 3.*\); version 2 named the dtypes of TVM kernel specs the torch "
+                                            r"way \(float32\), not kiln's \(f32\); rebuild it with this kiln: "):
         kiln.load(saved)
 
 

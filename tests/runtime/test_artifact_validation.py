@@ -53,6 +53,16 @@ def test_malformed_manifests_are_refused_naming_the_field(saved, no_kernel_loads
         kiln.load(saved)
 
 
+@pytest.mark.parametrize("field", ["inputs", "weight_types", "outputs"])
+def test_a_tvm_spec_dtype_not_in_kiln_names_is_refused_naming_the_field(saved, no_kernel_loads, rewrite_manifest, field):
+    spec = json.loads((saved / "manifest.json").read_text())["programs"]["main"]["tasks"][0]["spec"]
+    assert {t["dtype"] for t in spec["inputs"] + spec["weight_types"] + spec["outputs"]} == {"f32"}
+    rewrite_manifest(saved, lambda m: _part(m)["spec"][field][0].update(dtype="float32"))  # torch's name: format 2
+    with pytest.raises(ArtifactError, match=rf"field programs.main.tasks\[0\].spec.{field}\[0\].dtype: 'float32' is not "
+                                            r"one of \['f32'"):
+        kiln.load(saved)
+
+
 def test_a_task_reading_a_value_it_does_not_wait_for_is_refused_at_load(torch_saved, no_kernel_loads,
                                                                         rewrite_manifest):
     """A task reading a value computed by a task its ``after`` does not name (it could run first)."""

@@ -38,6 +38,7 @@ import torch
 import torch.fx as fx
 
 from ...errors import UnknownNameError
+from ...ir.meta import dtype_from_name, dtype_name
 from ...runtime.kernels import tvm_dispatch
 from ..tvm.dispatch import Args, DispatchRule
 from .dispatch import ONEDNN_RULES
@@ -57,10 +58,10 @@ class GemmShape:
     m: int
     k: int
     n: int
-    dtype: str = "float32"
+    dtype: str = "f32"  # kiln's dtype name (kiln.ir.meta.DTYPE_NAMES)
 
     def label(self) -> str:
-        dtype = "" if self.dtype == "float32" else f" {self.dtype}"
+        dtype = "" if self.dtype == "f32" else f" {self.dtype}"
         return f"{self.rule} [{self.m}x{self.k}] x [{self.k}x{self.n}]{dtype}"
 
 
@@ -84,7 +85,7 @@ def gemm_shape(rule: DispatchRule, args: Args) -> GemmShape | None:
     x, w = (args[1], args[2]) if rule.name == "addmm" else (args[0], args[1])
     xs, ws = x.meta["val"].shape, w.meta["val"].shape
     n = ws[1] if rule.name == "addmm" else ws[0]
-    dtype = str(x.meta["val"].dtype).removeprefix("torch.")
+    dtype = dtype_name(x.meta["val"].dtype)
     return GemmShape(rule.name, math.prod(xs[:-1]), xs[-1], n, dtype)
 
 
@@ -93,7 +94,7 @@ def candidates(shape: GemmShape, mode: str) -> list[str]:
     names = ["mkl"]
     if shape.n >= 2 * COLUMN_BLOCK:
         names.append("mkl_cols")
-    if mode == "measure" and shape.dtype == "float32":
+    if mode == "measure" and shape.dtype == "f32":
         # Not for bf16: oneDNN's bf16 inner product spread a NaN of one input row into the
         # output row before it (M=32, K=5; tests/fuzz FINDINGS F2); eager's MKL path does not.
         names.append("onednn")
@@ -103,7 +104,7 @@ def candidates(shape: GemmShape, mode: str) -> list[str]:
 def _callables(shape: GemmShape, kernels: list[str]) -> dict[str, Callable[[], object]]:
     """The runtime function of each kernel on random tensors of ``shape``, called as the library will."""
     m, k, n = shape.m, shape.k, shape.n
-    dtype = getattr(torch, shape.dtype)
+    dtype = dtype_from_name(shape.dtype)
     x = torch.randn(m, k, dtype=dtype)
     w = torch.randn(k, n, dtype=dtype) if shape.rule == "addmm" else torch.randn(n, k, dtype=dtype)
     b = torch.randn(n, dtype=dtype)

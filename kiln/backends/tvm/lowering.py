@@ -22,6 +22,7 @@ import tvm
 from tvm import relax, tirx
 
 from ...errors import UnsupportedOpError
+from ...ir.meta import dtype_name
 from .convert import to_relax
 from .fusion import FUSED
 from .pipeline import stage
@@ -144,7 +145,7 @@ def _output_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def _tensor_spec(val: torch.Tensor, name: str | None = None) -> dict:
-    spec = {"shape": list(val.shape), "dtype": str(val.dtype).removeprefix("torch.")}
+    spec = {"shape": list(val.shape), "dtype": dtype_name(val.dtype)}  # kiln's names, as the whole manifest
     return {"name": name, **spec} if name else spec
 
 

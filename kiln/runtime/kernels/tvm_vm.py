@@ -28,6 +28,7 @@ from tvm import relax
 from tvm.target import codegen
 
 from ...errors import ArtifactError, InputMismatchError
+from ...ir.meta import dtype_from_name
 from . import tvm_dispatch
 
 FORMAT = "tvm-vm"
@@ -79,7 +80,7 @@ class TvmVmKernel:
         # The VM keeps DLPack views, so the tensors must stay alive.
         self._weights = [_aligned(weights[name]) for name in spec["weights"]]
         self._bound = [tvm.runtime.from_dlpack(w) for w in self._weights]
-        self._inputs = [(tuple(i["shape"]), getattr(torch, i["dtype"])) for i in spec["inputs"]]
+        self._inputs = [(tuple(i["shape"]), dtype_from_name(i["dtype"])) for i in spec["inputs"]]
         self.spec = spec
 
     def __call__(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
