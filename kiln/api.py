@@ -22,8 +22,10 @@ from .ir.tracing import trace
 from .passes import (Instrument, PassContext, PassManager, PassRecord, Skip, StopAfter, Verify, get_pipeline,
                      verification_default)
 from .passes.calibration import check_calibration, flatten_calibration
+from .passes.quantize_nested import NestedQuantization, apply_plan
 from .runtime import Artifact, CompiledModel
-from .runtime.artifact import new_manifest, program_entry
+from .runtime.artifact import merge_programs, new_manifest, program_entry
+from .runtime.executor import PLAN_CONTROL
 
 log = logging.getLogger("kiln")
 
@@ -51,6 +53,8 @@ class CompileOptions:
     # Calibration data for passes that measure activations (kiln/passes/calibration.py): an
     # iterable of input tuples, each called like the example inputs. Kept as a list.
     calibration: Any = field(default=None, repr=False)
+    # Nested weight quantization with run-time bit-width plans (kiln/passes/quantize_nested.py); None: float.
+    quantization: NestedQuantization | None = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -66,6 +70,9 @@ class CompileOptions:
         if self.calibration is not None:
             self.calibration = check_calibration(self.calibration)
         self.backend_options = check_backend_options(self.backend_options)
+        if self.quantization is not None and not isinstance(self.quantization, NestedQuantization):
+            raise KilnError("CompileOptions.quantization must be a kiln.NestedQuantization, "
+                            f"not {type(self.quantization).__name__}")
 
     def verifying(self) -> bool:
         return self.verify is VerifyMode.ALWAYS or (self.verify is VerifyMode.AUTO and verification_default())
@@ -135,8 +142,29 @@ class Compilation:
         return self.records
 
     def lower(self) -> CompiledModel:
-        """Place, partition and lower the graph; package it as an in-memory artifact."""
+        """Place, partition and lower the graph; package it as an in-memory artifact.
+
+        A graph with bit-width plans (``quantize_nested``) is lowered once per
+        plan, each a program of the one artifact over one weight store; the
+        run-time control ``plan`` picks the program a call runs.
+        """
         graph = self._need_graph("lower")
+        if not graph.plans:
+            artifact = self._lower_program(graph, "main")
+        else:
+            parts = {}
+            for plan in [*(p for p in graph.plans if p != graph.default_plan), graph.default_plan]:
+                apply_plan(graph, plan)  # in place; the default plan's last, so the graph ends at it
+                parts[plan] = self._lower_program(graph, plan)
+            parts = {plan: parts[plan] for plan in graph.plans}
+            artifact = merge_programs(parts, default_program=graph.default_plan,
+                                      selector={"name": PLAN_CONTROL, "values": list(parts),
+                                                "default": graph.default_plan},
+                                      quantization=graph.quantization)
+            artifact.example_inputs = parts[graph.default_plan].example_inputs
+        return CompiledModel(artifact)
+
+    def _lower_program(self, graph: Graph, name: str) -> Artifact:
         partitions, self.lowered, outputs, fallbacks = place_and_lower(graph, self.target, self.backends)
         entries, files, used = [], {}, {}
         for p in partitions:
@@ -164,10 +192,10 @@ class Compilation:
             passes=[_record_json(r) for r in self.records],
             # nodes a backend could not lower after all, and ran on the target's fallback instead
             fallbacks=fallbacks or None)
-        manifest = new_manifest({"main": program}, target=self.target, model=graph.name,
+        manifest = new_manifest({name: program}, target=self.target, model=graph.name,
                                 torch_version=torch.__version__, tvm_version=_package_version("apache-tvm"))
         examples = list(self.flat_inputs) if self.options.keep_example_inputs else None
-        return CompiledModel(Artifact(manifest, used, files, examples))
+        return Artifact(manifest, used, files, examples)
 
     def _need_graph(self, stage: str) -> Graph:
         if self.graph is None:

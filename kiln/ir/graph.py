@@ -32,6 +32,11 @@ class Graph:
         self.name = name
         # placeholder name -> the model's own name for it (e.g. "model.layers.0.mlp.up_proj.weight")
         self.weight_sources = weight_sources or {}
+        # Bit-width plans of nested-quantized linears (passes/quantize_nested.py): plan -> node -> bits.
+        # Lowering makes one program per plan; empty: one program.
+        self.plans: dict[str, dict[str, int]] = {}
+        self.default_plan: str | None = None
+        self.quantization: dict | None = None  # that pass's report (JSON), stored in the manifest
         for node in self.fx.nodes:
             if META_KEY not in node.meta:
                 node.meta[META_KEY] = NodeMeta(types=types_of(node.meta.get("val")))
@@ -150,8 +155,11 @@ class Graph:
             if META_KEY in old.meta:
                 m = old.meta[META_KEY]
                 new.meta[META_KEY] = NodeMeta(**{**m.__dict__, "rewritten_by": list(m.rewritten_by)})
-        return Graph(fx.GraphModule(torch.nn.Module(), new_fx), dict(self.weights), self.signature, self.name,
+        copy = Graph(fx.GraphModule(torch.nn.Module(), new_fx), dict(self.weights), self.signature, self.name,
                      dict(self.weight_sources))
+        copy.plans = {name: dict(bits) for name, bits in self.plans.items()}
+        copy.default_plan, copy.quantization = self.default_plan, self.quantization
+        return copy
 
     def text(self) -> str:
         from .printer import print_graph

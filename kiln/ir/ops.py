@@ -27,11 +27,16 @@ measurable and would tie the op to the dispatch ABI.
 
 ``kiln::grouped_mm`` is ``transformers::grouped_mm_fallback`` under kiln's
 name, for experts modules that ``kiln.ir.moe`` does not recognise.
+
+``kiln::nested_linear``: a linear layer over one view (8, 4 or 2 bits) of a
+nested weight (``kiln.ir.nested``), the op the ``quantize_nested`` pass writes.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .nested import BLOCK, PLANES_OF, dequantize
 
 # The activations ``moe_experts`` takes, by name (the gate half goes through it).
 ACTIVATIONS = {
@@ -152,9 +157,48 @@ def _grouped_mm_fake(input, weight, offs):
     return input.new_empty(input.shape[0], weight.shape[2])
 
 
+# ``kiln::nested_linear``: ``x @ W_b^T + bias`` with ``W_b`` the ``bits``-bit view of a nested weight
+# (kiln.ir.nested: bit planes hi / mid / lo, the view's step ``scale`` and the shared ``zero``; a view
+# passes only the planes it reads, the others as None). This kernel dequantizes the view in float32 and
+# runs one GEMM: the reference every faster kernel of the op is checked against.
+_lib.define("nested_linear(Tensor x, Tensor hi, Tensor? mid, Tensor? lo, Tensor scale, Tensor zero, Tensor? bias, "
+            "int bits, int group_size) -> Tensor")
+
+
+def _check_nested(x, hi, mid, lo, scale, zero, bias, bits, group_size):
+    torch._check(bits in PLANES_OF, lambda: f"nested_linear: bits must be one of {sorted(PLANES_OF)}, not {bits}")
+    given = {"hi": hi, "mid": mid, "lo": lo}
+    wanted = PLANES_OF[bits]
+    torch._check(all((given[p] is not None) == (p in wanted) for p in given),
+                 lambda: f"nested_linear: the {bits}-bit view reads the planes {wanted}, and only those")
+    n, k = hi.shape[0], hi.shape[1] * 4
+    torch._check(x.shape[-1] == k, lambda: f"nested_linear: x has {x.shape[-1]} features, the weight {k}")
+    torch._check(group_size % BLOCK == 0 and k % group_size == 0 and tuple(scale.shape) == (n, k // group_size)
+                 and scale.shape == zero.shape, lambda: "nested_linear: scale and zero are [N, K / group_size]")
+    torch._check(bias is None or tuple(bias.shape) == (n,), lambda: f"nested_linear: bias must be [{n}]")
+
+
+def nested_linear(x, hi, mid, lo, scale, zero, bias, bits, group_size):
+    _check_nested(x, hi, mid, lo, scale, zero, bias, bits, group_size)
+    planes = {name: t for name, t in (("hi", hi), ("mid", mid), ("lo", lo)) if t is not None}
+    weight = dequantize(planes, scale, zero, bits, group_size)
+    out = F.linear(x.float(), weight, None if bias is None else bias.float())
+    return out.to(x.dtype)
+
+
+_lib.impl("nested_linear", nested_linear, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("kiln::nested_linear", lib=_lib)
+def _nested_linear_fake(x, hi, mid, lo, scale, zero, bias, bits, group_size):
+    _check_nested(x, hi, mid, lo, scale, zero, bias, bits, group_size)
+    return x.new_empty(*x.shape[:-1], hi.shape[0])
+
+
 # Every op kiln registers: what artifacts, the verifier and the torch backend admit of ``kiln::``.
 OPS: frozenset[torch._ops.OpOverload] = frozenset({torch.ops.kiln.moe_experts.default,
-                                                   torch.ops.kiln.grouped_mm.default})
+                                                   torch.ops.kiln.grouped_mm.default,
+                                                   torch.ops.kiln.nested_linear.default})
 
 
 def is_kiln_op(target) -> bool:

@@ -5,7 +5,8 @@ re-annotated: placement, layer, role, quant, chunk, stage),
 stamps provenance on the nodes (``created_by`` / ``rewritten_by``),
 re-propagates shapes and dtypes when the graph changed, and calls the
 instruments. A failing pass is re-raised as :class:`~kiln.errors.PassError`
-naming it and the passes that ran before it.
+naming it and the passes that ran before it; an ``UnsupportedOpError`` (a
+model's op that no backend runs, named by node: placement's) keeps its type.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from ..errors import KilnError, PassError
+from ..errors import KilnError, PassError, UnsupportedOpError
 from ..ir import Graph, NodeMeta
 from ..ir.meta import META_KEY
 from ..ir.rewrite import stamp_provenance
@@ -102,6 +103,9 @@ class PassManager:
                     except StopPipeline:
                         stop = True
             except PassError:
+                raise
+            except UnsupportedOpError as e:  # the model's op, named by node: the user's error, kept as it is
+                e.add_note(f"(raised by pass {p.name!r})")
                 raise
             except Exception as e:
                 before_it = ", ".join(ctx.ran) or "none"

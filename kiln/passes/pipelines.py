@@ -11,12 +11,13 @@ STAGES: dict[str, list[str]] = {
     "cleanup": ["remove_trace_asserts", "eliminate_dead_code", "fold_constants"],
     "optimize": ["prune_rows"],
     "analysis": ["annotate_regions"],
+    "quantize": ["quantize_nested"],  # does nothing unless CompileOptions.quantization is set
     "placement": ["place"],  # last: every pass before it may set placements it needs kept
 }
 
 PIPELINES: dict[str, list[str]] = {
-    "cpu": ["cleanup", "optimize", "analysis", "placement"],
-    "torch": ["cleanup", "optimize", "analysis", "placement"],
+    "cpu": ["cleanup", "optimize", "analysis", "quantize", "placement"],
+    "torch": ["cleanup", "optimize", "analysis", "quantize", "placement"],
     "none": [],
 }
 

@@ -142,7 +142,9 @@ class Trace:
         return path
 
 
-# Control values of ``using`` blocks, local to a thread / asyncio task: {id(program): {name: value}}.
+PLAN_CONTROL = "plan"  # the selector of a nested-quantized model's bit-width plans (kiln/passes/quantize_nested.py)
+
+# Control values of ``using`` blocks, local to a thread / asyncio task: {id(program or model): {name: value}}.
 _USING: contextvars.ContextVar[dict[int, dict]] = contextvars.ContextVar("kiln_controls_using", default={})
 
 
@@ -205,15 +207,15 @@ class Program:
             values.update(self._checked(controls))
         return values
 
-    def run(self, flat_inputs: list[torch.Tensor], trace: Trace | None = None, controls: Mapping | None = None
-            ) -> list:
+    def run(self, flat_inputs: list[torch.Tensor], trace: Trace | None = None, controls: Mapping | None = None,
+            *, ask_policy: bool = True) -> list:
         """Run on flat, already checked inputs; returns flat outputs.
 
         ``controls``: values for this call only, over those of ``set_controls`` and ``using``.
         A policy's choice applies to this call and is kept for the next ones (``set_controls``).
         """
         values = self.control_values(controls)
-        policy = self._owner.policy
+        policy = self._owner.policy if ask_policy else None
         if policy is not None and self.controls:
             chosen = policy(self.name, dict(values))
             if chosen:
@@ -294,6 +296,13 @@ class CompiledModel:
     ``policy``: called as ``policy(program_name, current_controls)`` before
     every call of a program with controls; the values it returns are set
     (checked) for that call and the ones after.
+
+    An artifact with a *selector* (``manifest["selector"]``: a control whose
+    values are program names, e.g. ``plan`` over the bit-width plans of a
+    nested-quantized model) runs the program the selector names: it is one of
+    :attr:`controls`, set like the others, and a policy sees it and may
+    switch it before each call. The programs it selects between take the same
+    inputs and controls; setting one of those sets it for all of them.
     """
 
     def __init__(self, artifact: Artifact):
@@ -306,6 +315,11 @@ class CompiledModel:
                                              for name, entry in m["programs"].items()}
         self.default_program = self.programs[m["default_program"]]
         self.signature = self.default_program.signature
+        selector = m.get("selector")
+        self.selector: Control | None = None if selector is None else Control(
+            {"name": selector["name"], "dtype": "i64", "default": selector["default"], "values": selector["values"]})
+        self._selected = [self.programs[v] for v in selector["values"]] if selector else [self.default_program]
+        self._selector_lock = threading.Lock()
 
     @property
     def target(self) -> str:
@@ -321,17 +335,76 @@ class CompiledModel:
 
     @property
     def controls(self) -> dict[str, Control]:
-        """The default program's controls, by name (each with ``allowed`` and ``value``)."""
-        return self.default_program.controls
+        """The controls of a call, by name (each with ``allowed`` and ``value``): the selector's, then the program's."""
+        if self.selector is None:
+            return self.default_program.controls
+        return {self.selector.name: self.selector, **self._program().controls}
+
+    def _split(self, values: Mapping) -> tuple[object, dict]:
+        """(the selector's value or None, the other controls) of ``values``, the selector's checked."""
+        rest = dict(values)
+        chosen = None
+        if self.selector is not None and self.selector.name in rest:
+            chosen = rest.pop(self.selector.name)
+            self.selector.check(chosen)
+        return chosen, rest
+
+    def _program(self, value=None) -> Program:
+        if self.selector is None:
+            return self.default_program
+        if value is None:
+            with self._selector_lock:
+                value = self.selector.value
+        return self.programs[value]
 
     def set_controls(self, **values) -> None:
-        """Set the default program's controls for the next calls (``ControlError`` if a value is not allowed)."""
-        self.default_program.set_controls(**values)
+        """Set controls for the next calls (``ControlError`` if a value is not allowed; then none is set)."""
+        chosen, rest = self._split(values)
+        for program in self._selected:
+            program._checked(rest)
+        for program in self._selected:
+            program.set_controls(**rest)
+        if chosen is not None:
+            with self._selector_lock:
+                self.selector.value = chosen
 
-    def using(self, **values):
+    @contextlib.contextmanager
+    def using(self, **values) -> Iterator[None]:
         """``with model.using(bits=4): model(x)``: control values for this thread's (asyncio task's) calls
         inside the block only; other threads keep theirs."""
-        return self.default_program.using(**values)
+        chosen, rest = self._split(values)
+        with contextlib.ExitStack() as stack:
+            for program in self._selected:
+                stack.enter_context(program.using(**rest))
+            if chosen is not None:
+                outer = _USING.get()
+                token = _USING.set({**outer, id(self): {self.selector.name: chosen}})
+                stack.callback(_USING.reset, token)
+            yield
+
+    def selected(self, controls: Mapping | None = None) -> str:
+        """The program a call made now would run (before the policy's choice)."""
+        chosen, _ = self._split(controls or {})
+        if chosen is None and self.selector is not None:
+            chosen = _USING.get().get(id(self), {}).get(self.selector.name)
+        return self._program(chosen).name
+
+    def run(self, flat_inputs: list[torch.Tensor], trace: Trace | None = None, controls: Mapping | None = None
+            ) -> list:
+        """Run the selected (default) program on flat, already checked inputs; returns flat outputs (``Program.run``)."""
+        if self.selector is None:
+            return self.default_program.run(flat_inputs, trace, controls)
+        program = self.programs[self.selected(controls)]
+        _, rest = self._split(controls or {})
+        if self.policy is not None:
+            current = {self.selector.name: program.name, **program.control_values(rest)}
+            choice = self.policy(program.name, current)
+            if choice:
+                self.set_controls(**choice)  # checked; kept for the next calls
+                chosen, more = self._split(choice)
+                program = self.programs[chosen] if chosen is not None else program
+                rest.update(more)
+        return program.run(flat_inputs, trace, rest, ask_policy=False)
 
     @contextlib.contextmanager
     def tracing(self, trace: Trace | None = None) -> Iterator[Trace]:
@@ -342,11 +415,6 @@ class CompiledModel:
             yield trace
         finally:
             self._trace = previous
-
-    def run(self, flat_inputs: list[torch.Tensor], trace: Trace | None = None, controls: Mapping | None = None
-            ) -> list:
-        """Run the default program on flat, already checked inputs; returns flat outputs (``Program.run``)."""
-        return self.default_program.run(flat_inputs, trace, controls)
 
     def __call__(self, *args, **kwargs):
         return self.signature.unflatten(self.run(self.signature.flatten(args, kwargs)))
