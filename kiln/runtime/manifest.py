@@ -142,6 +142,12 @@ SCHEMA = {
             "prefill": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": "^[1-9][0-9]*$"},
                         "additionalProperties": _NAME},
             "decode": _NAME}},
+        # a control whose value names the program a call runs (the bit-width plans of a nested-quantized model)
+        "selector": {"type": "object", "required": ["name", "values", "default"], "additionalProperties": False,
+                     "properties": {"name": _NAME, "values": {"type": "array", "minItems": 1, "uniqueItems": True,
+                                                              "items": _NAME},
+                                    "default": _NAME}},
+        "quantization": {"type": "object"},  # quantize_nested's report (plans, bytes, errors): read by tools only
         "weight_aliases": {"type": "object", "additionalProperties": _NAME},
         "files": {"type": "object", "additionalProperties": {
             "type": "object", "required": ["bytes", "sha256"],
@@ -208,6 +214,25 @@ def check_consistency(manifest: dict, weights: dict[str, torch.Tensor], where: s
             if name not in programs:
                 raise ArtifactError(f"{where}: field llm names program {name!r}, which is not in field programs "
                                     f"(it has {', '.join(sorted(programs))})")
+    if "selector" in manifest:
+        _check_selector(manifest["selector"], programs, where)
+
+
+def _check_selector(selector: dict, programs: dict, where: str) -> None:
+    """The selector's values are programs taking the same inputs and controls; its default is one of them."""
+    for name in selector["values"]:
+        if name not in programs:
+            raise ArtifactError(f"{where}: field selector names program {name!r}, which is not in field programs "
+                                f"(it has {', '.join(sorted(programs))})")
+    if selector["default"] not in selector["values"]:
+        raise ArtifactError(f"{where}: field selector.default {selector['default']!r} is not one of its values "
+                            f"{selector['values']}")
+    first, *others = selector["values"]
+    for name in others:
+        for key in ("signature", "controls"):
+            if programs[name].get(key) != programs[first].get(key):
+                raise ArtifactError(f"{where}: the programs of field selector differ in their {key}: {first!r} and "
+                                    f"{name!r} (a call must be able to run any of them)")
 
 
 def _check_program(manifest: dict, program: dict, weights: dict[str, torch.Tensor], where: str) -> None:

@@ -357,3 +357,43 @@ def test_programs_share_one_weight_store_with_every_tensor_once(compiled, tmp_pa
     x7 = torch.randn(7, 8)
     for got, ref in ((loaded(x), cm(x)), (loaded.programs["batch7"](x7), other(x7))):
         assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+# ---- a selector: the control that picks the program (a nested-quantized model's plans) ----
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    torch.manual_seed(0)
+    m, x = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4)).eval(), torch.randn(2, 128)
+    cm = kiln.compile(m, (x,), target="torch", options=kiln.CompileOptions(quantization=kiln.NestedQuantization()))
+    return x, cm, cm.save(tmp_path_factory.mktemp("planned") / "a")
+
+
+def _drop_signature_input(m):
+    m["programs"]["w2"]["signature"]["inputs"][0]["shape"] = [3, 128]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["selector"]["values"].append("w3"), r"field selector names program 'w3', which is not in field "
+                                                      r"programs \(it has w2, w4, w8\)"),
+    (lambda m: m["selector"].update(default="w3"), r"field selector.default 'w3' is not one of its values"),
+    (_drop_signature_input, r"the programs of field selector differ in their signature: 'w8' and 'w2'"),
+    (lambda m: m["selector"].pop("default"), r"selector.*default"),
+])
+def test_a_selector_naming_what_is_not_there_is_refused_at_load(planned, tmp_path, rewrite_manifest, edit, message):
+    import shutil
+    _, _, path = planned
+    copy = shutil.copytree(path, tmp_path / "b")
+    rewrite_manifest(copy, edit)
+    with pytest.raises(ArtifactError, match=message):
+        kiln.load(copy)
+
+
+def test_the_selected_program_runs_and_its_choice_is_local_to_a_using_block(planned):
+    x, cm, path = planned
+    loaded = kiln.load(path)
+    assert loaded.selected() == "w8" and loaded.selected({"plan": "w2"}) == "w2"
+    with loaded.using(plan="w4"):
+        assert loaded.selected() == "w4"
+        assert torch.equal(loaded(x), cm.run([x], controls={"plan": "w4"})[0])
+    assert loaded.selected() == "w8"
