@@ -128,10 +128,27 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tuning-db", metavar="PATH",
                    help="reuse a tuning database: a kiln artifact compiled with --tune, or a MetaSchedule "
                         "database directory; its kernels are applied, not tuned again")
+    p.add_argument("--quantize", type=_plans, metavar="PLAN=BITS,...",
+                   help="nested weight quantization with these bit-width plans, the first the default: "
+                        "an integer gives every layer group those bits (w4=4), a number with a point is an "
+                        "average-bit budget allocated by measured sensitivity (mixed=4.5); e.g. w8=8,mixed=4.5,w2=2")
     p.add_argument("--gemm-kernels", choices=("measure", "mkl", "onednn"), default="measure",
                    help="cpu target: each GEMM's kernel; measure (default): the fastest of MKL, MKL in column "
                         "blocks and oneDNN, timed per shape here; mkl: eager's kernel only (bitwise eager GEMMs); "
                         "onednn: oneDNN wherever it applies")
+
+
+def _plans(text: str) -> dict:
+    plans = {}
+    for item in text.split(","):
+        name, sep, bits = item.partition("=")
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"{item!r} is not PLAN=BITS (e.g. w4=4 or mixed=4.5)")
+        try:
+            plans[name.strip()] = float(bits) if "." in bits else {"default": int(bits)}
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: {bits!r} is not a number of bits") from None
+    return plans
 
 
 def _int_at_least(minimum: int):
@@ -277,7 +294,9 @@ def _compilation(args):
     from .backends.cpu import CpuOptions
 
     cpu = CpuOptions(tune_trials=args.tune, tuning_database=args.tuning_db, gemm_kernels=args.gemm_kernels)
-    options = api.CompileOptions(pipeline=args.pipeline, skip_passes=tuple(args.skip), backend_options={"cpu": cpu})
+    quantization = api.NestedQuantization(plans=args.quantize) if args.quantize else None
+    options = api.CompileOptions(pipeline=args.pipeline, skip_passes=tuple(args.skip), backend_options={"cpu": cpu},
+                                 quantization=quantization)
     return api.Compilation(args.target, options=options)
 
 
@@ -392,6 +411,9 @@ def _inspect(args, out: Console, err: Console) -> None:
         compiled = compilation.lower()
 
     out.print(_pass_table(graph, records, traced_drift))
+    if compiled.manifest.get("quantization"):
+        for table in _quantization_tables(compiled, flat_inputs, reference):
+            out.print(table)
     for entry in compiled.manifest["partitions"]:
         out.print(_partition_tree(entry))
     if args.dump_dir:
@@ -447,6 +469,52 @@ def _pass_table(graph, records: list, traced_drift: float) -> Table:
                       str(len(r.rewritten)), str(len(r.annotated)), Text(stats), _drift(r.extra.get("drift")))
     table.caption = f"{len(graph.compute_nodes())} compute nodes after the pipeline"
     return table
+
+
+def _quantization_tables(compiled, flat_inputs: list, reference: list) -> list[Table]:
+    """quantize_nested's report: each plan's bits and its drift against eager; each layer's bytes and view errors."""
+    from .passes.instruments import max_abs_diff
+
+    report = compiled.manifest["quantization"]
+    plans = Table(title="bit-width plans (the run-time control 'plan')", title_justify="left")
+    plans.add_column("plan", no_wrap=True)
+    plans.add_column("avg bits", justify="right")
+    plans.add_column("bits per group")
+    plans.add_column("drift vs eager", justify="right")
+    for name, plan in report["plans"].items():
+        outputs = compiled.run(list(flat_inputs), controls={"plan": name})
+        groups = " ".join(f"{g}={b}" for g, b in plan["bits"].items())
+        plans.add_row(Text(name + (" (default)" if name == report["default_plan"] else "")),
+                      f"{plan['avg_bits']:.2f}", Text(groups), _drift(max_abs_diff(outputs, reference)))
+    layers = Table(title="nested weights", title_justify="left")
+    for column in ("node", "group", "shape", "views", "bytes (float)"):
+        layers.add_column(column, no_wrap=column == "node")
+    views = report["views"]
+    for bits in views:
+        layers.add_column(f"{bits}-bit: bytes read, rel. error", justify="right")
+    for node, layer in report["layers"].items():
+        cells = [Text(node), Text(layer["group"]), "x".join(map(str, layer["shape"])),
+                 "/".join(map(str, layer["views"])), f"{_size(layer['bytes'])} ({_size(layer['float_bytes'])})"]
+        for bits in views:
+            key = str(bits)
+            cells.append(f"{_size(layer['bytes_read'][key])}, {layer['error'][key]['rel_rms']:.3g}"
+                         if key in layer["error"] else "-")
+        layers.add_row(*cells)
+    total, float_total = sum(v["bytes"] for v in report["layers"].values()), \
+        sum(v["float_bytes"] for v in report["layers"].values())
+    layers.caption = (f"{_size(total)} held for every plan against {_size(float_total)} float "
+                      f"({total / float_total:.1%}); left float: {', '.join(report['left_float']) or 'none'}")
+    tables = [plans, layers]
+    if "sensitivity" in report:
+        sens = Table(title="sensitivity: the outputs' relative squared error, one group at a view, the rest float",
+                     title_justify="left")
+        sens.add_column("group", no_wrap=True)
+        for bits in views:
+            sens.add_column(f"{bits} bits", justify="right")
+        for group, errors in report["sensitivity"].items():
+            sens.add_row(Text(group), *(f"{errors[str(b)]:.3g}" for b in views))
+        tables.append(sens)
+    return tables
 
 
 def _drift(value: float | None) -> str:

@@ -55,6 +55,11 @@ def mlp():
     return MLP().eval(), (torch.randn(2, 8),)
 
 
+def wide_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 8)).eval(), (torch.randn(2, 128),)
+
+
 def norm_softmax():
     torch.manual_seed(0)
     return NormSoftmax().eval(), torch.randn(2, 3, 8)  # a bare tensor: one input
@@ -214,6 +219,21 @@ def test_compile_with_gemm_kernels_onednn_records_the_choice(factories, tmp_path
     assert code == 0
 
 
+def test_inspect_shows_each_plan_its_bits_and_drift_and_each_layer_s_bytes_and_view_errors(factories):
+    code, out, err = cli("inspect", f"{factories}:wide_mlp", "--target", "torch", "--quantize", "w8=8,mix=5.0,w2=2")
+    assert code == 0, err
+    plans = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+             for line in out.splitlines() if line.count("│") == 5 and line.split("│")[1].strip().startswith(("w", "m"))}
+    assert set(plans) == {"w8 (default)", "mix", "w2"}
+    assert plans["w8 (default)"][:2] == ["8.00", "0=8 2=8"] and plans["w2"][:2] == ["2.00", "0=2 2=2"]
+    drift = {name: float(cells[2]) for name, cells in plans.items()}
+    assert 0 < drift["w8 (default)"] < drift["w2"]  # narrower plans move the outputs more
+    assert "nested weights" in out and "sensitivity" in out
+    # the views each layer holds are those some plan reads: mix gives group 0 four bits, group 2 eight
+    assert re.search(r"nested_linear_default\s+│\s*0\s*│\s*256x128\s*│\s*8/4/2\s", out), out
+    assert re.search(r"nested_linear_default_1\s+│\s*2\s*│\s*8x256\s*│\s*8/2\s", out), out
+
+
 def test_dump_dir_holds_snapshots_diffs_and_pictures(inspected):
     dump, _ = inspected
     pipeline = get_pipeline("cpu")
@@ -274,7 +294,7 @@ def test_tir_prints_a_kernel_and_an_unknown_name_lists_the_kernels(factories):
     ("{file}", r"is not FILE.py:FACTORY: put a ':'"),
     ("{dir}/missing.py:mlp", r"missing.py: no such file"),
     ("{file}:nope", r"models.py has no 'nope'; the callables it defines are: MLP, NormSoftmax, mlp, "
-                    r"norm_softmax, raises, returns_list_inputs, returns_module$"),
+                    r"norm_softmax, raises, returns_list_inputs, returns_module, wide_mlp$"),
     ("{file}:not_a_function", r"models.py:not_a_function is not a function \(it is of type int\)"),
     ("{file}:raises", r"models.py:raises\(\) raised RuntimeError: no weights here"),
     ("{file}:returns_module", r"models.py:returns_module\(\) returned Linear; it must return \(model: nn.Module"),
@@ -317,6 +337,7 @@ def test_kiln_errors_exit_1_with_one_line(factories, argv, message):
 @pytest.mark.parametrize("argv", [
     [], ["compile", "m.py:f"], ["run", "dir", "--repeat", "0"], ["inspect"], ["frobnicate"],
     ["compile", "m.py:f", "-o", "d", "--gemm-kernels", "fastest"],
+    ["compile", "m.py:f", "-o", "d", "--quantize", "w8"], ["inspect", "m.py:f", "--quantize", "w4=four"],
 ])
 def test_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
