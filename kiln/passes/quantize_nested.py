@@ -13,10 +13,9 @@ What it does, when ``CompileOptions.quantization`` is a :class:`NestedQuantizati
    float), allocated from a sensitivity profile measured on the calibration
    set (``CompileOptions.calibration``, else the example inputs): for each
    group and bit-width, the output's relative squared error with only that
-   group's weights at that view (the rest float); then, starting from the
-   narrowest view everywhere, the group whose next-wider view removes the most
-   error per added bit is widened while the weighted average stays within the
-   budget (:func:`allocate`).
+   group's weights at that view (the rest float); then the bits per group
+   with the least summed error whose weight-weighted average is within the
+   budget (:func:`allocate`, an exact knapsack).
 3. Each candidate weight is encoded once (``kiln.ir.nested``) holding the views
    some plan uses for it (the ``lo`` plane only where a plan reads 8 bits), and
    its node becomes ``kiln::nested_linear`` over the default plan's view. The
@@ -34,6 +33,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.fx as fx
 
@@ -149,33 +149,42 @@ def _relative_error(outputs: list[list], reference: list[list]) -> float:
 
 
 def allocate(sizes: dict[str, int], profile: dict[str, dict[int, float]], budget: float,
-             views: tuple[int, ...]) -> dict[str, int]:
-    """Bits per group with a weight-weighted average of at most ``budget``, greedily minimising the summed error.
+             views: tuple[int, ...], resolution: int = 4096) -> dict[str, int]:
+    """Bits per group minimising the summed error, with a weight-weighted average of at most ``budget`` bits.
 
-    Starts at the narrowest view everywhere; repeatedly widens (to its next view)
-    the group with the largest error removed per bit added that still fits.
+    The errors are taken as additive across groups (each measured alone). An
+    exact multiple-choice knapsack by dynamic programming over the bit budget,
+    in steps of ``1 / resolution`` bit per weight (each choice's cost rounded
+    up, so the result never exceeds the budget); ties go to fewer bits.
     """
+    groups = list(sizes)
     ladder = sorted(views)
-    bits = {g: ladder[0] for g in sizes}
     total = sum(sizes.values())
-    used = sum(sizes[g] * bits[g] for g in sizes)
-    while True:
-        best = None
-        for g in sizes:
-            i = ladder.index(bits[g])
-            if i + 1 == len(ladder):
+    capacity = int(budget * resolution + 1e-9)
+    costs = {g: [-(-sizes[g] * b * resolution // total) for b in ladder] for g in groups}  # ceil
+    if sum(c[0] for c in costs.values()) > capacity:
+        return {g: ladder[0] for g in groups}  # the narrowest view everywhere is the least any plan can hold
+    inf = float("inf")
+    best = np.zeros(capacity + 1)  # best[c]: the least error of the groups so far within cost c
+    picks = np.zeros((len(groups), capacity + 1), dtype=np.int8)
+    for i, g in enumerate(groups):
+        new = np.full(capacity + 1, inf)
+        for j in range(len(ladder) - 1, -1, -1):  # widest first, so a tie keeps the narrower choice
+            cost = costs[g][j]
+            if cost > capacity:
                 continue
-            wider = ladder[i + 1]
-            extra = sizes[g] * (wider - bits[g])
-            if used + extra > budget * total + 1e-9:
-                continue
-            gain = (profile[g][bits[g]] - profile[g][wider]) / extra
-            if best is None or gain > best[0]:
-                best = (gain, g, wider, extra)
-        if best is None:
-            return bits
-        _, g, wider, extra = best
-        bits[g], used = wider, used + extra
+            candidate = np.full(capacity + 1, inf)
+            candidate[cost:] = best[:capacity + 1 - cost] + profile[g][ladder[j]]
+            better = candidate <= new
+            new = np.where(better, candidate, new)
+            picks[i] = np.where(better, j, picks[i])
+        best = new
+    chosen, c = {}, int(np.argmin(best))
+    for i in range(len(groups) - 1, -1, -1):
+        j = int(picks[i][c])
+        chosen[groups[i]] = ladder[j]
+        c -= costs[groups[i]][j]
+    return {g: chosen[g] for g in groups}
 
 
 @register_pass

@@ -49,6 +49,18 @@ def test_allocation_matches_a_hand_computed_case():
     assert allocate(sizes, profile, 3.0, (8, 4, 2)) == {"a": 4, "b": 4, "c": 2}
     assert allocate(sizes, profile, 2.0, (8, 4, 2)) == {"a": 2, "b": 2, "c": 2}
     assert allocate(sizes, profile, 8.0, (8, 4, 2)) == {"a": 8, "b": 8, "c": 8}
+    # 5 bits (2000): {a: 8, b: 4, c: 4} costs 800 + 400 + 800 with error 1 + 2.9 + 1 = 4.9, the least that fits.
+    assert allocate(sizes, profile, 5.0, (8, 4, 2)) == {"a": 8, "b": 4, "c": 4}
+
+
+def test_allocation_uses_the_budget_where_widening_the_best_ratio_first_would_not():
+    sizes = {"small": 10, "big": 1000}
+    profile = {"small": {2: 1.0, 4: 0.5, 8: 0.0},  # 0.5 removed per 20 bits: the best ratio (0.025 per bit)
+               "big": {2: 50.0, 4: 10.0, 8: 0.0}}  # 40 removed per 2000 bits (0.02 per bit)
+    # 3.99 bits x 1010 weights = 4029.9. Best-ratio-first widens small to 4 (40 + 2000), then big to 4 no
+    # longer fits (4040), so it ends at small 8, big 2: error 50. Big at 4 with small at 2 costs 4020: error 11.
+    assert allocate(sizes, profile, 3.99, (8, 4, 2)) == {"small": 2, "big": 4}
+    assert allocate(sizes, profile, 6.0, (8, 4, 2)) == {"small": 8, "big": 4}
 
 
 def test_each_plan_is_a_program_over_one_weight_store_selected_by_the_plan_control(tmp_path):
