@@ -41,11 +41,11 @@ def _with_views(model: nn.Module, bits_of: dict[str, int]) -> nn.Module:
 
 def test_allocation_matches_a_hand_computed_case():
     sizes = {"a": 100, "b": 100, "c": 200}
-    profile = {"a": {2: 10.0, 4: 2.0, 8: 1.0},   # widening a 2->4 removes 8.0 over 200 bits: 0.04 per bit
-               "b": {2: 3.0, 4: 2.9, 8: 2.8},    # 0.0005 per bit
-               "c": {2: 9.0, 4: 1.0, 8: 0.9}}    # 8.0 over 400 bits: 0.02 per bit
-    # budget 3 bits x 400 weights = 1200; start at 2 everywhere (800 used):
-    # a 2->4 (+200 -> 1000), then c 2->4 needs +400 (1400 > 1200): no; a 4->8 (+400) no; b 2->4 (+200 -> 1200).
+    profile = {"a": {2: 10.0, 4: 2.0, 8: 1.0},
+               "b": {2: 3.0, 4: 2.9, 8: 2.8},
+               "c": {2: 9.0, 4: 1.0, 8: 0.9}}
+    # 3 bits x 400 weights = 1200. What fits: {a4 b4 c2} (1200, error 13.9), {a2 b2 c4} (1200, 14.0),
+    # {a4 b2 c2} (1000, 14.0), ...; a at 8 or c at 4 with a at 4 costs 1400.
     assert allocate(sizes, profile, 3.0, (8, 4, 2)) == {"a": 4, "b": 4, "c": 2}
     assert allocate(sizes, profile, 2.0, (8, 4, 2)) == {"a": 2, "b": 2, "c": 2}
     assert allocate(sizes, profile, 8.0, (8, 4, 2)) == {"a": 8, "b": 8, "c": 8}
