@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_TASKS = "reach-v3,button-press-v3,drawer-open-v3"
+DEFAULT_TASKS = "reach-v3,button-press-v3,drawer-open-v3,pick-place-v3,push-v3"
 
 
 def _tasks(s: str) -> list[str]:

@@ -202,3 +202,21 @@ def test_closed_loop_on_meta_world(tmp_path):
     assert r.steps == 10 and r.plans == {"fp32": 10}
     assert re.fullmatch(r"reach-v3 fp32 success=\d\.\d\d avg_bits=32\.00 weight_bytes=\d+", r.line())
     assert len((tmp_path / "t.jsonl").read_text().splitlines()) == 10
+
+
+def test_command_line_end_to_end(tmp_path, capsys):
+    pytest.importorskip("metaworld")
+    from examples.robot.__main__ import main
+
+    common = ["--tasks", "reach-v3,drawer-open-v3", "--out", str(tmp_path), "--max-steps", "4"]
+    main(["collect", *common, "--demos", "1"])
+    main(["train", *common, "--steps", "2", "--batch", "8", "--layers", "1"])
+    doc = (tmp_path / "policy" / "policy.json").read_text()
+    assert '"command"' in doc and '"sources_sha256"' in doc and '"train_seconds"' in doc
+    capsys.readouterr()
+    main(["eval", *common, "--episodes", "2", "--seed", "3", "--configs", "fp32,static4,dyq"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[:2] for ln in lines] == [["reach-v3", "fp32"], ["reach-v3", "static4"],
+                                                ["drawer-open-v3", "fp32"], ["drawer-open-v3", "static4"]]
+    assert all(re.fullmatch(r"\S+ \S+ success=\d\.\d\d avg_bits=\d+\.\d\d weight_bytes=\d+", ln) for ln in lines)
+    assert (tmp_path / "eval.json").exists()
