@@ -1,0 +1,370 @@
+"""Generated low-bit CPU kernels over kiln's nested weight layout (``kiln.ir.nested``).
+
+What they compute: ``y[M, N] = x[M, K] @ W_b^T (+ bias)`` for one view ``b`` in {2, 4, 8} of a
+nested weight, with ``x`` float32 or bfloat16 (``y`` in ``x``'s dtype, fp32 accumulation) and
+``W_b[n, k] = scale[n, k // G] * c_b[n, k] + offset[n, k // G]`` (``affine="offset"``), or the
+nested form's own ``scale * (c_b - z_b)`` with the shared 8-bit zero point ``z`` and
+``z_b = (z - m_b) / 2**(8 - b)``, ``m_b = (2**(8 - b) - 1) / 2`` (``affine="zero"``).
+
+The layout they read (per block of 128 inputs ``k = 128 g + t``; all uint8):
+``hi[n, 32 g + j]`` holds ``q[n, 128 g + 32 i + j] >> 6`` at bits ``2i..2i+1``, ``mid`` the same for
+``(q >> 4) & 3``, ``lo[n, 64 g + j]`` holds ``q[n, 128 g + 64 i + j] & 15`` at bits ``4i..4i+3``.
+The 2-bit view's function takes ``hi`` only, the 4-bit one ``hi`` and ``mid``: a kernel has no
+argument through which it could read a plane its view does not need. One 32-byte load and a
+shift give 32 consecutive codes; nothing is shuffled.
+
+Two kernels (``decode_func``, ``dequantize_func``), each a TIR PrimFunc generated for one shape
+and compiled with LLVM for this host (``build``; torch tensors are passed zero-copy):
+
+- ``decode_func`` (M small, decode): one fused pass over the planes, rows of ``W`` split across
+  the cores. ``schedule="vnni"`` (the default where the CPU has AVX-512 VNNI): each 128-input
+  block of ``x`` is written as a fixed-point integer (relative to the block's largest ``|x|``,
+  23 bits for fp32 ``x``, 15 for bf16) in base-256 digits ``d_p`` (int8), and the codes (uint8,
+  as unpacked, never widened) meet the digits in ``vpdpbusd`` (32 u8 x s8 products per
+  instruction, int32 sums, exact). Per block and row the digit sums are combined in fp32 and
+  scaled; the offsets use the exact fp32 sums of ``x`` per group (``sum_k x_k W[n,k] = sum_g
+  scale[n,g] sum_{k in g} x_k c[n,k] + offset[n,g] sum_{k in g} x_k``). Error: the fixed point
+  rounds each ``x`` by at most ``2**-23`` (fp32) / ``2**-15`` (bf16) of its block's ``max |x|``,
+  at or below fp32 (bf16) rounding of the dot product itself. ``schedule="fma"``: each code is
+  converted to fp32 and multiplied in fp32 FMAs (exact fp32 products; the fallback without VNNI).
+- ``dequantize_func`` (M large, prefill): writes ``W_b`` as fp32 or bf16 ``[N, K]`` for a library
+  GEMM (``F.linear``; bf16 runs on AMX where the CPU has it).
+
+Measured (``benchmarks/lowbit_kernels.py``, see its docstring for the table and the machine):
+the VNNI schedule beats the FMA one because the FMA one spends ~10 vector instructions per 32
+weights on widening and converting codes (compute-bound at ~2x the 4-bit DRAM time), while
+``vpdpbusd`` consumes the bytes as they are.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import tvm
+from tvm.script import tirx as T
+from tvm.target import codegen
+
+BLOCK = 128  # inputs per block of the plane layout
+PLANES_OF = {2: ("hi",), 4: ("hi", "mid"), 8: ("hi", "mid", "lo")}
+AFFINES = ("offset", "zero")
+SCHEDULES = ("vnni512", "vnni", "fma")
+_W = 32  # codes per vector: one 32-byte load of a plane row
+_DIGITS = {"float32": 3, "bfloat16": 2}  # base-256 digits of the fixed-point x: 23 / 15 bits
+_VNNI = "llvm.x86.avx512.vpdpbusd.256"
+_VNNI512 = "llvm.x86.avx512.vpdpbusd.512"
+
+
+def host_target(num_cores: int | None = None) -> tvm.target.Target:
+    """LLVM for this host's CPU (as the ``cpu`` backend's ``host_target``), ``num_cores`` threads."""
+    cores = num_cores or len(os.sched_getaffinity(0))
+    return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": cores})
+
+
+def has_vnni(target: tvm.target.Target | None = None) -> bool:
+    return bool(codegen.llvm_cpu_has_features(["avx512vnni", "avx512vl"], target or host_target()))
+
+
+def default_schedule(target: tvm.target.Target | None = None) -> str:
+    """The fastest measured decode schedule this CPU can run (``vnni512`` needs AVX-512 VNNI)."""
+    return "vnni512" if has_vnni(target) else "fma"
+
+
+def _check(n: int, k: int, bits: int, group_size: int, dtype: str, affine: str, schedule: str) -> None:
+    if bits not in PLANES_OF:
+        raise ValueError(f"bits must be one of {sorted(PLANES_OF)}, not {bits}")
+    if group_size % BLOCK or k % group_size:
+        raise ValueError(f"the group size must be a multiple of {BLOCK} dividing K={k}; got {group_size}")
+    if dtype not in _DIGITS:
+        raise ValueError(f"x must be float32 or bfloat16, not {dtype}")
+    if affine not in AFFINES or schedule not in SCHEDULES:
+        raise ValueError(f"affine must be one of {AFFINES} and schedule one of {SCHEDULES}")
+
+
+def _lanes(extent: int, limit: int = 16) -> int:
+    return next(v for v in (limit, 16, 8, 4, 2, 1) if v <= limit and extent % v == 0)
+
+
+def _ramp(base, lanes):
+    return T.ramp(base, 1, lanes) if lanes > 1 else base
+
+
+def _bc(value, lanes):
+    return T.broadcast(value, lanes) if lanes > 1 else value
+
+
+def _vt(dtype: str, lanes: int) -> str:
+    return f"{dtype}x{lanes}" if lanes > 1 else dtype
+
+
+def _codes(bits, hi, mid, lo, n, b, f):
+    """The ``bits``-bit codes of inputs ``128 b + 32 f + (0..31)`` of row ``n``: a uint8x32 expression
+    (``f`` is an unrolled loop variable: shifts by 0 and redundant masks fold away once it is a constant)."""
+    def field(v, shift, mask):
+        return T.bitwise_and(T.shift_right(v, T.broadcast(T.Cast("uint8", shift), _W)), T.broadcast(T.uint8(mask), _W))
+
+    c = field(hi[n, _ramp(b * 32, _W)], 2 * f, 3)
+    if bits >= 4:
+        c = T.bitwise_or(T.shift_left(c, T.broadcast(T.uint8(2), _W)), field(mid[n, _ramp(b * 32, _W)], 2 * f, 3))
+    if bits == 8:
+        c = T.bitwise_or(T.shift_left(c, T.broadcast(T.uint8(4), _W)),
+                         field(lo[n, _ramp(b * 64 + (f % 2) * _W, _W)], 4 * (f // 2), 15))
+    return c
+
+
+def _codes64(bits, hi, mid, lo, n, b, h):
+    """The ``bits``-bit codes of inputs ``128 b + 64 h + (0..63)`` of row ``n`` (fields ``2h, 2h + 1``): uint8x64.
+
+    A plane row's 32 bytes go to both halves of a 512-bit vector, its qwords are shifted right by the
+    field's bits (the upper half by one field more) and left to the bits the plane fills in the code;
+    a byte mask drops what crossed from neighbouring bytes. ``h`` is an unrolled loop variable.
+    """
+    def u64(v):
+        return T.reinterpret("uint64x8", v)
+
+    def part(v, right_lo, right_hi, left, mask):
+        shifts = T.vectorcombine("uint64x8", T.broadcast(T.Cast("uint64", right_lo), 4),
+                                 T.broadcast(T.Cast("uint64", right_hi), 4))
+        t = T.shift_left(T.shift_right(u64(v), shifts), T.broadcast(T.uint64(left), 8))
+        return T.bitwise_and(T.reinterpret("uint8x64", t), T.broadcast(T.uint8(mask), 64))
+
+    def both(plane):
+        v = plane[n, _ramp(b * 32, _W)]
+        return T.vectorcombine("uint8x64", v, v)
+
+    c = part(both(hi), 4 * h, 4 * h + 2, bits - 2, 3 << (bits - 2))
+    if bits >= 4:
+        c = T.bitwise_or(c, part(both(mid), 4 * h, 4 * h + 2, bits - 4, 3 << (bits - 4)))
+    if bits == 8:
+        c = T.bitwise_or(c, part(lo[n, _ramp(b * 64, 64)], 4 * h, 4 * h, 0, 15))
+    return c
+
+
+def _plane_args(n: int, k: int, bits: int) -> list[tuple[str, tuple[int, int]]]:
+    shapes = {"hi": (n, k // 4), "mid": (n, k // 4), "lo": (n, k // 2)}
+    return [(p, shapes[p]) for p in PLANES_OF[bits]]
+
+
+def decode_func(m: int, n: int, k: int, bits: int, *, group_size: int = BLOCK, dtype: str = "float32",
+                bias: bool = False, affine: str = "offset", schedule: str | None = None,
+                rows_per_task: int = 64) -> tvm.tirx.PrimFunc:
+    """The fused unpack-dequantize GEMM ``y = x @ W_b^T (+ bias)`` for small ``m`` (see the module docstring).
+
+    Arguments, in order: ``x [m, k]`` (dtype), the view's planes (``hi [n, k/4]``, ``mid [n, k/4]``,
+    ``lo [n, k/2]``, uint8, only those ``bits`` reads), ``scale [n, k/G]`` and ``offset`` (or ``zero``)
+    ``[n, k/G]`` float16, ``bias [n]`` (dtype; only when ``bias``), ``y [m, n]`` (dtype, written).
+    """
+    schedule = schedule or default_schedule()
+    _check(n, k, bits, group_size, dtype, affine, schedule)
+    kb, ng, bpg = k // BLOCK, k // group_size, group_size // BLOCK
+    P = _DIGITS[dtype]
+    step_b = float(1 << (8 - bits))
+    mid_b = (step_b - 1) / 2
+    gl = _lanes(ng)
+    vnni, wide = schedule != "fma", schedule == "vnni512"
+    # vnni512: one 512-bit vpdpbusd takes 64 codes (two fields of a block); vnni: 256-bit, 32 codes (one field)
+    vl, cw = (16, 64) if wide else (8, 32)  # int32 lanes of an accumulator, codes per instruction
+    intrin, codes = (_VNNI512, _codes64) if wide else (_VNNI, _codes)
+    rpt = next(r for r in range(min(rows_per_task, n), 0, -1) if n % r == 0)
+
+    @T.macro
+    def body(x, hi, mid, lo, scale, offset, bias_b, y):
+        xs = T.alloc_buffer((m, ng), "float32")  # exact fp32 sums of x per group (for the offsets)
+        sx = T.alloc_buffer((m, kb), "float32")  # fixed-point step of x per block
+        xd = T.alloc_buffer((m, P, k), "int8")  # base-256 digits of x / sx, least significant first
+        xf = T.alloc_buffer((m, k), "float32")  # x in fp32 (the fma schedule)
+        for mg in T.parallel(m * ng):
+            amax = T.alloc_buffer((1,), "float32", scope="local")
+            xb = T.alloc_buffer((1,), "float32", scope="local")
+            xi = T.alloc_buffer((2,), "int32", scope="local")
+            xs[mg // ng, mg % ng] = T.float32(0)
+            for bb in range(bpg):
+                amax[0] = T.float32(0)
+                for t in range(BLOCK):
+                    v = T.Cast("float32", x[mg // ng, (mg % ng) * group_size + bb * BLOCK + t])
+                    amax[0] = T.max(amax[0], T.abs(v))
+                    xs[mg // ng, mg % ng] = xs[mg // ng, mg % ng] + v
+                sx[mg // ng, (mg % ng) * bpg + bb] = amax[0] * T.float32(2.0 ** (2 - 8 * P))
+                xb[0] = T.if_then_else(amax[0] > T.float32(0), T.float32(2.0 ** (8 * P - 2)) / amax[0], T.float32(0))
+                for t in range(BLOCK):
+                    kk = (mg % ng) * group_size + bb * BLOCK + t
+                    if vnni:  # balanced base-256 digits, least significant first: X = sum_p d_p 256^p
+                        xi[0] = T.Cast("int32", T.nearbyint(T.Cast("float32", x[mg // ng, kk]) * xb[0]))
+                        xd[mg // ng, 0, kk] = T.Cast("int8", T.bitwise_and(xi[0] + 128, 255) - 128)
+                        xi[1] = T.shift_right(xi[0] - T.Cast("int32", xd[mg // ng, 0, kk]), 8)
+                        if P == 3:
+                            xd[mg // ng, 1, kk] = T.Cast("int8", T.bitwise_and(xi[1] + 128, 255) - 128)
+                            xd[mg // ng, 2, kk] = T.Cast(
+                                "int8", T.shift_right(xi[1] - T.Cast("int32", xd[mg // ng, 1, kk]), 8))
+                        else:
+                            xd[mg // ng, 1, kk] = T.Cast("int8", xi[1])
+                    else:
+                        xf[mg // ng, kk] = T.Cast("float32", x[mg // ng, kk])
+        for task in T.parallel(n // rpt):  # rows in chunks of rpt: a task's scratch is allocated once
+            yacc = T.alloc_buffer((m * 16,), "float32", scope="local")
+            acc = T.alloc_buffer((m * P * vl,), "int32", scope="local")
+            facc = T.alloc_buffer((m * _W,), "float32", scope="local")
+            cf = T.alloc_buffer((_W,), "float32", scope="local")
+            gacc = T.alloc_buffer((m * gl,), "float32", scope="local")
+            tot = T.alloc_buffer((1,), "float32", scope="local")
+            comb = T.alloc_buffer((vl,), "float32", scope="local")
+            for r in range(rpt):
+                row = task * rpt + r
+                for i in T.unroll(m):
+                    yacc[_ramp(i * 16, 16)] = T.broadcast(T.float32(0), 16)
+                    facc[_ramp(i * _W, _W)] = T.broadcast(T.float32(0), _W)
+                for b in range(kb):
+                    if vnni:  # codes (uint8) x digits (int8) -> int32 sums per block, then fp32
+                        for i in T.unroll(m * P):
+                            acc[_ramp(i * vl, vl)] = T.broadcast(T.int32(0), vl)
+                        for f in T.unroll(BLOCK // cw):
+                            for i in T.unroll(m):
+                                for p in T.unroll(P):
+                                    acc[_ramp((i * P + p) * vl, vl)] = T.call_llvm_pure_intrin(
+                                        f"int32x{vl}", intrin, acc[_ramp((i * P + p) * vl, vl)],
+                                        codes(bits, hi, mid, lo, row, b, f), xd[i, p, _ramp(b * BLOCK + f * cw, cw)])
+                        for i in T.unroll(m):
+                            comb[_ramp(0, vl)] = T.Cast(f"float32x{vl}", acc[_ramp((i * P + P - 1) * vl, vl)])
+                            for p in T.unroll(P - 1):
+                                comb[_ramp(0, vl)] = comb[_ramp(0, vl)] * T.broadcast(T.float32(256), vl) + T.Cast(
+                                    f"float32x{vl}", acc[_ramp((i * P + P - 2 - p) * vl, vl)])
+                            yacc[_ramp(i * 16, vl)] = yacc[_ramp(i * 16, vl)] + comb[_ramp(0, vl)] * T.broadcast(
+                                T.Cast("float32", scale[row, b // bpg]) * sx[i, b], vl)
+                    else:
+                        for i in T.unroll(m):
+                            facc[_ramp(i * _W, _W)] = T.broadcast(T.float32(0), _W)
+                        for f in T.unroll(4):
+                            cf[_ramp(0, _W)] = T.Cast("float32x32", _codes(bits, hi, mid, lo, row, b, f))
+                            for i in T.unroll(m):
+                                facc[_ramp(i * _W, _W)] = facc[_ramp(i * _W, _W)] + cf[_ramp(0, _W)] * xf[
+                                    i, _ramp(b * BLOCK + f * _W, _W)]
+                        for i in T.unroll(m):
+                            for h in T.unroll(4):
+                                yacc[_ramp(i * 16, 8)] = yacc[_ramp(i * 16, 8)] + facc[_ramp(i * _W + h * 8, 8)] * T.broadcast(
+                                    T.Cast("float32", scale[row, b // bpg]), 8)
+                for i in T.unroll(m):
+                    gacc[_ramp(i * gl, gl)] = _bc(T.float32(0), gl)
+                    for g in range(ng // gl):
+                        if affine == "offset":
+                            gacc[_ramp(i * gl, gl)] = gacc[_ramp(i * gl, gl)] + T.Cast(
+                                _vt("float32", gl), offset[row, _ramp(g * gl, gl)]) * xs[i, _ramp(g * gl, gl)]
+                        else:  # scale * (c - (z - m_b) / step_b): offset = -scale * (z - m_b) / step_b
+                            gacc[_ramp(i * gl, gl)] = gacc[_ramp(i * gl, gl)] - T.Cast(
+                                _vt("float32", gl), scale[row, _ramp(g * gl, gl)]) * ((T.Cast(
+                                    _vt("float32", gl), offset[row, _ramp(g * gl, gl)]) - _bc(T.float32(mid_b), gl))
+                                    * _bc(T.float32(1 / step_b), gl)) * xs[i, _ramp(g * gl, gl)]
+                    tot[0] = T.float32(0)
+                    for l in range(16 if wide else 8):
+                        tot[0] = tot[0] + yacc[i * 16 + l]
+                    for l in range(gl):
+                        tot[0] = tot[0] + gacc[i * gl + l]
+                    if bias:
+                        tot[0] = tot[0] + T.Cast("float32", bias_b[row])
+                    y[i, row] = T.Cast(dtype, tot[0])
+
+    return _signature(body, m, n, k, ng, bits, dtype, bias)
+
+
+def dequantize_func(n: int, k: int, bits: int, *, group_size: int = BLOCK, dtype: str = "float32",
+                    affine: str = "offset") -> tvm.tirx.PrimFunc:
+    """``W_b`` as ``dtype`` ``[n, k]`` from the view's planes: arguments planes..., scale, offset (or zero), w (written)."""
+    _check(n, k, bits, group_size, dtype, affine, "fma")
+    kb, ng, bpg = k // BLOCK, k // group_size, group_size // BLOCK
+    step_b = float(1 << (8 - bits))
+    mid_b = (step_b - 1) / 2
+
+    @T.macro
+    def body(hi, mid, lo, scale, offset, w):
+        for row in T.parallel(n):
+            for b in range(kb):
+                s = T.Cast("float32", scale[row, b // bpg])
+                if affine == "offset":
+                    o = T.Cast("float32", offset[row, b // bpg])
+                else:
+                    o = -s * (T.Cast("float32", offset[row, b // bpg]) - T.float32(mid_b)) * T.float32(1 / step_b)
+                for f in T.unroll(4):
+                    w[row, _ramp(b * BLOCK + f * _W, _W)] = T.Cast(
+                        f"{dtype}x{_W}", T.Cast("float32x32", _codes(bits, hi, mid, lo, row, b, f))
+                        * T.broadcast(s, _W) + T.broadcast(o, _W))
+
+    return _signature(body, None, n, k, ng, bits, dtype, False)
+
+
+def _signature(body, m: int | None, n: int, k: int, ng: int, bits: int, dtype: str, bias: bool) -> tvm.tirx.PrimFunc:
+    """``body`` (a TIR macro) as a PrimFunc whose parameters are only what the ``bits``-bit view reads:
+    its planes (``hi``; ``hi, mid``; ``hi, mid, lo``), scale, offset, the bias when there is one, and
+    ``x`` and ``y`` (``m`` given: the GEMM) or ``w`` (``m`` None: the dequantizer). A body that read
+    a plane left out of its signature would not parse."""
+    xs, ys, hs, ls, ss = (m or 1, k), (m or 1, n), (n, k // 4), (n, k // 2), (n, ng)  # shapes
+    if m is None:
+        if bits == 2:
+            @T.prim_func(private=True)
+            def f(hi: T.Buffer(hs, "uint8"), scale: T.Buffer(ss, "float16"), offset: T.Buffer(ss, "float16"), w: T.Buffer((n, k), dtype)):
+                T.func_attr({"tirx.noalias": True})
+                body(hi, None, None, scale, offset, w)
+        elif bits == 4:
+            @T.prim_func(private=True)
+            def f(hi: T.Buffer(hs, "uint8"), mid: T.Buffer(hs, "uint8"), scale: T.Buffer(ss, "float16"), offset: T.Buffer(ss, "float16"), w: T.Buffer((n, k), dtype)):
+                T.func_attr({"tirx.noalias": True})
+                body(hi, mid, None, scale, offset, w)
+        else:
+            @T.prim_func(private=True)
+            def f(hi: T.Buffer(hs, "uint8"), mid: T.Buffer(hs, "uint8"), lo: T.Buffer(ls, "uint8"), scale: T.Buffer(ss, "float16"), offset: T.Buffer(ss, "float16"), w: T.Buffer((n, k), dtype)):
+                T.func_attr({"tirx.noalias": True})
+                body(hi, mid, lo, scale, offset, w)
+        names = ["hi", "mid", "lo"][:len(PLANES_OF[bits])] + ["scale", "offset", "w"]
+    else:
+        if bits == 2 and not bias:
+            @T.prim_func(private=True)
+            def f(x: T.Buffer(xs, dtype), hi: T.Buffer(hs, "uint8"), scale: T.Buffer(ss, "float16"), offset: T.Buffer(ss, "float16"), y: T.Buffer(ys, dtype)):
+                T.func_attr({"tirx.noalias": True})
+                body(x, hi, None, None, scale, offset, None, y)
+        elif bits == 2:
+            @T.prim_func(private=True)
+            def f(x: T.Buffer(xs, dtype), hi: T.Buffer(hs, "uint8"), scale: T.Buffer(ss, "float16"), offset: T.Buffer(ss, "float16"), bias: T.Buffer((n,), dtype), y: T.Buffer(ys, dtype)):
+                T.func_attr({"tirx.noalias": True})
+                body(x, hi, None, None, scale, offset, bias, y)
+        elif bits == 4 and not bias:
+            @T.prim_func(private=True)
+            def f(x: T.Buffer(xs, dtype), hi: T.Buffer(hs, "uint8"), mid: T.Buffer(hs, "uint8"), scale: T.Buffer(ss, "float16"), offset: T.Buffer(ss, "float16"), y: T.Buffer(ys, dtype)):
+                T.func_attr({"tirx.noalias": True})
+                body(x, hi, mid, None, scale, offset, None, y)
+        elif bits == 4:
+            @T.prim_func(private=True)
+            def f(x: T.Buffer(xs, dtype), hi: T.Buffer(hs, "uint8"), mid: T.Buffer(hs, "uint8"), scale: T.Buffer(ss, "float16"), offset: T.Buffer(ss, "float16"), bias: T.Buffer((n,), dtype), y: T.Buffer(ys, dtype)):
+                T.func_attr({"tirx.noalias": True})
+                body(x, hi, mid, None, scale, offset, bias, y)
+        elif not bias:
+            @T.prim_func(private=True)
+            def f(x: T.Buffer(xs, dtype), hi: T.Buffer(hs, "uint8"), mid: T.Buffer(hs, "uint8"), lo: T.Buffer(ls, "uint8"), scale: T.Buffer(ss, "float16"), offset: T.Buffer(ss, "float16"), y: T.Buffer(ys, dtype)):
+                T.func_attr({"tirx.noalias": True})
+                body(x, hi, mid, lo, scale, offset, None, y)
+        else:
+            @T.prim_func(private=True)
+            def f(x: T.Buffer(xs, dtype), hi: T.Buffer(hs, "uint8"), mid: T.Buffer(hs, "uint8"), lo: T.Buffer(ls, "uint8"), scale: T.Buffer(ss, "float16"), offset: T.Buffer(ss, "float16"), bias: T.Buffer((n,), dtype), y: T.Buffer(ys, dtype)):
+                T.func_attr({"tirx.noalias": True})
+                body(x, hi, mid, lo, scale, offset, bias, y)
+        names = ["x"] + ["hi", "mid", "lo"][:len(PLANES_OF[bits])] + ["scale", "offset"] + (["bias"] if bias else []) + ["y"]
+    return f.with_attr("global_symbol", "main").with_attr("kiln.lowbit_params", names)
+
+
+@dataclass
+class LowbitKernel:
+    """One compiled kernel: ``kernel(*tensors)`` with the tensors its signature names (``params``, the
+    output last), all contiguous torch CPU tensors, passed to TVM zero-copy (DLPack)."""
+
+    params: tuple[str, ...]
+    function: tvm.ffi.Function
+    module: tvm.runtime.Module
+
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        if len(tensors) != len(self.params):
+            raise TypeError(f"this kernel takes {', '.join(self.params)}; got {len(tensors)} tensors")
+        self.function(*tensors)
+        return tensors[-1]
+
+
+def build(func: tvm.tirx.PrimFunc, target: tvm.target.Target | None = None) -> LowbitKernel:
+    """Compile one generated PrimFunc with LLVM for ``target`` (this host by default)."""
+    module = tvm.compile(tvm.IRModule({"main": func}), target=target or host_target())
+    return LowbitKernel(tuple(func.attrs["kiln.lowbit_params"]), module["main"], module)
