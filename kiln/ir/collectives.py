@@ -25,7 +25,7 @@ _COLLECTIVE_NAMES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_ten
 
 
 def _functional_collectives() -> frozenset:
-    namespace = getattr(torch.ops, "_c10d_functional")
+    namespace = torch.ops._c10d_functional
     ops = set()
     for name in _COLLECTIVE_NAMES:
         try:

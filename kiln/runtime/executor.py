@@ -145,7 +145,11 @@ class Trace:
 PLAN_CONTROL = "plan"  # the selector of a nested-quantized model's bit-width plans (kiln/passes/quantize_nested.py)
 
 # Control values of ``using`` blocks, local to a thread / asyncio task: {id(program or model): {name: value}}.
-_USING: contextvars.ContextVar[dict[int, dict]] = contextvars.ContextVar("kiln_controls_using", default={})
+_USING: contextvars.ContextVar[dict[int, dict] | None] = contextvars.ContextVar("kiln_controls_using", default=None)
+
+
+def _using() -> dict[int, dict]:
+    return _USING.get() or {}
 
 
 class Program:
@@ -191,7 +195,7 @@ class Program:
     def using(self, **values) -> Iterator[None]:
         """Run the calls of this thread (or asyncio task) inside the block with these control values."""
         values = self._checked(values)
-        outer = _USING.get()
+        outer = _using()
         token = _USING.set({**outer, id(self): {**outer.get(id(self), {}), **values}})
         try:
             yield
@@ -202,7 +206,7 @@ class Program:
         """The control values a call made now would run with (before the policy's): see the module docstring."""
         with self._controls_lock:
             values = {n: c.value for n, c in self.controls.items()}
-        values.update(_USING.get().get(id(self), {}))
+        values.update(_using().get(id(self), {}))
         if controls:
             values.update(self._checked(controls))
         return values
@@ -377,7 +381,7 @@ class CompiledModel:
             for program in self._selected:
                 stack.enter_context(program.using(**rest))
             if chosen is not None:
-                outer = _USING.get()
+                outer = _using()
                 token = _USING.set({**outer, id(self): {self.selector.name: chosen}})
                 stack.callback(_USING.reset, token)
             yield
@@ -386,7 +390,7 @@ class CompiledModel:
         """The program a call made now would run (before the policy's choice)."""
         chosen, _ = self._split(controls or {})
         if chosen is None and self.selector is not None:
-            chosen = _USING.get().get(id(self), {}).get(self.selector.name)
+            chosen = _using().get(id(self), {}).get(self.selector.name)
         return self._program(chosen).name
 
     def run(self, flat_inputs: list[torch.Tensor], trace: Trace | None = None, controls: Mapping | None = None
