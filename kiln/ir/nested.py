@@ -92,6 +92,13 @@ class NestedWeight:
             raise ValueError(f"this nested weight holds the views {self.views}, not {bits} bits")
 
 
+def held_bytes(n: int, k: int, group_size: int, views: tuple[int, ...]) -> int:
+    """Bytes a ``[n, k]`` weight holds in nested form serving ``views``: its planes, a step per view, the zero."""
+    planes = PLANES_OF[max(views)]
+    groups = n * (k // group_size)
+    return sum(n * k * PLANES[p] // 8 for p in planes) + 2 * groups * (len(views) + 1)
+
+
 def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     n, k = w.shape
     return w.reshape(n, k // group_size, group_size)

@@ -58,6 +58,8 @@ def test_nested_bytes_are_within_1_05x_of_the_8_bit_codes_and_parameters_alone()
     eight_alone = w.numel() + 2 * 2 * w.numel() // 128  # codes + fp16 step and zero point per group
     assert form.nbytes() <= 1.05 * eight_alone
     assert form.nbytes(2) < form.nbytes(4) < form.nbytes(8) <= form.nbytes()
+    for views in [(8, 4, 2), (4, 2), (8, 2), (2,)]:  # what held_bytes predicts is what encode holds
+        assert nested.held_bytes(512, 1024, 128, views) == encode(w, views=views).nbytes()
     low = encode(w, views=(4, 2))  # a form serving only 4 and 2 bits holds no lo plane
     assert set(low.planes) == {"hi", "mid"} and low.views == (4, 2)
     assert low.nbytes() < 0.56 * w.numel()

@@ -1,0 +1,190 @@
+"""DyQ decode step at a memory-bound size: kiln's nested low-bit plans against fp32 and bf16 eager.
+
+The model is VLA-shaped: a Llama-style decoder (RMS norm, GQA-free attention
+over a fixed KV cache, SwiGLU MLP) with random weights and a 256-bin action
+head, run one token at a time (a decode step, M = 1), the regime where every
+step reads every weight once and the step time is DRAM bandwidth.
+
+Printed, in one run, every contender's median step time over rounds that each
+run every contender once (ratios are medians of per-round ratios, with
+quartiles):
+
+- fp32 eager, bf16 eager (the model cast), and kiln's cpu target at each plan
+  of one compiled artifact: ``w8``, ``w4``, ``w2`` and the DyQ configuration's
+  plans (``dyq-hi``: 8 bits in the layers measured most sensitive, 4
+  elsewhere; ``dyq-mid``: 4; ``dyq-lo``: 2 in the least sensitive, 4 elsewhere);
+- each step's bytes of weights read and the DRAM roofline time (bytes over the
+  read bandwidth this script measures: the median of summing a 1 GiB tensor);
+- the bytes held for the DyQ configuration (every view any of its plans
+  reads) against the bf16 model's;
+- the cost of switching the plan between calls: ``set_controls`` alone, and a
+  step that switches against one that does not.
+
+    .venv/bin/python benchmarks/dyq_decode.py [--hidden 2048 --layers 6 --rounds 15]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kiln
+from kiln.ir.nested import held_bytes
+from kiln.timing import machine, paired_speedup, rounds_ms
+
+HEAD_DIM = 128
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class Layer(nn.Module):
+    def __init__(self, d: int, ffn: int):
+        super().__init__()
+        self.heads = d // HEAD_DIM
+        self.norm1, self.norm2 = RMSNorm(d), RMSNorm(d)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.gate_proj, self.up_proj = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, d, bias=False)
+
+    def forward(self, x, k_cache, v_cache):
+        b, t, d = x.shape
+        h = self.norm1(x)
+        q = self.q_proj(h).view(b, t, self.heads, HEAD_DIM).transpose(1, 2)
+        k = torch.cat([k_cache, self.k_proj(h).view(b, t, self.heads, HEAD_DIM).transpose(1, 2)], dim=2)
+        v = torch.cat([v_cache, self.v_proj(h).view(b, t, self.heads, HEAD_DIM).transpose(1, 2)], dim=2)
+        a = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.o_proj(a.transpose(1, 2).reshape(b, t, d))
+        h = self.norm2(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class DecoderStep(nn.Module):
+    """One decode step of a VLA-shaped decoder: the new token's hidden state in, action-bin logits out."""
+
+    def __init__(self, d: int, layers: int, ffn: int, bins: int = 256):
+        super().__init__()
+        self.layers = nn.ModuleList(Layer(d, ffn) for _ in range(layers))
+        self.norm = RMSNorm(d)
+        self.head = nn.Linear(d, bins, bias=False)
+
+    def forward(self, x, k_cache, v_cache):
+        for i, layer in enumerate(self.layers):
+            x = layer(x, k_cache[i], v_cache[i])
+        return self.head(self.norm(x))
+
+
+def read_bandwidth(gib: float = 1.0, repeat: int = 7) -> float:
+    """Bytes per second read by a sum over a tensor far larger than the caches (median of ``repeat``)."""
+    t = torch.ones(int(gib * (1 << 30)) // 4)
+    t.sum()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        t.sum()
+        times.append(time.perf_counter() - start)
+    return t.numel() * 4 / statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--ffn", type=int, default=5632)
+    ap.add_argument("--cache", type=int, default=64, help="KV positions attended to")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--target", default="cpu")
+    args = ap.parse_args()
+    print(machine())
+    torch.manual_seed(0)
+    model = DecoderStep(args.hidden, args.layers, args.ffn).eval()
+    heads = args.hidden // HEAD_DIM
+    x = torch.randn(1, 1, args.hidden)
+    kc = torch.randn(args.layers, 1, heads, args.cache, HEAD_DIM)
+    vc = torch.randn(args.layers, 1, heads, args.cache, HEAD_DIM)
+    params = sum(p.numel() for p in model.parameters())
+    linear_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    print(f"model: hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, {params / 1e6:.0f}M parameters "
+          f"({linear_weights / 1e6:.0f}M in linears), decode step M=1 over a {args.cache}-position cache")
+
+    # Sensitivity of each layer group on a few random steps picks where dyq-hi spends 8 bits and dyq-lo 2.
+    calibration = [(torch.randn(1, 1, args.hidden), kc, vc) for _ in range(2)]
+    plans = {"w8": {"default": 8}, "w4": {"default": 4}, "w2": {"default": 2},
+             "dyq-hi": 4.4, "dyq-mid": {"default": 4}, "dyq-lo": 3.2}
+    start = time.perf_counter()
+    q = kiln.NestedQuantization(plans=plans, default_plan="dyq-mid")
+    cm = kiln.compile(model, (x, kc, vc), target=args.target,
+                      options=kiln.CompileOptions(quantization=q, calibration=calibration))
+    print(f"kiln compile (6 plans): {time.perf_counter() - start:.1f} s")
+    report = cm.manifest["quantization"]
+    model_bf16 = DecoderStep(args.hidden, args.layers, args.ffn).eval()
+    model_bf16.load_state_dict(model.state_dict())
+    model_bf16 = model_bf16.to(torch.bfloat16)
+    xb, kcb, vcb = x.bfloat16(), kc.bfloat16(), vc.bfloat16()
+
+    bandwidth = read_bandwidth()
+    print(f"DRAM read bandwidth (sum of 1 GiB, 2 threads): {bandwidth / 1e9:.1f} GB/s")
+
+    def bytes_read(plan: str) -> int:
+        bits = report["plans"][plan]["bits"]
+        return sum(layer["bytes_read"][str(bits[layer["group"]])] for layer in report["layers"].values())
+
+    contenders = {"fp32 eager": lambda: model(x, kc, vc), "bf16 eager": lambda: model_bf16(xb, kcb, vcb)}
+    for plan in plans:
+        contenders[f"kiln {plan}"] = (lambda p: lambda: cm.run([x, kc, vc], controls={"plan": p}))(plan)
+    with torch.no_grad():
+        times = rounds_ms(contenders, repeat=args.rounds, warmup=2)
+    weight_bytes = {"fp32 eager": linear_weights * 4, "bf16 eager": linear_weights * 2,
+                    **{f"kiln {p}": bytes_read(p) for p in plans}}
+    print(f"\n{'contender':<14} {'ms/step':>9} {'vs fp32':>18} {'vs bf16':>18} {'weight MB read':>15} "
+          f"{'roofline ms':>12} {'x roofline':>10}")
+    for name, ts in times.items():
+        ratios = ["{:.2f}x [{:.2f}-{:.2f}]".format(*paired_speedup(times[ref], ts)) for ref in ("fp32 eager", "bf16 eager")]
+        ms = statistics.median(ts)
+        roof = weight_bytes[name] / bandwidth * 1e3
+        print(f"{name:<14} {ms:9.2f} {ratios[0]:>18} {ratios[1]:>18} "
+              f"{weight_bytes[name] / 1e6:15.1f} {roof:12.2f} {ms / roof:10.2f}")
+
+    dyq = ("dyq-hi", "dyq-mid", "dyq-lo")
+    for name, among in (("every plan above", tuple(plans)), ("the DyQ configuration (" + ", ".join(dyq) + ")", dyq)):
+        held = sum(held_bytes(*layer["shape"], report["group_size"],
+                              tuple({report["plans"][p]["bits"][layer["group"]] for p in among}))
+                   for layer in report["layers"].values())
+        print(f"\nbytes held for {name}: {held / 1e6:.1f} MB = {held / (linear_weights * 2):.1%} of the bf16 linear "
+              "weights")
+    for plan in plans:
+        print(f"  {plan}: avg {report['plans'][plan]['avg_bits']:.2f} bits, reads {bytes_read(plan) / 1e6:.1f} MB")
+
+    # Switching: set_controls alone, and steps alternating two plans against steps on one.
+    n = 2000
+    start = time.perf_counter()
+    for i in range(n):
+        cm.set_controls(plan=dyq[i % 3])
+    switch = (time.perf_counter() - start) / n
+    step = statistics.median(times["kiln dyq-mid"]) / 1e3
+    print(f"\nswitching the plan: set_controls {switch * 1e6:.1f} us = {switch / step:.3%} of a dyq-mid step")
+    with torch.no_grad():
+        after_own, after_other = [], []
+        for _ in range(args.rounds):
+            for previous, into in (("dyq-mid", after_own), ("dyq-hi", after_other)):
+                cm.run([x, kc, vc], controls={"plan": previous})
+                start = time.perf_counter()
+                cm.set_controls(plan="dyq-mid")
+                cm.run([x, kc, vc])
+                into.append(time.perf_counter() - start)
+    print(f"a dyq-mid step (with its set_controls) right after a dyq-hi step: {statistics.median(after_other) * 1e3:.2f}"
+          f" ms; after a dyq-mid step: {statistics.median(after_own) * 1e3:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
