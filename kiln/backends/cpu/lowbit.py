@@ -112,31 +112,39 @@ def _codes(bits, hi, mid, lo, n, b, f):
     return c
 
 
+def _gf2_matrix(src: int, dst: int, width: int) -> int:
+    """The ``vgf2p8affineqb`` matrix (a qword, as a signed int64) that moves bits ``src..src+width-1`` of each
+    byte to bits ``dst..`` and clears the rest: result bit ``i`` is the parity of ``byte[7 - i] & x``."""
+    a = sum((1 << (src + i)) << (8 * (7 - (dst + i))) for i in range(width))
+    return a - (1 << 64) if a >= 1 << 63 else a
+
+
 def _codes64(bits, hi, mid, lo, n, b, h):
     """The ``bits``-bit codes of inputs ``128 b + 64 h + (0..63)`` of row ``n`` (fields ``2h, 2h + 1``): uint8x64.
 
-    A plane row's 32 bytes go to both halves of a 512-bit vector, its qwords are shifted right by the
-    field's bits (the upper half by one field more) and left to the bits the plane fills in the code;
-    a byte mask drops what crossed from neighbouring bytes. ``h`` is an unrolled loop variable.
+    A plane row's 32 bytes go to both halves of a 512-bit vector; one ``vgf2p8affineqb`` per plane
+    moves field ``2h`` (lower half) and ``2h + 1`` (upper half) to the code's bits for that plane (its
+    matrix differs per qword), and the planes are OR-ed. ``h`` is an unrolled loop variable (0 or 1).
     """
-    def u64(v):
-        return T.reinterpret("uint64x8", v)
-
-    def part(v, right_lo, right_hi, left, mask):
-        shifts = T.vectorcombine("uint64x8", T.broadcast(T.Cast("uint64", right_lo), 4),
-                                 T.broadcast(T.Cast("uint64", right_hi), 4))
-        t = T.shift_left(T.shift_right(u64(v), shifts), T.broadcast(T.uint64(left), 8))
-        return T.bitwise_and(T.reinterpret("uint8x64", t), T.broadcast(T.uint8(mask), 64))
+    def move(v, src, width, dst):
+        """``src[h]``: the source bit of the field in the (lower, upper) half for ``h`` = 0 and 1."""
+        def matrix(lower, upper):
+            return T.reinterpret("uint8x64", T.vectorcombine(
+                "int64x8", T.broadcast(T.int64(_gf2_matrix(lower, dst, width)), 4),
+                T.broadcast(T.int64(_gf2_matrix(upper, dst, width)), 4)))
+        a = T.Select(h == 0, matrix(*src[0]), matrix(*src[1]))
+        return T.call_llvm_pure_intrin("uint8x64", "llvm.x86.vgf2p8affineqb.512", v, a, T.int8(0))
 
     def both(plane):
         v = plane[n, _ramp(b * 32, _W)]
         return T.vectorcombine("uint8x64", v, v)
 
-    c = part(both(hi), 4 * h, 4 * h + 2, bits - 2, 3 << (bits - 2))
+    fields = ((0, 2), (4, 6))  # a 2-bit plane: fields 2h and 2h + 1 start at bits 4h and 4h + 2
+    c = move(both(hi), fields, 2, bits - 2)
     if bits >= 4:
-        c = T.bitwise_or(c, part(both(mid), 4 * h, 4 * h + 2, bits - 4, 3 << (bits - 4)))
-    if bits == 8:
-        c = T.bitwise_or(c, part(lo[n, _ramp(b * 64, 64)], 4 * h, 4 * h, 0, 15))
+        c = T.bitwise_or(c, move(both(mid), fields, 2, bits - 4))
+    if bits == 8:  # the lo plane's 64 bytes: low nibbles are inputs 0..63, high nibbles 64..127
+        c = T.bitwise_or(c, move(lo[n, _ramp(b * 64, 64)], ((0, 0), (4, 4)), 4, 0))
     return c
 
 
@@ -147,7 +155,7 @@ def _plane_args(n: int, k: int, bits: int) -> list[tuple[str, tuple[int, int]]]:
 
 def decode_func(m: int, n: int, k: int, bits: int, *, group_size: int = BLOCK, dtype: str = "float32",
                 bias: bool = False, affine: str = "offset", schedule: str | None = None,
-                rows_per_task: int = 64) -> tvm.tirx.PrimFunc:
+                rows_per_task: int = 64, m_tile: int = 4) -> tvm.tirx.PrimFunc:
     """The fused unpack-dequantize GEMM ``y = x @ W_b^T (+ bias)`` for small ``m`` (see the module docstring).
 
     Arguments, in order: ``x [m, k]`` (dtype), the view's planes (``hi [n, k/4]``, ``mid [n, k/4]``,
@@ -161,11 +169,16 @@ def decode_func(m: int, n: int, k: int, bits: int, *, group_size: int = BLOCK, d
     step_b = float(1 << (8 - bits))
     mid_b = (step_b - 1) / 2
     gl = _lanes(ng)
+    rpt = next(r for r in range(min(rows_per_task, n), 0, -1) if n % r == 0)
+    MT = next(t for t in range(min(m_tile, m), 0, -1) if m % t == 0)
     vnni, wide = schedule != "fma", schedule == "vnni512"
     # vnni512: one 512-bit vpdpbusd takes 64 codes (two fields of a block); vnni: 256-bit, 32 codes (one field)
     vl, cw = (16, 64) if wide else (8, 32)  # int32 lanes of an accumulator, codes per instruction
     intrin, codes = (_VNNI512, _codes64) if wide else (_VNNI, _codes)
-    rpt = next(r for r in range(min(rows_per_task, n), 0, -1) if n % r == 0)
+    # Horner in int32 when a lane's whole sum fits: (products per lane) x (largest code) x 2**(8P - 2)
+    horner = (BLOCK // vl) * ((1 << bits) - 1) * 2 ** (8 * P - 2) < 2 ** 31
+    acc_n = MT if horner else MT * P
+    NY = 2 if kb % 2 == 0 else 1
 
     @T.macro
     def body(x, hi, mid, lo, scale, offset, bias_b, y):
@@ -201,66 +214,89 @@ def decode_func(m: int, n: int, k: int, bits: int, *, group_size: int = BLOCK, d
                     else:
                         xf[mg // ng, kk] = T.Cast("float32", x[mg // ng, kk])
         for task in T.parallel(n // rpt):  # rows in chunks of rpt: a task's scratch is allocated once
-            yacc = T.alloc_buffer((m * 16,), "float32", scope="local")
-            acc = T.alloc_buffer((m * P * vl,), "int32", scope="local")
-            facc = T.alloc_buffer((m * _W,), "float32", scope="local")
+            yacc = T.alloc_buffer((MT * NY * 16,), "float32", scope="local")
+            acc = T.alloc_buffer((acc_n * vl,), "int32", scope="local")
+            facc = T.alloc_buffer((MT * _W,), "float32", scope="local")
             cf = T.alloc_buffer((_W,), "float32", scope="local")
-            gacc = T.alloc_buffer((m * gl,), "float32", scope="local")
+            gacc = T.alloc_buffer((MT * gl,), "float32", scope="local")
             tot = T.alloc_buffer((1,), "float32", scope="local")
             comb = T.alloc_buffer((vl,), "float32", scope="local")
+            wb = T.alloc_buffer((MT * kb,), "float32", scope="local")  # scale x x's step, per x row and block
             for r in range(rpt):
                 row = task * rpt + r
-                for i in T.unroll(m):
-                    yacc[_ramp(i * 16, 16)] = T.broadcast(T.float32(0), 16)
-                    facc[_ramp(i * _W, _W)] = T.broadcast(T.float32(0), _W)
-                for b in range(kb):
-                    if vnni:  # codes (uint8) x digits (int8) -> int32 sums per block, then fp32
-                        for i in T.unroll(m * P):
-                            acc[_ramp(i * vl, vl)] = T.broadcast(T.int32(0), vl)
-                        for f in T.unroll(BLOCK // cw):
-                            for i in T.unroll(m):
+                for mt in range(m // MT):  # x rows in tiles of MT: each tile's sums stay in registers
+                    for i in T.unroll(MT):
+                        for u in T.unroll(NY):
+                            yacc[_ramp((i * NY + u) * 16, 16)] = T.broadcast(T.float32(0), 16)
+                        facc[_ramp(i * _W, _W)] = T.broadcast(T.float32(0), _W)
+                        for b in range(kb):
+                            wb[i * kb + b] = T.Cast("float32", scale[row, b // bpg]) * T.if_then_else(
+                                vnni, sx[mt * MT + i, b], T.float32(1))
+                    for b2 in range(kb // NY):  # NY blocks per step, each into its own yacc (no FMA chain)
+                        for u in T.unroll(NY):
+                            b = b2 * NY + u
+                            if vnni and horner:  # one int32 sum per x row: digits top first, x 256 between
+                                for i in T.unroll(MT):
+                                    acc[_ramp(i * vl, vl)] = T.broadcast(T.int32(0), vl)
                                 for p in T.unroll(P):
-                                    acc[_ramp((i * P + p) * vl, vl)] = T.call_llvm_pure_intrin(
-                                        f"int32x{vl}", intrin, acc[_ramp((i * P + p) * vl, vl)],
-                                        codes(bits, hi, mid, lo, row, b, f), xd[i, p, _ramp(b * BLOCK + f * cw, cw)])
-                        for i in T.unroll(m):
-                            comb[_ramp(0, vl)] = T.Cast(f"float32x{vl}", acc[_ramp((i * P + P - 1) * vl, vl)])
-                            for p in T.unroll(P - 1):
-                                comb[_ramp(0, vl)] = comb[_ramp(0, vl)] * T.broadcast(T.float32(256), vl) + T.Cast(
-                                    f"float32x{vl}", acc[_ramp((i * P + P - 2 - p) * vl, vl)])
-                            yacc[_ramp(i * 16, vl)] = yacc[_ramp(i * 16, vl)] + comb[_ramp(0, vl)] * T.broadcast(
-                                T.Cast("float32", scale[row, b // bpg]) * sx[i, b], vl)
-                    else:
-                        for i in T.unroll(m):
-                            facc[_ramp(i * _W, _W)] = T.broadcast(T.float32(0), _W)
-                        for f in T.unroll(4):
-                            cf[_ramp(0, _W)] = T.Cast("float32x32", _codes(bits, hi, mid, lo, row, b, f))
-                            for i in T.unroll(m):
-                                facc[_ramp(i * _W, _W)] = facc[_ramp(i * _W, _W)] + cf[_ramp(0, _W)] * xf[
-                                    i, _ramp(b * BLOCK + f * _W, _W)]
-                        for i in T.unroll(m):
-                            for h in T.unroll(4):
-                                yacc[_ramp(i * 16, 8)] = yacc[_ramp(i * 16, 8)] + facc[_ramp(i * _W + h * 8, 8)] * T.broadcast(
-                                    T.Cast("float32", scale[row, b // bpg]), 8)
-                for i in T.unroll(m):
-                    gacc[_ramp(i * gl, gl)] = _bc(T.float32(0), gl)
-                    for g in range(ng // gl):
-                        if affine == "offset":
-                            gacc[_ramp(i * gl, gl)] = gacc[_ramp(i * gl, gl)] + T.Cast(
-                                _vt("float32", gl), offset[row, _ramp(g * gl, gl)]) * xs[i, _ramp(g * gl, gl)]
-                        else:  # scale * (c - (z - m_b) / step_b): offset = -scale * (z - m_b) / step_b
-                            gacc[_ramp(i * gl, gl)] = gacc[_ramp(i * gl, gl)] - T.Cast(
-                                _vt("float32", gl), scale[row, _ramp(g * gl, gl)]) * ((T.Cast(
-                                    _vt("float32", gl), offset[row, _ramp(g * gl, gl)]) - _bc(T.float32(mid_b), gl))
-                                    * _bc(T.float32(1 / step_b), gl)) * xs[i, _ramp(g * gl, gl)]
-                    tot[0] = T.float32(0)
-                    for l in range(16 if wide else 8):
-                        tot[0] = tot[0] + yacc[i * 16 + l]
-                    for l in range(gl):
-                        tot[0] = tot[0] + gacc[i * gl + l]
-                    if bias:
-                        tot[0] = tot[0] + T.Cast("float32", bias_b[row])
-                    y[i, row] = T.Cast(dtype, tot[0])
+                                    for i in T.unroll(MT):
+                                        acc[_ramp(i * vl, vl)] = T.shift_left(acc[_ramp(i * vl, vl)], T.broadcast(8, vl))
+                                    for f in T.unroll(BLOCK // cw):
+                                        for i in T.unroll(MT):
+                                            acc[_ramp(i * vl, vl)] = T.call_llvm_pure_intrin(
+                                                f"int32x{vl}", intrin, acc[_ramp(i * vl, vl)], codes(bits, hi, mid, lo, row, b, f),
+                                                xd[mt * MT + i, P - 1 - p, _ramp(b * BLOCK + f * cw, cw)])
+                                for i in T.unroll(MT):
+                                    yacc[_ramp((i * NY + u) * 16, vl)] = yacc[_ramp((i * NY + u) * 16, vl)] + T.Cast(
+                                        f"float32x{vl}", acc[_ramp(i * vl, vl)]) * T.broadcast(wb[i * kb + b], vl)
+                            elif vnni:  # one int32 sum per digit, combined in fp32 (their sum could overflow int32)
+                                for i in T.unroll(MT * P):
+                                    acc[_ramp(i * vl, vl)] = T.broadcast(T.int32(0), vl)
+                                for f in T.unroll(BLOCK // cw):
+                                    for i in T.unroll(MT):
+                                        for p in T.unroll(P):
+                                            acc[_ramp((i * P + p) * vl, vl)] = T.call_llvm_pure_intrin(
+                                                f"int32x{vl}", intrin, acc[_ramp((i * P + p) * vl, vl)],
+                                                codes(bits, hi, mid, lo, row, b, f), xd[mt * MT + i, p, _ramp(b * BLOCK + f * cw, cw)])
+                                for i in T.unroll(MT):
+                                    comb[_ramp(0, vl)] = T.Cast(f"float32x{vl}", acc[_ramp((i * P + P - 1) * vl, vl)])
+                                    for p in T.unroll(P - 1):
+                                        comb[_ramp(0, vl)] = comb[_ramp(0, vl)] * T.broadcast(T.float32(256), vl) + T.Cast(
+                                            f"float32x{vl}", acc[_ramp((i * P + P - 2 - p) * vl, vl)])
+                                    yacc[_ramp((i * NY + u) * 16, vl)] = yacc[_ramp((i * NY + u) * 16, vl)] + comb[_ramp(0, vl)] * T.broadcast(
+                                        wb[i * kb + b], vl)
+                            else:
+                                for i in T.unroll(MT):
+                                    facc[_ramp(i * _W, _W)] = T.broadcast(T.float32(0), _W)
+                                for f in T.unroll(4):
+                                    cf[_ramp(0, _W)] = T.Cast("float32x32", _codes(bits, hi, mid, lo, row, b, f))
+                                    for i in T.unroll(MT):
+                                        facc[_ramp(i * _W, _W)] = facc[_ramp(i * _W, _W)] + cf[_ramp(0, _W)] * xf[
+                                            mt * MT + i, _ramp(b * BLOCK + f * _W, _W)]
+                                for i in T.unroll(MT):
+                                    for h in T.unroll(4):
+                                        yacc[_ramp((i * NY + u) * 16, 8)] = yacc[_ramp((i * NY + u) * 16, 8)] + facc[
+                                            _ramp(i * _W + h * 8, 8)] * T.broadcast(wb[i * kb + b], 8)
+                    for i in T.unroll(MT):
+                        gacc[_ramp(i * gl, gl)] = _bc(T.float32(0), gl)
+                        for g in range(ng // gl):
+                            if affine == "offset":
+                                gacc[_ramp(i * gl, gl)] = gacc[_ramp(i * gl, gl)] + T.Cast(
+                                    _vt("float32", gl), offset[row, _ramp(g * gl, gl)]) * xs[mt * MT + i, _ramp(g * gl, gl)]
+                            else:  # scale * (c - (z - m_b) / step_b): offset = -scale * (z - m_b) / step_b
+                                gacc[_ramp(i * gl, gl)] = gacc[_ramp(i * gl, gl)] - T.Cast(
+                                    _vt("float32", gl), scale[row, _ramp(g * gl, gl)]) * ((T.Cast(
+                                        _vt("float32", gl), offset[row, _ramp(g * gl, gl)]) - _bc(T.float32(mid_b), gl))
+                                        * _bc(T.float32(1 / step_b), gl)) * xs[mt * MT + i, _ramp(g * gl, gl)]
+                        tot[0] = T.float32(0)
+                        for u in range(NY):
+                            for l in range(16 if wide else 8):
+                                tot[0] = tot[0] + yacc[(i * NY + u) * 16 + l]
+                        for l in range(gl):
+                            tot[0] = tot[0] + gacc[i * gl + l]
+                        if bias:
+                            tot[0] = tot[0] + T.Cast("float32", bias_b[row])
+                        y[mt * MT + i, row] = T.Cast(dtype, tot[0])
 
     return _signature(body, m, n, k, ng, bits, dtype, bias)
 
