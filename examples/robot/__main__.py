@@ -53,10 +53,11 @@ def cmd_train(a) -> None:
     from .sim import load_demos
     from .train import TrainConfig, provenance, train
 
+    made_by = provenance()
     demos = load_demos(a.out / "demos.npz")
     cfg = TrainConfig(steps=a.steps, batch=a.batch, lr=a.lr, seed=a.train_seed)
     model, tok, stats = train(demos, cfg, {"d_model": a.d_model, "layers": a.layers, "heads": a.heads})
-    meta = {"tasks": [str(t) for t in demos["tasks"]], "train": {**vars(cfg), **stats}, "provenance": provenance()}
+    meta = {"tasks": [str(t) for t in demos["tasks"]], "train": {**vars(cfg), **stats}, "provenance": made_by}
     save_policy(a.out / "policy", model, tok, meta)
     print(f"trained {stats['parameters']} parameters in {stats['train_seconds']:.0f} s "
           f"({stats['threads']} threads) -> {a.out / 'policy'}", file=sys.stderr)

@@ -39,8 +39,8 @@ def soft_targets(tokens: torch.Tensor, n_bins: int, sigma: float) -> torch.Tenso
 
 
 def provenance() -> dict:
-    """What made the weights: the command line, the git revision (and whether the tree had changes), and the
-    sha256 of every source file of this example."""
+    """What made the weights: the command line, the git revision (and whether this example's files differed from
+    it), and the sha256 of every source file of this example -- taken before training starts."""
     here = Path(__file__).resolve().parent
 
     def git(*args):
@@ -49,7 +49,10 @@ def provenance() -> dict:
         except OSError:
             return ""
 
-    return {"command": [Path(sys.executable).name, *sys.argv],
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name == "__main__.py" and Path(argv[0]).resolve().parent == here:
+        argv[0:1] = ["-m", "examples.robot"]
+    return {"command": [Path(sys.executable).name, *argv],
             "git_revision": git("rev-parse", "HEAD"),
             "git_dirty_example": bool(git("status", "--porcelain", "--", str(here))),
             "sources_sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
