@@ -12,9 +12,11 @@ Decode contenders: fp32 / bf16 ``F.linear``; ``torch._weight_int8pack_mm`` (bf16
 per-channel); ``torch._weight_int4pack_mm_for_cpu`` (bf16 x, group 128); kiln's fused kernel per
 view (8, 4, 2 bits; fp32 and bf16 x). Prefill adds kiln's dequantizer (the 4-bit view as fp32 /
 bf16) + ``F.linear``, and the fused kernel with x tiles of 8 rows; prefill is compute-bound, so
-it cycles through at most 8 copies.
+it cycles through at most 8 copies. ``--schedules`` adds the 4-bit decode kernel in the other
+schedules (``vnni``: 256-bit, ``fma``: codes converted to fp32).
 
-    .venv/bin/python benchmarks/lowbit_kernels.py [--shapes 4096x4096,2048x8192,8192x2048] [--rounds 10]
+    .venv/bin/python benchmarks/lowbit_kernels.py [--shapes 4096x4096,2048x8192,8192x2048] [--rows 1,64,128]
+        [--rounds 10] [--schedules] [--cycle-mb MB]
 """
 from __future__ import annotations
 
@@ -82,7 +84,7 @@ def nested_planes(n: int, k: int, gen: torch.Generator) -> dict[str, torch.Tenso
             "lo": torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)}
 
 
-def build_contenders(m: int, n: int, k: int, cycle: int, cap: int | None, prefill: bool):
+def build_contenders(m: int, n: int, k: int, cycle: int, cap: int | None, prefill: bool, other_schedules: bool):
     """Factories (name -> () -> Contender), so each contender's copies exist only while it is measured."""
     gen = torch.Generator().manual_seed(0)
     w32 = torch.randn(n, k, generator=gen) * 0.02
@@ -122,9 +124,9 @@ def build_contenders(m: int, n: int, k: int, cycle: int, cap: int | None, prefil
     factories["int8pack_mm bf16"] = int8pack
     factories["int4pack_mm bf16 g128"] = int4pack
 
-    def kiln_fused(bits, dtype, m_tile=4):
+    def kiln_fused(bits, dtype, m_tile=4, schedule=None):
         x = x32 if dtype == "float32" else xb
-        kernel = L.build(L.decode_func(m, n, k, bits, dtype=dtype, m_tile=m_tile))
+        kernel = L.build(L.decode_func(m, n, k, bits, dtype=dtype, m_tile=m_tile, schedule=schedule))
         view = [planes[p] for p in L.PLANES_OF[bits]] + [scale, offset]
         nc = copies_for(nbytes(*view), cycle, cap)
         sets = [[t.clone() for t in view] for _ in range(nc)]
@@ -146,13 +148,17 @@ def build_contenders(m: int, n: int, k: int, cycle: int, cap: int | None, prefil
                 factories[f"kiln {bits}-bit {tag}"] = lambda b=bits, d=dtype: kiln_fused(b, d, 8 if prefill else 4)
         if prefill:
             factories[f"kiln 4-bit dequant+F.linear {tag}"] = lambda d=dtype: kiln_dequant(4, d)
+        elif other_schedules:
+            for schedule in L.SCHEDULES:
+                if schedule != L.default_schedule() and (schedule == "fma" or L.has_vnni()):
+                    factories[f"kiln 4-bit {tag} [{schedule}]"] = lambda d=dtype, s=schedule: kiln_fused(4, d, 4, s)
     return factories
 
 
-def measure(m: int, n: int, k: int, cycle: int, rounds: int, bandwidth: float) -> None:
+def measure(m: int, n: int, k: int, cycle: int, rounds: int, bandwidth: float, other_schedules: bool) -> None:
     prefill = m > 8
     cap = 8 if prefill else None
-    factories = build_contenders(m, n, k, cycle, cap, prefill)
+    factories = build_contenders(m, n, k, cycle, cap, prefill, other_schedules)
     base = factories.pop("fp32 F.linear")()
     rows = []
     base_all = []
@@ -186,6 +192,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--cycle-mb", type=int, default=None, help="bytes of weight copies per contender "
                         "(default: 4x the L3 size)")
+    parser.add_argument("--schedules", action="store_true", help="also the 4-bit decode kernel in the schedules "
+                        "that are not this CPU's default (vnni, fma)")
     args = parser.parse_args()
     cycle = (args.cycle_mb << 20) if args.cycle_mb else 4 * l3_bytes()
     print(f"machine: {timing.machine()}")
@@ -199,7 +207,7 @@ def main() -> None:
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.lower().split("x"))
         for m in (int(v) for v in args.rows.split(",")):
-            measure(m, n, k, cycle, args.rounds, bandwidth)
+            measure(m, n, k, cycle, args.rounds, bandwidth, args.schedules)
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -404,3 +404,4 @@ def build(func: tvm.tirx.PrimFunc, target: tvm.target.Target | None = None) -> L
     """Compile one generated PrimFunc with LLVM for ``target`` (this host by default)."""
     module = tvm.compile(tvm.IRModule({"main": func}), target=target or host_target())
     return LowbitKernel(tuple(func.attrs["kiln.lowbit_params"]), module["main"], module)
+
