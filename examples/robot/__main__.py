@@ -64,28 +64,32 @@ def cmd_train(a) -> None:
 
 
 def cmd_eval(a) -> None:
-    from .configs import ALL_CONFIGS, NotAvailable, build
+    from .configs import ALL_CONFIGS, BuildContext, NotAvailable, build, run_order
     from .model import load_policy
     from .sim import evaluate, make_env
 
     model, tok, doc = load_policy(a.out / "policy")
     tasks = _tasks(a.tasks) if a.tasks else doc["tasks"]
-    configs = _tasks(a.configs) if a.configs else list(ALL_CONFIGS)
-    policies = {}
-    for name in configs:
-        try:
-            policies[name] = build(name, model)
-        except NotAvailable as e:
-            print(f"not run: {e}", file=sys.stderr)
+    configs = run_order(_tasks(a.configs) if a.configs else ALL_CONFIGS)
     trace = None
     if a.trace:
         trace = a.out / "trace.jsonl"
         trace.unlink(missing_ok=True)
-    results = []
+    results, unavailable = [], set()
     for task in tasks:
         env = make_env(task)
-        for policy in policies.values():
+        ctx = BuildContext(task)
+        for name in configs:
+            if name in unavailable:
+                continue
+            try:
+                policy = build(name, model, ctx)
+            except NotAvailable as e:
+                print(f"not run: {e}", file=sys.stderr)
+                unavailable.add(name)
+                continue
             r = evaluate(policy, tok, task, a.episodes, a.seed, a.max_steps, env=env, trace=trace)
+            ctx.results[name] = r
             print(r.line(), flush=True)
             print(r.detail(), file=sys.stderr, flush=True)
             results.append(r.to_json())

@@ -1,7 +1,10 @@
 """Configurations of the benchmark: how the trained fp32 policy is turned into what the closed loop runs.
 
-A configuration is a factory ``build(model) -> RobotPolicy`` registered under
-its name (``fp32``, ``static8``, ...). The harness (:mod:`sim`) does, at every
+A configuration is a factory ``(model, ctx) -> RobotPolicy`` registered under
+its name (``fp32``, ``static8``, ...); it is built once per task, with a
+:class:`BuildContext` holding the results of the configurations already run
+on that task (``dyq`` runs before ``static-matched``, which reads DyQ's
+measured average bits from there). The harness (:mod:`sim`) does, at every
 env step::
 
     signals.update(obs)                   # KinematicSignals: speed, jerk, gripper events, ...
@@ -35,7 +38,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -170,8 +174,25 @@ def fake_quantized_copy(model: VLAPolicy, bits: dict[str, int]) -> VLAPolicy:
 
 # ---------------------------------------------------------------- the registry
 
-CONFIGS: dict[str, Callable[[VLAPolicy], RobotPolicy]] = {}
+@dataclass
+class BuildContext:
+    """What a configuration may read when it is built for a task: the task, and the results
+    (:class:`sim.EvalResult`, by configuration name) of the configurations already run on it."""
+    task: str = ""
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+CONFIGS: dict[str, Callable[[VLAPolicy, BuildContext], RobotPolicy]] = {}
 ALL_CONFIGS = ("fp32", "static8", "static4", "static2", "static-matched", "dyq")
+
+
+def run_order(names) -> list[str]:
+    """``names`` in the order they must run: ``dyq`` before ``static-matched`` (which needs DyQ's bits)."""
+    names = list(names)
+    if "dyq" in names and "static-matched" in names and names.index("dyq") > names.index("static-matched"):
+        names.remove("dyq")
+        names.insert(names.index("static-matched"), "dyq")
+    return names
 
 
 def register(name: str):
@@ -181,19 +202,19 @@ def register(name: str):
     return deco
 
 
-def build(name: str, model: VLAPolicy) -> RobotPolicy:
+def build(name: str, model: VLAPolicy, ctx: BuildContext | None = None) -> RobotPolicy:
     if name not in CONFIGS:
         raise KeyError(f"unknown configuration {name!r}; known: {', '.join(CONFIGS)}")
-    return CONFIGS[name](model)
+    return CONFIGS[name](model, ctx or BuildContext())
 
 
 @register("fp32")
-def _fp32(model: VLAPolicy) -> RobotPolicy:
+def _fp32(model: VLAPolicy, ctx: BuildContext) -> RobotPolicy:
     return StaticPolicy("fp32", model.eval(), Plan("fp32", FP32_BITS), fp32_bytes(model))
 
 
 def _static(bits: int):
-    def make(model: VLAPolicy) -> RobotPolicy:
+    def make(model: VLAPolicy, ctx: BuildContext) -> RobotPolicy:
         plan = {n: bits for n in quantizable_linears(model)}
         return StaticPolicy(f"static{bits}", fake_quantized_copy(model, plan), Plan(str(bits), float(bits)),
                             quantized_bytes(model, plan))
@@ -205,7 +226,7 @@ for _b in (8, 4, 2):
 
 
 def _not_available(name: str, what: str):
-    def make(model: VLAPolicy) -> RobotPolicy:
+    def make(model: VLAPolicy, ctx: BuildContext) -> RobotPolicy:
         raise NotAvailable(f"{name}: {what}")
     return make
 

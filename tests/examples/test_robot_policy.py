@@ -129,6 +129,8 @@ def test_configurations():
     for name in ("static-matched", "dyq"):
         with pytest.raises(C.NotAvailable):
             C.build(name, model)
+    assert C.run_order(["fp32", "static-matched", "static2", "dyq"]) == ["fp32", "dyq", "static-matched", "static2"]
+    assert C.run_order(C.ALL_CONFIGS)[-2:] == ["dyq", "static-matched"]
 
     class Near:          # a toy selector: 8 bits while slow, 2 bits while fast
         def __init__(self):
