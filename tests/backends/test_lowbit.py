@@ -239,3 +239,59 @@ def test_bad_arguments():
         L.decode_func(1, 64, 256, 4, group_size=96)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         L.decode_func(1, 64, 256, 4, dtype="float16")
+
+
+class _NestedLinear(torch.nn.Module):
+    def __init__(self, form, bits, bias):
+        super().__init__()
+        self.bits = bits
+        for p, t in form.planes.items():
+            self.register_buffer(p, t)
+        self.register_buffer("scale", form.scales[bits])
+        self.register_buffer("zero", form.zero)
+        self.bias = torch.nn.Parameter(torch.randn(form.shape[0])) if bias else None
+
+    def forward(self, x):
+        planes = [getattr(self, p) if p in L.PLANES_OF[self.bits] else None for p in ("hi", "mid", "lo")]
+        return torch.ops.kiln.nested_linear(x, *planes, self.scale, self.zero, self.bias, self.bits, 128)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("shape, bias", [((2, 256), False), ((1, 3, 256), True), ((2, 16, 256), True)],
+                         ids=["decode", "decode_3d_bias", "prefill_bias"])
+def test_convert_nested_linear_in_a_relax_module(bits, shape, bias):
+    """``convert_nested_linear`` emits kiln::nested_linear as call_tir of the kernels (prefill: the dequantizer
+    and the cpu dispatch's GEMM); the Relax VM's result is the op's reference kernel's."""
+    import tvm
+    from tvm import relax
+
+    import kiln.ir.ops  # noqa: F401  (registers kiln::nested_linear)
+    from kiln.runtime.kernels import tvm_dispatch
+    nested = pytest.importorskip("kiln.ir.nested")
+    torch.manual_seed(bits)
+    model = _NestedLinear(nested.encode(torch.randn(64, 256) * 0.02, 128), bits, bias)
+    x = torch.randn(*shape)
+    ep = torch.export.export(model, (x,))
+    gm = ep.graph_module
+    node = next(n for n in gm.graph.nodes if n.target == torch.ops.kiln.nested_linear.default)
+    assert L.supports_nested_linear(node)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    params = {n: relax.Var(n.name, relax.TensorType(list(n.meta["val"].shape), str(n.meta["val"].dtype).split(".")[1]))
+              for n in placeholders}
+    bb = relax.BlockBuilder()
+    with bb.function("main", list(params.values())):
+        with bb.dataflow():
+            out = bb.emit_output(L.convert_nested_linear(bb, node, params.__getitem__))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    kernels = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert kernels and all(mod[name].attrs["tirx.is_scheduled"] for name in kernels)
+    tvm_dispatch.register()
+    vm = relax.VirtualMachine(tvm.compile(mod, target=L.host_target()), tvm.cpu())
+    state = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    specs = {s.arg.name: s.target for s in ep.graph_signature.input_specs}
+    args = [x if specs[n.name] is None else state[specs[n.name]].detach() for n in placeholders]
+    got = torch.from_dlpack(vm["main"](*[tvm.runtime.from_dlpack(a.contiguous()) for a in args]))
+    ref = model(x)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()

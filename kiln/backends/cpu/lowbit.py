@@ -37,6 +37,7 @@ weights on widening and converting codes (compute-bound at ~2x the 4-bit DRAM ti
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -405,3 +406,65 @@ def build(func: tvm.tirx.PrimFunc, target: tvm.target.Target | None = None) -> L
     module = tvm.compile(tvm.IRModule({"main": func}), target=target or host_target())
     return LowbitKernel(tuple(func.attrs["kiln.lowbit_params"]), module["main"], module)
 
+
+
+# -- kiln::nested_linear in the cpu target's TVM partitions ------------------------------------------------------
+
+DECODE_MAX_ROWS = 8  # up to this many rows of x: the fused kernel; more: dequantize + the library GEMM
+
+
+def _nested_args(node):
+    x, hi, mid, lo, scale, zero, bias, bits, group_size = node.args
+    return x, {"hi": hi, "mid": mid, "lo": lo}, scale, zero, bias, bits, group_size
+
+
+def supports_nested_linear(node) -> bool:
+    """Whether ``convert_nested_linear`` lowers this ``kiln::nested_linear`` node: x float32 or bfloat16 (a
+    bias, if any, of x's dtype), static shapes, and the planes, scale and zero given as tensors."""
+    x, planes, scale, zero, bias, bits, group_size = _nested_args(node)
+    val = x.meta.get("val") if hasattr(x, "meta") else None
+    if val is None or val.dtype not in (torch.float32, torch.bfloat16) or not all(isinstance(d, int) for d in val.shape):
+        return False
+    if bias is not None and getattr(bias, "meta", {}).get("val", None) is not None and bias.meta["val"].dtype != val.dtype:
+        return False
+    return bits in PLANES_OF and all(planes[p] is not None for p in PLANES_OF[bits]) and group_size % BLOCK == 0
+
+
+def convert_nested_linear(bb, node, value_of, target: tvm.target.Target | None = None):
+    """Emit ``node`` (``kiln::nested_linear``) into Relax: ``R.call_tir`` of this module's kernel for its view.
+
+    ``bb`` is the converter's ``relax.BlockBuilder`` and ``value_of(fx_node)`` the Relax value of an
+    argument. Up to ``DECODE_MAX_ROWS`` rows of x: the fused ``decode_func``; more: ``dequantize_func``
+    then the cpu dispatch's ``kiln.linear`` / ``kiln.linear_bias`` (PyTorch's GEMM). The PrimFuncs are
+    marked ``tirx.is_scheduled``: kiln's schedule rules and tuning leave them as generated.
+    """
+    from tvm import relax
+
+    x, planes, scale, zero, bias, bits, group_size = _nested_args(node)
+    shape = list(x.meta["val"].shape)
+    dtype = str(x.meta["val"].dtype).split(".")[1]
+    k, n = shape[-1], planes["hi"].meta["val"].shape[0]
+    m = math.prod(shape[:-1])
+    view = [value_of(planes[p]) for p in PLANES_OF[bits]] + [value_of(scale), value_of(zero)]
+    x2 = value_of(x)
+    if len(shape) != 2:
+        x2 = bb.emit(relax.op.reshape(x2, (m, k)))
+    if m <= DECODE_MAX_ROWS:
+        func = decode_func(m, n, k, bits, group_size=group_size, dtype=dtype, bias=bias is not None, affine="zero",
+                           schedule=default_schedule(target))
+        gv = _add_kernel(bb, func, f"kiln_nested_linear{bits}_m{m}_n{n}_k{k}{'_bias' if bias is not None else ''}")
+        args = [x2, *view] + ([value_of(bias)] if bias is not None else [])
+        y = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, n], dtype)))
+    else:
+        func = dequantize_func(n, k, bits, group_size=group_size, dtype=dtype, affine="zero")
+        gv = _add_kernel(bb, func, f"kiln_nested_dequantize{bits}_n{n}_k{k}")
+        w = bb.emit(relax.call_tir(gv, view, relax.TensorType([n, k], dtype)))
+        gemm = [x2, w] + ([value_of(bias)] if bias is not None else []) + [relax.prim_value(0)]
+        y = bb.emit(relax.call_dps_packed("kiln.linear_bias" if bias is not None else "kiln.linear", gemm,
+                                          relax.TensorType([m, n], dtype)))
+    return y if len(shape) == 2 else bb.emit(relax.op.reshape(y, (*shape[:-1], n)))
+
+
+def _add_kernel(bb, func, name: str):
+    """Add ``func`` to the module being built under ``name`` (once per distinct kernel), marked scheduled."""
+    return bb.add_func(func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True), name)
