@@ -295,3 +295,17 @@ def test_convert_nested_linear_in_a_relax_module(bits, shape, bias):
     ref = model(x)
     assert got.shape == ref.shape
     assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_non_finite_x_rows_come_out_non_finite_and_leave_other_rows_alone(schedule):
+    """A NaN or inf in a row of x makes all that row's outputs non-finite (VNNI: NaN, where eager may give
+    +-inf); the other rows are unaffected."""
+    m, n, k, g = 3, 64, 256, 128
+    planes, scale, offset, x, _ = make_case(m, n, k, g, torch.float32, False)
+    x[0, 5], x[1, 200] = float("nan"), float("inf")
+    kernel = L.build(L.decode_func(m, n, k, 4, group_size=g, schedule=schedule))
+    y = run_decode(kernel, x, planes, scale, offset, None, 4)
+    assert not torch.isfinite(y[:2]).any()
+    ref, scale_ref, mag = reference(x[2:], planes, scale, offset, 4, g, None)
+    check(y[2:], ref, scale_ref, mag, torch.float32)
