@@ -7,9 +7,10 @@ The sequence a forward sees, of fixed length ``text_len + n_obs_tokens + 4``::
                                             logits of:    a0   a1  a2  a3
 
 - instruction words: embeddings of an :class:`~tokens.InstructionTokenizer`'s ids;
-- observation tokens: the 39-d Meta-World observation (plus the hand/object
-  displacement since the previous frame) normalised with statistics stored in
-  the model, cut into groups (hand + gripper, object, goal, ...), each group
+- observation tokens: the 39-d Meta-World observation, plus the hand / object
+  displacement since the previous frame and the goal and object relative to
+  the hand, normalised with statistics stored in the model, cut into groups
+  (hand + gripper, object, goal, ...), each group
   projected to one token by its own ``nn.Linear`` -- the stand-in for a VLA's
   vision projector;
 - action tokens: 256 bins per action dimension (:mod:`tokens`), decoded
@@ -20,7 +21,7 @@ The sequence a forward sees, of fixed length ``text_len + n_obs_tokens + 4``::
 ``forward(text_ids, obs, action_ids)`` has static shapes and no Python control
 flow on values, so ``torch.export`` traces it (and kiln can compile it);
 :func:`greedy_decode` is the small driver that runs it 4 times per env step,
-re-running the short prefix instead of keeping a KV cache (24 tokens: it is
+re-running the short prefix instead of keeping a KV cache (25 tokens: it is
 simple and exactly what a fixed-shape compiled program runs).
 """
 from __future__ import annotations
@@ -36,7 +37,8 @@ from torch import nn
 from .tokens import ACTION_DIM, N_BINS, InstructionTokenizer
 
 OBS_DIM = 39
-# (start, end) of the model's features: the 39-d observation, then obs[0:7] - obs[18:25] (displacement).
+# (start, end) of the model's features: the 39-d observation, then obs[0:7] - obs[18:25] (displacement since the
+# previous frame), then goal - hand and object - hand (what reaching / pushing steer by).
 OBS_GROUPS = (
     (0, 4),    # hand xyz + gripper opening
     (4, 7),    # object 1 position
@@ -46,13 +48,15 @@ OBS_GROUPS = (
     (22, 36),  # previous frame: objects
     (36, 39),  # goal position
     (39, 46),  # hand / gripper / object-1 displacement since the previous frame
+    (46, 52),  # goal - hand, object 1 - hand
 )
-N_FEATURES = 46
+N_FEATURES = 52
 
 
 def obs_features(obs: torch.Tensor) -> torch.Tensor:
-    """``[B, 39]`` observation to the ``[B, 46]`` feature vector the observation tokens read."""
-    return torch.cat([obs, obs[:, 0:7] - obs[:, 18:25]], dim=1)
+    """``[B, 39]`` observation to the ``[B, 52]`` feature vector the observation tokens read."""
+    hand = obs[:, 0:3]
+    return torch.cat([obs, obs[:, 0:7] - obs[:, 18:25], obs[:, 36:39] - hand, obs[:, 4:7] - hand], dim=1)
 
 
 @dataclass
@@ -127,7 +131,7 @@ class VLAPolicy(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
 
     def set_normalization(self, features: torch.Tensor) -> None:
-        """Store the mean / std of training features ``[N, 46]`` (std floored: constant features stay finite)."""
+        """Store the mean / std of training features ``[N, 52]`` (std floored: constant features stay finite)."""
         self.feat_mean.copy_(features.mean(0))
         self.feat_std.copy_(features.std(0).clamp_min(1e-2))
 
