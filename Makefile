@@ -39,8 +39,8 @@ fuzz: setup
 	$(PY) -m tests.fuzz -n $(N) $(if $(SEED),--seed $(SEED)) --target $(TARGET) -j $(JOBS) --out out/fuzz
 
 # The closed-loop Meta-World benchmark of the VLA-shaped policy (examples/robot): installs the `robot` extra, collects
-# demonstrations, trains, evaluates; out/robot/. Small by default; the full run: make robot ROBOT_ARGS=
-ROBOT_ARGS ?= --demos 20 --steps 300 --episodes 5 --configs fp32,static8
+# demonstrations, trains, evaluates. Small by default (out/robot-smoke/); the full run (out/robot/): make robot ROBOT_ARGS=
+ROBOT_ARGS ?= --demos 20 --steps 300 --episodes 5 --configs fp32,static8 --out out/robot-smoke
 ROBOT_STAMP := $(VENV)/.kiln-robot-installed
 $(ROBOT_STAMP): pyproject.toml $(STAMP)
 	$(PY) -m pip install -q -e '.[test,robot]'
