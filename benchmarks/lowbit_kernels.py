@@ -16,7 +16,7 @@ it cycles through at most 8 copies. ``--schedules`` adds the 4-bit decode kernel
 schedules (``vnni``: 256-bit, ``fma``: codes converted to fp32).
 
     .venv/bin/python benchmarks/lowbit_kernels.py [--shapes 4096x4096,2048x8192,8192x2048] [--rows 1,64,128]
-        [--rounds 10] [--schedules] [--cycle-mb MB]
+        [--rounds 10] [--schedules] [--cycle-mb MB] [--threads T]
 """
 from __future__ import annotations
 
@@ -194,10 +194,15 @@ def main() -> None:
                         "(default: 4x the L3 size)")
     parser.add_argument("--schedules", action="store_true", help="also the 4-bit decode kernel in the schedules "
                         "that are not this CPU's default (vnni, fma)")
+    parser.add_argument("--threads", type=int, default=None, help="threads for torch and TVM (default: all cores)")
     args = parser.parse_args()
+    if args.threads:  # before TVM's thread pool starts (at the first kernel call)
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
     cycle = (args.cycle_mb << 20) if args.cycle_mb else 4 * l3_bytes()
     print(f"machine: {timing.machine()}")
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), TVM {L.tvm.__version__} "
+          f"({os.environ.get('TVM_NUM_THREADS', 'all cores')} threads) "
           f"(target {L.host_target()}), decode schedule {L.default_schedule()}; load average "
           f"{os.getloadavg()[0]:.2f}")
     bandwidth = read_bandwidth(cycle)

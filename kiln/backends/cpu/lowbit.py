@@ -149,14 +149,15 @@ def _codes64(bits, hi, mid, lo, n, b, h):
     return c
 
 
-def _plane_args(n: int, k: int, bits: int) -> list[tuple[str, tuple[int, int]]]:
-    shapes = {"hi": (n, k // 4), "mid": (n, k // 4), "lo": (n, k // 2)}
-    return [(p, shapes[p]) for p in PLANES_OF[bits]]
+def _prefetch(buf, row, col):
+    """``llvm.prefetch`` (read, into all cache levels) of the line holding ``buf[row, col]``."""
+    return T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(buf[row, col]), T.int32(0), T.int32(3),
+                              T.int32(1))
 
 
 def decode_func(m: int, n: int, k: int, bits: int, *, group_size: int = BLOCK, dtype: str = "float32",
                 bias: bool = False, affine: str = "offset", schedule: str | None = None,
-                rows_per_task: int = 64, m_tile: int = 4) -> tvm.tirx.PrimFunc:
+                rows_per_task: int = 64, m_tile: int = 4, prefetch_rows: int = 2) -> tvm.tirx.PrimFunc:
     """The fused unpack-dequantize GEMM ``y = x @ W_b^T (+ bias)`` for small ``m`` (see the module docstring).
 
     Arguments, in order: ``x [m, k]`` (dtype), the view's planes (``hi [n, k/4]``, ``mid [n, k/4]``,
@@ -225,6 +226,18 @@ def decode_func(m: int, n: int, k: int, bits: int, *, group_size: int = BLOCK, d
             wb = T.alloc_buffer((MT * kb,), "float32", scope="local")  # scale x x's step, per x row and block
             for r in range(rpt):
                 row = task * rpt + r
+                if prefetch_rows > 0:  # software prefetch of the row prefetch_rows ahead: its planes, scale, offset
+                    if row + prefetch_rows < n:
+                        for c in range(k // 4 // 64):
+                            T.evaluate(_prefetch(hi, row + prefetch_rows, c * 64))
+                            if bits >= 4:
+                                T.evaluate(_prefetch(mid, row + prefetch_rows, c * 64))
+                            if bits == 8:
+                                T.evaluate(_prefetch(lo, row + prefetch_rows, c * 128))
+                                T.evaluate(_prefetch(lo, row + prefetch_rows, c * 128 + 64))
+                        for c in range((ng * 2 + 63) // 64):
+                            T.evaluate(_prefetch(scale, row + prefetch_rows, c * 32))
+                            T.evaluate(_prefetch(offset, row + prefetch_rows, c * 32))
                 for mt in range(m // MT):  # x rows in tiles of MT: each tile's sums stay in registers
                     for i in T.unroll(MT):
                         for u in T.unroll(NY):
