@@ -4,36 +4,45 @@ What they compute: ``y[M, N] = x[M, K] @ W_b^T (+ bias)`` for one view ``b`` in 
 nested weight, with ``x`` float32 or bfloat16 (``y`` in ``x``'s dtype, fp32 accumulation) and
 ``W_b[n, k] = scale[n, k // G] * c_b[n, k] + offset[n, k // G]`` (``affine="offset"``), or the
 nested form's own ``scale * (c_b - z_b)`` with the shared 8-bit zero point ``z`` and
-``z_b = (z - m_b) / 2**(8 - b)``, ``m_b = (2**(8 - b) - 1) / 2`` (``affine="zero"``).
+``z_b = (z - m_b) / 2**(8 - b)``, ``m_b = (2**(8 - b) - 1) / 2`` (``affine="zero"``, what
+``kiln::nested_linear`` passes).
 
 The layout they read (per block of 128 inputs ``k = 128 g + t``; all uint8):
 ``hi[n, 32 g + j]`` holds ``q[n, 128 g + 32 i + j] >> 6`` at bits ``2i..2i+1``, ``mid`` the same for
 ``(q >> 4) & 3``, ``lo[n, 64 g + j]`` holds ``q[n, 128 g + 64 i + j] & 15`` at bits ``4i..4i+3``.
-The 2-bit view's function takes ``hi`` only, the 4-bit one ``hi`` and ``mid``: a kernel has no
-argument through which it could read a plane its view does not need. One 32-byte load and a
-shift give 32 consecutive codes; nothing is shuffled.
+A view's function has only the planes it reads as parameters (2-bit: ``hi``; 4-bit: ``hi, mid``;
+8-bit: all three), so it cannot read more; the codes of 32 (64) consecutive inputs come from one
+32-byte load and a per-byte bit move, with no shuffle.
 
-Two kernels (``decode_func``, ``dequantize_func``), each a TIR PrimFunc generated for one shape
-and compiled with LLVM for this host (``build``; torch tensors are passed zero-copy):
+Kernels, each a TIR PrimFunc generated for one shape and compiled with LLVM for this host
+(``build``; torch tensors pass zero-copy):
 
-- ``decode_func`` (M small, decode): one fused pass over the planes, rows of ``W`` split across
-  the cores. ``schedule="vnni"`` (the default where the CPU has AVX-512 VNNI): each 128-input
-  block of ``x`` is written as a fixed-point integer (relative to the block's largest ``|x|``,
-  23 bits for fp32 ``x``, 15 for bf16) in base-256 digits ``d_p`` (int8), and the codes (uint8,
-  as unpacked, never widened) meet the digits in ``vpdpbusd`` (32 u8 x s8 products per
-  instruction, int32 sums, exact). Per block and row the digit sums are combined in fp32 and
-  scaled; the offsets use the exact fp32 sums of ``x`` per group (``sum_k x_k W[n,k] = sum_g
-  scale[n,g] sum_{k in g} x_k c[n,k] + offset[n,g] sum_{k in g} x_k``). Error: the fixed point
-  rounds each ``x`` by at most ``2**-23`` (fp32) / ``2**-15`` (bf16) of its block's ``max |x|``,
-  at or below fp32 (bf16) rounding of the dot product itself. ``schedule="fma"``: each code is
-  converted to fp32 and multiplied in fp32 FMAs (exact fp32 products; the fallback without VNNI).
-- ``dequantize_func`` (M large, prefill): writes ``W_b`` as fp32 or bf16 ``[N, K]`` for a library
-  GEMM (``F.linear``; bf16 runs on AMX where the CPU has it).
+- ``decode_func`` (M up to ~8, decode): one fused pass over the planes; rows of ``W`` in tasks
+  of 64 across the cores, the row two ahead software-prefetched. Schedules:
 
-Measured (``benchmarks/lowbit_kernels.py``, see its docstring for the table and the machine):
-the VNNI schedule beats the FMA one because the FMA one spends ~10 vector instructions per 32
-weights on widening and converting codes (compute-bound at ~2x the 4-bit DRAM time), while
-``vpdpbusd`` consumes the bytes as they are.
+  - ``vnni512`` (the default with AVX-512 VNNI): x is written once per call, per 128-input
+    block, as a fixed-point integer relative to the block's largest ``|x|`` (23 bits for fp32 x,
+    15 for bf16) in balanced base-256 digits (int8). A row's 32-byte plane slice is broadcast to
+    both halves of a 512-bit register; one ``vgf2p8affineqb`` per plane moves two fields' bits
+    into place (its matrix differs per half), so 64 codes (uint8) come from 1-3 instructions, and
+    ``vpdpbusd`` multiplies them with the digits (64 u8 x s8 products, exact int32 sums). The
+    digits' sums are combined in int32 (x256 between digits, top first) where a lane's sum fits
+    (every view for bf16 x, 2 and 4 bits for fp32), else in fp32; each block's sum is scaled by
+    ``scale[n, g] * x_step`` (precomputed per row) into two fp32 accumulators. The offsets use
+    the exact fp32 sums of x per group (``sum_k x_k W[n,k] = sum_g scale[n,g] sum_{k in g} x_k
+    c[n,k] + offset[n,g] sum_{k in g} x_k``). Error: each x is rounded by at most ``2**-23``
+    (fp32) / ``2**-15`` (bf16) of its block's ``max |x|``, at or below fp32's (bf16's) rounding
+    of the dot product itself (``tests/backends/test_lowbit.py`` states the bounds it checks). A
+    NaN or inf in a row of x makes that row's outputs NaN.
+  - ``vnni``: the same with 256-bit ``vpdpbusd`` on one field (32 codes) at a time.
+  - ``fma``: each code converted to fp32 and multiplied in fp32 FMAs (no VNNI needed).
+- ``dequantize_func`` (prefill): ``W_b`` as fp32 or bf16 ``[N, K]`` for a library GEMM.
+- ``convert_nested_linear``: ``kiln::nested_linear`` in a Relax module as ``R.call_tir`` of
+  ``decode_func`` (up to ``DECODE_MAX_ROWS`` rows) or of ``dequantize_func`` followed by the cpu
+  dispatch's ``kiln.linear`` (PyTorch's GEMM), the PrimFuncs marked ``tirx.is_scheduled``.
+
+Measured (``benchmarks/lowbit_kernels.py``; its docstring has the table, machine and load):
+MEASURED
 """
 from __future__ import annotations
 
@@ -426,6 +435,14 @@ def build(func: tvm.tirx.PrimFunc, target: tvm.target.Target | None = None) -> L
 DECODE_MAX_ROWS = 8  # up to this many rows of x: the fused kernel; more: dequantize + the library GEMM
 
 
+def _nested_linear_op():
+    from ...ir import ops  # noqa: F401  (defines kiln::nested_linear)
+    return torch.ops.kiln.nested_linear.default
+
+
+NESTED_LINEAR = _nested_linear_op()
+
+
 def _nested_args(node):
     x, hi, mid, lo, scale, zero, bias, bits, group_size = node.args
     return x, {"hi": hi, "mid": mid, "lo": lo}, scale, zero, bias, bits, group_size
@@ -463,13 +480,15 @@ def convert_nested_linear(bb, node, value_of, target: tvm.target.Target | None =
     if len(shape) != 2:
         x2 = bb.emit(relax.op.reshape(x2, (m, k)))
     if m <= DECODE_MAX_ROWS:
+        schedule = default_schedule(target)
         func = decode_func(m, n, k, bits, group_size=group_size, dtype=dtype, bias=bias is not None, affine="zero",
-                           schedule=default_schedule(target))
+                           schedule=schedule).with_attr("kiln.schedule", f"kiln.lowbit.{schedule}")
         gv = _add_kernel(bb, func, f"kiln_nested_linear{bits}_m{m}_n{n}_k{k}{'_bias' if bias is not None else ''}")
         args = [x2, *view] + ([value_of(bias)] if bias is not None else [])
         y = bb.emit(relax.call_tir(gv, args, relax.TensorType([m, n], dtype)))
     else:
-        func = dequantize_func(n, k, bits, group_size=group_size, dtype=dtype, affine="zero")
+        func = dequantize_func(n, k, bits, group_size=group_size, dtype=dtype, affine="zero").with_attr(
+            "kiln.schedule", "kiln.lowbit.dequantize")
         gv = _add_kernel(bb, func, f"kiln_nested_dequantize{bits}_n{n}_k{k}")
         w = bb.emit(relax.call_tir(gv, view, relax.TensorType([n, k], dtype)))
         gemm = [x2, w] + ([value_of(bias)] if bias is not None else []) + [relax.prim_value(0)]
