@@ -309,3 +309,35 @@ def test_non_finite_x_rows_come_out_non_finite_and_leave_other_rows_alone(schedu
     assert not torch.isfinite(y[:2]).any()
     ref, scale_ref, mag = reference(x[2:], planes, scale, offset, 4, g, None)
     check(y[2:], ref, scale_ref, mag, torch.float32)
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(128, 256), torch.nn.Linear(256, 128, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize("rows", [2, 16], ids=["decode", "prefill"])
+def test_compiled_nested_model_runs_the_lowbit_kernels_on_cpu(rows):
+    """quantize_nested + target cpu: each plan's kiln::nested_linear nodes run as these kernels inside the TVM
+    partition (not on the torch fallback), and give the op's reference kernel's result (target torch)."""
+    import kiln
+    from kiln import CompileOptions, NestedQuantization
+
+    torch.manual_seed(0)
+    model, x = _MLP().eval(), torch.randn(rows, 128)
+    options = CompileOptions(quantization=NestedQuantization())
+    cm = kiln.compile(model, (x,), target="cpu", options=options)
+    ref = kiln.compile(model, (x,), target="torch", options=options)
+    for plan, program in cm.manifest["programs"].items():
+        tasks = program["tasks"]
+        assert [t["backend"] for t in tasks] == ["cpu"], plan
+        kernels = [k["name"] for k in tasks[0]["report"]["kernels"]]
+        prefix = "kiln_nested_linear" if rows <= L.DECODE_MAX_ROWS else "kiln_nested_dequantize"
+        assert sum(name.startswith(prefix) for name in kernels) == 2, (plan, kernels)
+        with cm.using(plan=plan), ref.using(plan=plan):
+            got, want = cm(x), ref(x)
+        assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item(), plan

@@ -27,6 +27,7 @@ import torch.fx as fx
 
 from ..base import Backend, LoweredPartition, Partition, register_backend
 from ..tvm import convertible, lower_partition
+from . import lowbit
 from .dispatch import DISPATCH
 from .options import CpuOptions, GemmKernels
 from .target import CpuTarget
@@ -54,6 +55,8 @@ class CpuBackend(Backend):
     options: CpuOptions
 
     def supports(self, node: fx.Node) -> bool:
+        if node.target is lowbit.NESTED_LINEAR:  # the generated low-bit kernels (lowbit.py)
+            return _static(node) and _non_empty(node) and lowbit.supports_nested_linear(node)
         return _static(node) and _non_empty(node) and convertible(node, DISPATCH)
 
     _tuning: Tuning | None = None

@@ -46,6 +46,7 @@ MEASURED
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -164,6 +165,7 @@ def _prefetch(buf, row, col):
                               T.int32(1))
 
 
+@functools.lru_cache(maxsize=256)  # a model repeats its shapes; a PrimFunc is immutable
 def decode_func(m: int, n: int, k: int, bits: int, *, group_size: int = BLOCK, dtype: str = "float32",
                 bias: bool = False, affine: str = "offset", schedule: str | None = None,
                 rows_per_task: int = 64, m_tile: int = 4, prefetch_rows: int = 2) -> tvm.tirx.PrimFunc:
@@ -324,6 +326,7 @@ def decode_func(m: int, n: int, k: int, bits: int, *, group_size: int = BLOCK, d
     return _signature(body, m, n, k, ng, bits, dtype, bias)
 
 
+@functools.lru_cache(maxsize=64)
 def dequantize_func(n: int, k: int, bits: int, *, group_size: int = BLOCK, dtype: str = "float32",
                     affine: str = "offset") -> tvm.tirx.PrimFunc:
     """``W_b`` as ``dtype`` ``[n, k]`` from the view's planes: arguments planes..., scale, offset (or zero), w (written)."""

@@ -7,6 +7,7 @@ the model name would die with an illegal instruction.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import ClassVar
@@ -17,6 +18,7 @@ from tvm.target import codegen
 from ..tvm.dispatch import LibraryDispatch
 from ..tvm.target import PlanStage, TvmTarget
 from .dispatch import DISPATCH
+from . import lowbit
 from .gemm import select_gemm_kernels
 from .schedule import default_rules
 from .tuning import Tuning, tune_kernels
@@ -53,6 +55,10 @@ class CpuTarget(TvmTarget):
 
     def spec_fields(self, target: dict) -> dict:
         return {"mcpu": target.get("mcpu")}  # TvmVmKernel refuses a library built for another CPU
+
+    def converters(self) -> dict:
+        target = tvm.target.Target(self.target_json())  # the kernels' schedule follows the CPU compiled for
+        return {lowbit.NESTED_LINEAR: functools.partial(lowbit.convert_nested_linear, target=target)}
 
     def plan_stages(self) -> list[PlanStage]:
         return [PlanStage("select_gemm", "gemm_kernels", lambda plan: select_gemm_kernels(plan, self.gemm_kernels))]

@@ -54,8 +54,9 @@ _FOLD_MAX_ELEMENTS = 1 << 22
 
 class _Bridge:
     def __init__(self, gm: fx.GraphModule, dispatch: LibraryDispatch, plan: Plan,
-                 weights: dict[str, torch.Tensor] | None = None):
+                 weights: dict[str, torch.Tensor] | None = None, converters: dict | None = None):
         self.gm = gm
+        self.converters = converters or {}
         self.dispatch = dispatch
         self.plan = plan
         self.weights = weights or {}
@@ -130,6 +131,11 @@ class _Bridge:
             rule, args = self.dispatch.specialize(*self.plan[node], self.known)
             self.env[node] = self._emit_dispatch(node, rule, args)
             self._note(node, "dispatch", function=rule.function, rule=rule.name)
+            return
+        converter = self.converters.get(node.target)
+        if converter is not None:  # the target's own kernel for an op the op table lacks
+            self.env[node] = self._check(node, converter(self.bb, node, self.env.__getitem__))
+            self._note(node, "target")
             return
         merged = self._merged_heads(node)
         if merged is not None:
@@ -726,11 +732,13 @@ def convertible(node: fx.Node, dispatch: LibraryDispatch) -> bool:
 
 
 def to_relax(gm: fx.GraphModule, dispatch: LibraryDispatch, plan: Plan, name: str = "main",
-             weights: dict[str, torch.Tensor] | None = None) -> tuple[tvm.IRModule, list[dict]]:
+             weights: dict[str, torch.Tensor] | None = None,
+             converters: dict | None = None) -> tuple[tvm.IRModule, list[dict]]:
     """The Relax module for ``gm`` (one function ``name``, params = placeholders) and a per-node report.
 
     ``plan`` is ``dispatch``'s plan of ``gm`` (after any target stage refined it). ``weights`` (by
     placeholder name) are read only to specialize dispatch calls (an all-True mask is dropped).
+    ``converters``: the target's own (``TvmTarget.converters``), tried before the op table.
     """
-    bridge = _Bridge(gm, dispatch, plan, weights)
+    bridge = _Bridge(gm, dispatch, plan, weights, converters)
     return bridge.convert(name), bridge.report

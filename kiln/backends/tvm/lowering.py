@@ -69,7 +69,7 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
     plan_reports = {}
     for plan_stage in target.plan_stages():
         plan, plan_reports[plan_stage.report_key] = timed(plan_stage.name, plan_stage.run, plan)
-    mod, node_report = timed("convert", to_relax, gm, target.dispatch, plan, ENTRY, weights)
+    mod, node_report = timed("convert", to_relax, gm, target.dispatch, plan, ENTRY, weights, target.converters())
     tvm_target = tvm.target.Target(target_json)
     with tvm_target:
         mod = timed("fuse_norm", stage("fuse_norm", target), mod)

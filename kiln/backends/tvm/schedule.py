@@ -49,7 +49,10 @@ class NamedRule(dlight.ScheduleRule):
 
 
 def applied_rule(func: tirx.PrimFunc) -> str | None:
-    """The rule that scheduled ``func`` (None: no rule matched, it runs as legalized)."""
+    """The rule that scheduled ``func`` (None: no rule matched, it runs as legalized); a kernel generated
+    already scheduled (a target's own converter) names its schedule in the ``kiln.schedule`` attribute."""
+    if func.attrs is not None and "kiln.schedule" in func.attrs:
+        return str(func.attrs["kiln.schedule"])
     body = func.body
     block = getattr(body, "block", None)
     return str(block.annotations[RULE_ATTR]) if block is not None and RULE_ATTR in block.annotations else None

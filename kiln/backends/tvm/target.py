@@ -7,6 +7,7 @@
     spec_fields(t)     what the runtime loader checks besides the TVM version (the CPU's: mcpu)
     dispatch           which FX nodes run as library kernels, and their ABI (``dispatch.LibraryDispatch``)
     plan_stages()      FX stages that refine the dispatch plan (the CPU's GEMM kernel selection)
+    converters()       the target's own converters for ops the op table lacks (the CPU's kiln::nested_linear)
     legalize_passes()  Relax ops -> TIR (default: ``pipeline.legalize_passes``)
     schedule_rules()   the dlight-style rules that schedule each TIR kernel
     tunes(), tune()    optional tuning between fuse and schedule (the CPU's MetaSchedule tuning)
@@ -56,6 +57,12 @@ class TvmTarget(ABC):
 
     def plan_stages(self) -> list[PlanStage]:
         return []
+
+    def converters(self) -> dict:
+        """The target's own converters, ``{op: fn(bb, node, value_of) -> Relax value}``, tried before the op
+        table (``bb``: the converter's ``relax.BlockBuilder``; ``value_of(fx_node)``: an argument's Relax value).
+        The CPU's: ``kiln::nested_linear`` as ``R.call_tir`` of its generated low-bit kernels."""
+        return {}
 
     def legalize_passes(self) -> list:
         from .pipeline import legalize_passes  # pipeline.py names TvmTarget only for typing
