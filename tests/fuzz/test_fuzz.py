@@ -26,6 +26,8 @@ REGRESSION_SEEDS = {
     3000133: "F2: bf16 Linear on oneDNN, NaN bleeds into the previous row (only when oneDNN is measured faster)",
     3000208: "F3: chained clamp, exponential compile time (a hang)",
     6000423: "F5: elu near 0 as exp(x) - 1, then a reciprocal",
+    9100138: "F6: layer norm's mean summed in fp32, then a sum of the normalized row (fixed: fp64 mean)",
+    9701127: "F6: layer norm's mean summed in fp32, then its reciprocal (fixed: fp64 mean)",
 }
 SEEDS = [*range(200), *REGRESSION_SEEDS]
 CASE_TIMEOUT_S = 60  # a case that compiles this long is a failure (crash: hung) in the subset
