@@ -63,6 +63,22 @@ def cmd_train(a) -> None:
           f"({stats['threads']} threads) -> {a.out / 'policy'}", file=sys.stderr)
 
 
+def calibration_samples(path, tok, n: int = 32, seed: int = 0) -> list[tuple]:
+    """``n`` demonstration steps as inputs of the forward (instruction, observation, the expert's action
+    tokens): kiln measures each layer's sensitivity on them."""
+    import numpy as np
+
+    from .sim import load_demos
+    from .tokens import actions_to_tokens, instruction
+
+    demos = load_demos(path)
+    rows = np.random.default_rng(seed).choice(len(demos["obs"]), size=min(n, len(demos["obs"])), replace=False)
+    tasks = [str(t) for t in demos["tasks"]]
+    tokens = torch.from_numpy(actions_to_tokens(demos["actions"][rows]))
+    return [(tok.tensor(instruction(tasks[int(demos["task"][r])])), torch.from_numpy(demos["obs"][r]).float()[None],
+             tokens[i:i + 1]) for i, r in enumerate(rows)]
+
+
 def cmd_eval(a) -> None:
     from .configs import ALL_CONFIGS, BuildContext, NotAvailable, build, run_order
     from .model import load_policy
@@ -76,9 +92,10 @@ def cmd_eval(a) -> None:
         trace = a.out / "trace.jsonl"
         trace.unlink(missing_ok=True)
     results, unavailable = [], set()
+    calibration = calibration_samples(a.out / "demos.npz", tok) if (a.out / "demos.npz").exists() else []
     for task in tasks:
         env = make_env(task)
-        ctx = BuildContext(task)
+        ctx = BuildContext(task, calibration=calibration)
         for name in configs:
             if name in unavailable:
                 continue

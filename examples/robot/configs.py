@@ -17,26 +17,24 @@ and records ``plan.name`` / ``plan.avg_bits`` per step, so the printed
 steps at each plan is reported beside it. ``weight_bytes`` is what the
 configuration holds for every plan it may select.
 
-Where the rest of issue 10 plugs in:
+The quantized configurations are kiln's (``kiln.NestedQuantization``): the
+trained policy is compiled once with the plans ``w8`` / ``w4`` / ``w2`` and
+DyQ's ``dyq-hi`` / ``dyq-mid`` / ``dyq-lo`` (``DYQ_PLANS``: budgets that kiln
+allocates per layer from the sensitivity it measures on calibration samples
+of the demonstrations), the plan a run-time control of the one artifact.
 
-- ``static8`` / ``static4`` / ``static2`` here are a **placeholder reference**:
-  plain-torch fake quantization (asymmetric min-max codes per group of 128
-  input channels, fp16 scale and zero point per group) applied to copies of
-  the linear weights -- accuracy only, no kernels, one copy per bit-width.
-  kiln's nested-weight quantization pass replaces them: its compiled program
-  becomes ``step_fn(plan)`` (the plan a run-time control), its byte count
-  ``weight_bytes``.
-- ``static-matched`` (the static per-layer plan at DyQ's average bits) is
-  :class:`StaticPolicy` over a per-layer plan from the allocation pass;
-- ``dyq`` is a :class:`SwitchingPolicy` whose ``selector`` is the kinematic
-  policy of ``kiln.runtime`` reading :class:`~kinematics.KinematicSignals`.
+- ``static8`` / ``static4`` / ``static2``: one plan for every step;
+- ``dyq``: :class:`SwitchingPolicy` whose selector is
+  ``kiln.runtime.precision.DyQPolicy`` reading :class:`~kinematics.KinematicSignals`;
+- ``static-matched``: the static plan kiln allocates at the average bits DyQ
+  ran the same task at (``dyq`` runs first).
 
-Until those land, ``static-matched`` and ``dyq`` are registered as
-:class:`NotAvailable` and the harness reports them as not run.
+``weight_bytes`` counts each quantized linear in nested form with the views
+the configuration's plans read (``kiln.ir.nested.held_bytes``), everything
+else (embeddings, observation projectors, norms: 8% of the parameters) fp32.
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,11 +43,10 @@ import torch
 from torch import nn
 
 from .kinematics import KinematicSignals
-from .model import VLAPolicy
+from .model import VLAPolicy, example_inputs
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 FP32_BITS = 32
-GROUP = 128
 
 
 @dataclass(frozen=True)
@@ -116,70 +113,23 @@ class NotAvailable(Exception):
     """A configuration whose implementation has not landed yet."""
 
 
-# ---------------------------------------------------------------- accounting and the placeholder quantizer
-
-def quantizable_linears(model: VLAPolicy) -> dict[str, nn.Linear]:
-    """The linears a bit-width plan covers: every projection of the decoder blocks and the action head (the
-    observation projectors and embeddings stay fp32: they are 1% of the weights)."""
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and (n.startswith("blocks.") or n == "head")}
-
+# ---------------------------------------------------------------- accounting
 
 def fp32_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
-
-
-def plan_avg_bits(model: VLAPolicy, bits: dict[str, int]) -> float:
-    """Mean bits per weight of a per-layer plan over the quantizable linears (weighted by weight count)."""
-    lin = quantizable_linears(model)
-    total = sum(m.weight.numel() for m in lin.values())
-    return sum(m.weight.numel() * bits[n] for n, m in lin.items()) / total
-
-
-def fake_quant_weight(w: torch.Tensor, bits: int, group: int = GROUP) -> torch.Tensor:
-    """PLACEHOLDER reference quantizer (until kiln's pass lands): asymmetric min-max codes in
-    ``[0, 2^bits)`` per group of ``group`` input channels (per output channel when the row is shorter),
-    scale and zero point rounded to fp16 as stored; returns the dequantized weight."""
-    out_f, in_f = w.shape
-    g = group if in_f % group == 0 else in_f
-    wg = w.detach().reshape(out_f, in_f // g, g).double()
-    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-    levels = 2**bits - 1
-    scale = ((hi - lo) / levels).clamp_min(1e-8).half().double()
-    zero = (-lo / scale).round().clamp(0, levels)
-    q = (wg / scale + zero).round().clamp(0, levels)
-    return ((q - zero) * scale).reshape(out_f, in_f).to(w.dtype)
-
-
-def quantized_bytes(model: VLAPolicy, bits: dict[str, int], group: int = GROUP) -> int:
-    """Bytes held by a per-layer plan: codes at their bits, 4 bytes (fp16 scale + zero) per group, every other
-    tensor (biases, embeddings, norms, projectors, normalisation buffers) in fp32."""
-    lin = quantizable_linears(model)
-    total = fp32_bytes(model)
-    for n, m in lin.items():
-        out_f, in_f = m.weight.shape
-        groups = out_f * (in_f // (group if in_f % group == 0 else in_f))
-        total += -m.weight.numel() * 4 + (m.weight.numel() * bits[n] + 7) // 8 + 4 * groups
-    return total
-
-
-def fake_quantized_copy(model: VLAPolicy, bits: dict[str, int]) -> VLAPolicy:
-    """A copy of ``model`` with each quantizable linear's weight fake-quantized at ``bits[name]``."""
-    q = copy.deepcopy(model).eval()
-    for n, m in quantizable_linears(q).items():
-        with torch.no_grad():
-            m.weight.copy_(fake_quant_weight(m.weight, bits[n]))
-    return q
 
 
 # ---------------------------------------------------------------- the registry
 
 @dataclass
 class BuildContext:
-    """What a configuration may read when it is built for a task: the task, and the results
-    (:class:`sim.EvalResult`, by configuration name) of the configurations already run on it."""
+    """What a configuration may read when it is built for a task: the task, the results
+    (:class:`sim.EvalResult`, by configuration name) of the configurations already run on it, the
+    calibration samples for kiln's sensitivity profile (input tuples of the forward) and kiln's target."""
     task: str = ""
     results: dict[str, Any] = field(default_factory=dict)
+    calibration: list[tuple] = field(default_factory=list)
+    target: str = "cpu"
 
 
 CONFIGS: dict[str, Callable[[VLAPolicy, BuildContext], RobotPolicy]] = {}
@@ -213,11 +163,57 @@ def _fp32(model: VLAPolicy, ctx: BuildContext) -> RobotPolicy:
     return StaticPolicy("fp32", model.eval(), Plan("fp32", FP32_BITS), fp32_bytes(model))
 
 
+# ---------------------------------------------------------------- kiln: nested weights, plans, the DyQ policy
+
+# The plans of one kiln artifact: the static ones, and DyQ's (most to least precise). A float is an
+# average-bit budget that kiln allocates over the layers by their measured sensitivity.
+STATIC_PLANS = {"w8": {"default": 8}, "w4": {"default": 4}, "w2": {"default": 2}}
+DYQ_PLANS = {"dyq-hi": 4.5, "dyq-mid": 3.0, "dyq-lo": {"default": 2}}
+_ARTIFACTS: dict[tuple, Any] = {}
+
+
+def kiln_artifact(model: VLAPolicy, plans: dict, ctx: BuildContext):
+    """``model`` compiled by kiln with these nested-quantization plans (the plan a run-time control); cached."""
+    import json
+
+    import kiln
+
+    key = (id(model), json.dumps(plans, sort_keys=True), ctx.target)
+    if key not in _ARTIFACTS:
+        options = kiln.CompileOptions(quantization=kiln.NestedQuantization(plans=plans),
+                                      calibration=ctx.calibration or None)
+        _ARTIFACTS[key] = kiln.compile(model, example_inputs(model.cfg), target=ctx.target, options=options)
+    return _ARTIFACTS[key]
+
+
+def kiln_step(cm, plan: str) -> StepFn:
+    """The forward of artifact ``cm`` under ``plan`` (set for this call only)."""
+    return lambda text_ids, obs, action_ids: cm.run([text_ids, obs, action_ids], controls={"plan": plan})[0]
+
+
+def kiln_plan(cm, plan: str) -> Plan:
+    return Plan(plan, cm.manifest["quantization"]["plans"][plan]["avg_bits"])
+
+
+def kiln_weight_bytes(model: VLAPolicy, cm, plans) -> int:
+    """Bytes a configuration selecting among ``plans`` holds: each quantized linear in nested form with the views
+    those plans read (``kiln.ir.nested.held_bytes``), every other tensor in fp32."""
+    from kiln.ir.nested import held_bytes
+
+    report = cm.manifest["quantization"]
+    total = fp32_bytes(model)
+    for layer in report["layers"].values():
+        views = tuple({report["plans"][p]["bits"][layer["group"]] for p in plans})
+        total += held_bytes(*layer["shape"], report["group_size"], views) - layer["float_bytes"]
+    return total
+
+
 def _static(bits: int):
     def make(model: VLAPolicy, ctx: BuildContext) -> RobotPolicy:
-        plan = {n: bits for n in quantizable_linears(model)}
-        return StaticPolicy(f"static{bits}", fake_quantized_copy(model, plan), Plan(str(bits), float(bits)),
-                            quantized_bytes(model, plan))
+        cm = kiln_artifact(model, {**STATIC_PLANS, **DYQ_PLANS}, ctx)
+        plan = f"w{bits}"
+        return StaticPolicy(f"static{bits}", kiln_step(cm, plan), kiln_plan(cm, plan),
+                            kiln_weight_bytes(model, cm, [plan]))
     return make
 
 
@@ -225,13 +221,23 @@ for _b in (8, 4, 2):
     register(f"static{_b}")(_static(_b))
 
 
-def _not_available(name: str, what: str):
-    def make(model: VLAPolicy, ctx: BuildContext) -> RobotPolicy:
-        raise NotAvailable(f"{name}: {what}")
-    return make
+@register("dyq")
+def _dyq(model: VLAPolicy, ctx: BuildContext) -> RobotPolicy:
+    from kiln.runtime.precision import DyQPolicy
+
+    cm = kiln_artifact(model, {**STATIC_PLANS, **DYQ_PLANS}, ctx)
+    plans = {p: kiln_plan(cm, p) for p in DYQ_PLANS}
+    selector = DyQPolicy({p: plan.avg_bits for p, plan in plans.items()})
+    return SwitchingPolicy("dyq", {p: kiln_step(cm, p) for p in plans}, plans, selector,
+                           kiln_weight_bytes(model, cm, list(plans)))
 
 
-register("static-matched")(_not_available(
-    "static-matched", "needs the sensitivity-based allocation (issue 10 item 2) at DyQ's measured average bits"))
-register("dyq")(_not_available(
-    "dyq", "needs the nested-weight pass and the kinematic policy (issue 10 items 1, 3, 5)"))
+@register("static-matched")
+def _static_matched(model: VLAPolicy, ctx: BuildContext) -> RobotPolicy:
+    """The static plan kiln allocates (by sensitivity) at the average bits DyQ ran this task at."""
+    if "dyq" not in ctx.results:
+        raise NotAvailable("static-matched: needs the dyq result of the same task (run dyq with it)")
+    budget = min(max(ctx.results["dyq"].avg_bits, 2.0), 8.0)
+    cm = kiln_artifact(model, {"matched": budget}, ctx)
+    return StaticPolicy("static-matched", kiln_step(cm, "matched"), kiln_plan(cm, "matched"),
+                        kiln_weight_bytes(model, cm, ["matched"]))
