@@ -17,6 +17,28 @@ schedules (``vnni``: 256-bit, ``fma``: codes converted to fp32).
 
     .venv/bin/python benchmarks/lowbit_kernels.py [--shapes 4096x4096,2048x8192,8192x2048] [--rows 1,64,128]
         [--rounds 10] [--schedules] [--cycle-mb MB] [--threads T]
+
+Measured with ``--rows 1,64,128 --schedules`` (Intel Xeon, AVX-512 VNNI / BF16 / AMX, 2 cores, 480 MiB
+L3; NOT quiet: other sessions' training, evaluation and fuzzing held the load average at 2.7-2.8, so
+every time here carries contention; read bandwidth 21.7 GB/s). 4096x4096, M = 1 (ms per call; x fp32:
+median of paired per-round time ratios, noisy under this load; x roof: time over bytes / 21.7 GB/s):
+
+    contender                ms/call  reads MB  x roof      contender                ms/call  x roof
+    fp32 F.linear              2.459     67.11    0.80      bf16 F.linear              1.662    1.08
+    int8pack_mm bf16           0.851     16.79    1.10      int4pack_mm bf16 g128      0.761    1.86
+    kiln 8-bit fp32            1.574     17.30    1.98      kiln 8-bit bf16            1.484    1.86
+    kiln 4-bit fp32            0.866      8.91    2.11      kiln 4-bit bf16            0.802    1.95
+    kiln 2-bit fp32            0.641      4.72    2.95      kiln 2-bit bf16            0.631    2.90
+    kiln 4-bit fp32 [vnni]     1.033      8.91    2.52      kiln 4-bit bf16 [vnni]     0.846    2.06
+    kiln 4-bit fp32 [fma]      2.528      8.91    6.16      kiln 4-bit bf16 [fma]      2.487    6.06
+
+Against fp32 F.linear: 4-bit 0.35x (fp32 x) / 0.33x (bf16 x), 2-bit 0.26x; against bf16 F.linear:
+4-bit bf16 0.48x. Not reached here: 4-bit within 1.5x of the roofline (1.95x) and 2-bit <= 0.7x the
+4-bit time (0.79x): from cache the kernels take 0.28 (4-bit bf16) / 0.22 ms (2-bit), and DRAM time
+adds to compute rather than hiding it. Prefill, ms per call (M = 64 / 128): fp32 F.linear 28.5 / 45.2,
+bf16 F.linear 8.8 / 14.0, int8pack 32.2 / 57.5, int4pack 32.4 / 28.7, kiln 4-bit dequantize +
+F.linear fp32 30.9 / 53.6, bf16 15.3 / 17.2, kiln fused (8-row x tiles) fp32 41.4 / 88.9, bf16
+25.5 / 51.7.
 """
 from __future__ import annotations
 
