@@ -35,7 +35,20 @@ median of paired per-round time ratios, noisy under this load; x roof: time over
 Against fp32 F.linear: 4-bit 0.35x (fp32 x) / 0.33x (bf16 x), 2-bit 0.26x; against bf16 F.linear:
 4-bit bf16 0.48x. Not reached here: 4-bit within 1.5x of the roofline (1.95x) and 2-bit <= 0.7x the
 4-bit time (0.79x): from cache the kernels take 0.28 (4-bit bf16) / 0.22 ms (2-bit), and DRAM time
-adds to compute rather than hiding it. Prefill, ms per call (M = 64 / 128): fp32 F.linear 28.5 / 45.2,
+adds to compute rather than hiding it, and with a core shared with another job a 2-thread kernel waits
+for its slower half. On one thread (``--threads 1 --rows 1``, the other core busy with another job,
+read bandwidth 11.2 GB/s on one core):
+
+    contender                ms/call  x roof      contender                ms/call  x roof
+    fp32 F.linear              4.925    0.83      bf16 F.linear              3.117    1.04
+    int8pack_mm bf16           1.580    1.06      int4pack_mm bf16 g128      1.320    1.67
+    kiln 8-bit fp32            1.580    1.03      kiln 8-bit bf16            1.421    0.92
+    kiln 4-bit fp32            0.852    1.07      kiln 4-bit bf16            0.772    0.97
+    kiln 2-bit fp32            0.608    1.45      kiln 2-bit bf16            0.532    1.27
+
+There the targets hold: 4-bit at 0.97x / 1.07x the roofline, 2-bit at 0.69x (bf16) / 0.71x (fp32) the
+4-bit time, 4-bit bf16 0.16x fp32 F.linear and 0.25x bf16 F.linear, 1.7x faster than int4pack_mm.
+Prefill, ms per call (M = 64 / 128): fp32 F.linear 28.5 / 45.2,
 bf16 F.linear 8.8 / 14.0, int8pack 32.2 / 57.5, int4pack 32.4 / 28.7, kiln 4-bit dequantize +
 F.linear fp32 30.9 / 53.6, bf16 15.3 / 17.2, kiln fused (8-row x tiles) fp32 41.4 / 88.9, bf16
 25.5 / 51.7.

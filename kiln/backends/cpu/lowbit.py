@@ -49,7 +49,9 @@ x only). From cache (best of 300, same load) 4-bit bf16 0.28 ms, 2-bit 0.22: the
 about compute + transfer, not their maximum (the row-ahead prefetch took 1.6 -> 1.0 ms on one
 thread). Schedules at 4-bit: vnni512 0.80-0.87, vnni (256-bit) 0.85-1.03, fma 2.5 ms (it spends ~10
 instructions per 32 weights widening and converting codes; vpdpbusd takes the bytes as they are).
-Prefill (64 / 128 rows): dequantize to bf16 + ``F.linear`` 15 / 17 ms against bf16 ``F.linear``'s 9 /
+On one thread (the other core busy with another job): 4-bit bf16 0.77 ms, 0.97x the one-core
+roofline (fp32 x 1.07x), 2-bit 0.69x the 4-bit time, against fp32 ``F.linear``'s 4.9 ms and
+int4pack's 1.32 ms. Prefill (64 / 128 rows): dequantize to bf16 + ``F.linear`` 15 / 17 ms against bf16 ``F.linear``'s 9 /
 14 and fp32's 29 / 45; the fused kernel with 8-row x tiles is slower (26 / 52 ms), so
 ``convert_nested_linear`` dequantizes above ``DECODE_MAX_ROWS``.
 """
