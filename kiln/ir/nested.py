@@ -71,6 +71,13 @@ class NestedWeight:
         hi = self.planes["hi"]
         return hi.shape[0], hi.shape[1] * 4
 
+    def keeping(self, views: tuple[int, ...]) -> NestedWeight:
+        """The same weight serving only ``views`` (a subset of its own): the planes and steps they read."""
+        for bits in views:
+            self._check_view(bits)
+        planes = {p: self.planes[p] for p in PLANES_OF[max(views)]}
+        return NestedWeight(planes, {b: self.scales[b] for b in views}, self.zero, self.group_size)
+
     def tensors_for(self, bits: int) -> list[torch.Tensor]:
         """What the ``bits``-bit view reads: its planes, its step, the zero point."""
         self._check_view(bits)

@@ -39,7 +39,7 @@ import torch.fx as fx
 
 from ..errors import KilnError
 from ..ir import Graph, QuantSpec
-from ..ir.nested import BLOCK, PLANES_OF, VIEWS, encode, view_error
+from ..ir.nested import BLOCK, PLANES_OF, VIEWS, NestedWeight, encode, view_error
 from ..ir.rewrite import replace_node
 from .base import Pass, PassContext, PassResult, register_pass
 
@@ -114,25 +114,21 @@ def candidates(graph: Graph, group_size: int) -> tuple[list[fx.Node], list[str]]
     return chosen, left
 
 
-def sensitivity(graph: Graph, nodes: list[fx.Node], views: tuple[int, ...], group_size: int,
+def sensitivity(graph: Graph, nodes: list[fx.Node], encoded: dict[fx.Node, NestedWeight],
                 samples: list[list[torch.Tensor]]) -> dict[str, dict[int, float]]:
     """Per group and view: the outputs' relative squared error with only that group's weights at that view."""
     by_group: dict[str, list[fx.Node]] = defaultdict(list)
     for n in nodes:
         by_group[group_of(graph, n)].append(n)
     reference = [graph.run(s) for s in samples]
-    dequantized = {}
-    for n in nodes:
-        w = graph.weights[n.args[1].name]
-        nested = encode(w, group_size, views)
-        dequantized[n] = {b: nested.dequantize(b).to(w.dtype) for b in views}
+    views = next(iter(encoded.values())).views
     profile: dict[str, dict[int, float]] = {}
     for group, members in by_group.items():
         profile[group] = {}
         for bits in views:
             weights = dict(graph.weights)
             for n in members:
-                weights[n.args[1].name] = dequantized[n][bits]
+                weights[n.args[1].name] = encoded[n].dequantize(bits).to(graph.weights[n.args[1].name].dtype)
             probe = Graph(graph.gm, weights, graph.signature, graph.name)
             profile[group][bits] = _relative_error([probe.run(s) for s in samples], reference)
     return profile
@@ -203,10 +199,12 @@ class QuantizeNested(Pass):
         sizes: dict[str, int] = defaultdict(int)
         for n in nodes:
             sizes[group_of(graph, n)] += graph.weights[n.args[1].name].numel()
+        # Each weight encoded once, serving every view; a layer keeps only the views its plans read.
+        encoded = {n: encode(graph.weights[n.args[1].name], config.group_size, config.views) for n in nodes}
         profile = None
         if any(isinstance(p, (int, float)) for p in config.plans.values()):
             samples = ctx.calibration if ctx.calibration is not None else [ctx.real_inputs]
-            profile = sensitivity(graph, nodes, config.views, config.group_size, samples)
+            profile = sensitivity(graph, nodes, encoded, samples)
         group_plans = {name: (allocate(sizes, profile, float(plan), config.views)
                               if isinstance(plan, (int, float)) else _explicit(plan, sizes, name))
                        for name, plan in config.plans.items()}
@@ -219,19 +217,19 @@ class QuantizeNested(Pass):
             report["plans"][name] = {"bits": bits, "avg_bits": sum(sizes[g] * b for g, b in bits.items()) / total_weights}
         graph.plans = {name: {} for name in group_plans}
         for n in nodes:
-            self._rewrite(graph, n, group_plans, config, report)
+            self._rewrite(graph, n, encoded.pop(n), group_plans, config, report)
         graph.default_plan = config.default_plan
         graph.quantization = report
         return PassResult(True, {"quantized": len(nodes), "left_float": len(left), "plans": len(group_plans)})
 
-    def _rewrite(self, graph: Graph, node: fx.Node, group_plans: dict, config: NestedQuantization,
-                 report: dict) -> None:
+    def _rewrite(self, graph: Graph, node: fx.Node, full: NestedWeight, group_plans: dict,
+                 config: NestedQuantization, report: dict) -> None:
         group = group_of(graph, node)
         x, weight_node = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         weight = graph.weights[weight_node.name]
         held = tuple(sorted({plan[group] for plan in group_plans.values()}, reverse=True))
-        nested = encode(weight, config.group_size, held)
+        nested = full.keeping(held)
         base = weight_node.name
         source = graph.weight_sources.get(base)
         added = {}

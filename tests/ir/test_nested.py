@@ -60,6 +60,9 @@ def test_nested_bytes_are_within_1_05x_of_the_8_bit_codes_and_parameters_alone()
     assert form.nbytes(2) < form.nbytes(4) < form.nbytes(8) <= form.nbytes()
     for views in [(8, 4, 2), (4, 2), (8, 2), (2,)]:  # what held_bytes predicts is what encode holds
         assert nested.held_bytes(512, 1024, 128, views) == encode(w, views=views).nbytes()
+    kept = form.keeping((4, 2))  # the same codes, fewer views: what encode(views=(4, 2)) holds
+    assert set(kept.planes) == {"hi", "mid"} and kept.nbytes() == encode(w, views=(4, 2)).nbytes()
+    assert torch.equal(kept.dequantize(2), form.dequantize(2))
     low = encode(w, views=(4, 2))  # a form serving only 4 and 2 bits holds no lo plane
     assert set(low.planes) == {"hi", "mid"} and low.views == (4, 2)
     assert low.nbytes() < 0.56 * w.numel()
