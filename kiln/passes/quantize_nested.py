@@ -241,10 +241,8 @@ class QuantizeNested(Pass):
             added["zero"] = graph.add_weight(f"{base}_zero", nested.zero, source and f"{source}:zero")
         bits = group_plans[config.default_plan][group]
         new = replace_node(graph.fx, node, NESTED_LINEAR, nested_args(x, added, bias, bits, config.group_size))
-        graph.meta(new).quant = QuantSpec("nested", held, scale=added[f"scale{bits}"].name,
-                                          zero_point=added["zero"].name, axis=0, group_size=config.group_size,
-                                          layout="nested-msb")
         new.meta["kiln_nested"] = {k: v.name for k, v in added.items()}
+        _use_view(graph, new, added, held, bits)
         for name, plan in group_plans.items():
             graph.plans[name][new.name] = plan[group]
         if not weight_node.users:
@@ -254,6 +252,14 @@ class QuantizeNested(Pass):
             "bytes": nested.nbytes(), "float_bytes": weight.numel() * weight.element_size(),
             "bytes_read": {str(b): nested.nbytes(b) for b in held},
             "error": {str(b): view_error(weight, nested, b) for b in held}}
+
+
+def _use_view(graph: Graph, node: fx.Node, added: dict, held: tuple[int, ...], bits: int) -> None:
+    """Point the nested linear ``node`` at the ``bits``-bit view of the weights in ``added`` (args and QuantSpec)."""
+    x, bias, group_size = node.args[0], node.args[6], node.args[8]
+    node.args = nested_args(x, added, bias, bits, group_size)
+    graph.meta(node).quant = QuantSpec("nested", held, scale=added[f"scale{bits}"].name, zero_point=added["zero"].name,
+                                       axis=0, group_size=group_size, layout="nested-msb")
 
 
 def nested_args(x, added: dict, bias, bits: int, group_size: int) -> tuple:
@@ -282,9 +288,5 @@ def apply_plan(graph: Graph, plan: str) -> None:
     weights = {n.name: n for n in graph.weight_nodes()}
     for node in graph.compute_nodes():
         if node.target is NESTED_LINEAR and node.name in bits_of:
-            bits = bits_of[node.name]
             added = {k: weights[v] for k, v in node.meta["kiln_nested"].items()}
-            node.args = nested_args(node.args[0], added, node.args[6], bits, node.args[8])
-            graph.meta(node).quant = QuantSpec("nested", graph.meta(node).quant.bits, scale=added[f"scale{bits}"].name,
-                                               zero_point=added["zero"].name, axis=0, group_size=node.args[8],
-                                               layout="nested-msb")
+            _use_view(graph, node, added, graph.meta(node).quant.bits, bits_of[node.name])
