@@ -144,9 +144,10 @@ def matmul(a, b, out):
 def _attention(q, k, v, mask, causal, scale, gqa):
     """PyTorch's attention; with a NaN or inf in q, k or v, its math path. The fused CPU kernel drops NaN from
     some rows when its inputs are contiguous (as TVM's buffers are), where fp64 and eager on a strided view
-    keep it (fuzz seed 9800272); checking costs one pass over q, k and v."""
+    keep it (fuzz seed 9800272). The check is one sum per input: a NaN or inf makes it non-finite (a finite
+    sum overflowing only sends a call down the math path, still right)."""
     kwargs = dict(attn_mask=mask, is_causal=bool(causal), scale=scale or None, enable_gqa=bool(gqa))
-    if not all(bool(torch.isfinite(t).all()) for t in (q, k, v)):
+    if not bool(torch.isfinite(q.sum(dtype=torch.float32) + k.sum(dtype=torch.float32) + v.sum(dtype=torch.float32))):
         return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, **kwargs)[0]
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
