@@ -389,17 +389,21 @@ class CompiledModel:
     def selected(self, controls: Mapping | None = None) -> str:
         """The program a call made now would run (before the policy's choice)."""
         chosen, _ = self._split(controls or {})
+        return self._selection(chosen).name
+
+    def _selection(self, chosen) -> Program:
+        """The program of the selector value ``chosen`` (None: the using() block's, else the model's)."""
         if chosen is None and self.selector is not None:
             chosen = _using().get(id(self), {}).get(self.selector.name)
-        return self._program(chosen).name
+        return self._program(chosen)
 
     def run(self, flat_inputs: list[torch.Tensor], trace: Trace | None = None, controls: Mapping | None = None
             ) -> list:
         """Run the selected (default) program on flat, already checked inputs; returns flat outputs (``Program.run``)."""
         if self.selector is None:
             return self.default_program.run(flat_inputs, trace, controls)
-        program = self.programs[self.selected(controls)]
-        _, rest = self._split(controls or {})
+        chosen, rest = self._split(controls or {})
+        program = self._selection(chosen)
         if self.policy is not None:
             current = {self.selector.name: program.name, **program.control_values(rest)}
             choice = self.policy(program.name, current)
