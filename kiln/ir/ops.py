@@ -30,6 +30,14 @@ name, for experts modules that ``kiln.ir.moe`` does not recognise.
 
 ``kiln::nested_linear``: a linear layer over one view (8, 4 or 2 bits) of a
 nested weight (``kiln.ir.nested``), the op the ``quantize_nested`` pass writes.
+
+``kiln::int8_linear``: a linear layer as a mobile NPU runs it (mllm-NPU, QNN's
+w8a8): the activation quantized per tensor with one static scale (clipped to
+``[-127, 127]``: values beyond ``127 * x_scale`` saturate), an int8 x int8
+matrix product accumulated exactly in int32 (``torch._int_mm``), then scaled
+back by ``x_scale * weight_scale[n]`` in float32. The integer part is exact,
+so every kernel of this op gives bitwise the same result. The ``npu`` backend
+runs it; ``ExtractOutliers`` computes the clipped channels beside it in float.
 """
 from __future__ import annotations
 
@@ -195,10 +203,53 @@ def _nested_linear_fake(x, hi, mid, lo, scale, zero, bias, bits, group_size):
     return x.new_empty(*x.shape[:-1], hi.shape[0])
 
 
+# ``kiln::int8_linear``: ``dequant(int8(clip(x / x_scale)) @ weight^T) + bias`` (see the module docstring).
+# ``weight`` is int8 ``[N, K]`` (symmetric, per output channel), ``weight_scale`` float32 ``[N]``.
+_lib.define("int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, float x_scale) -> Tensor")
+
+
+def _check_int8(x, weight, weight_scale, bias, x_scale):
+    torch._check(weight.dtype == torch.int8 and weight.dim() == 2,
+                 lambda: f"int8_linear: weight must be int8 [N, K], not {weight.dtype} {list(weight.shape)}")
+    n, k = weight.shape
+    torch._check(x.dtype.is_floating_point and x.shape[-1] == k,
+                 lambda: f"int8_linear: x must be floating point with {k} features, not {x.dtype} {list(x.shape)}")
+    torch._check(weight_scale.dtype == torch.float32 and tuple(weight_scale.shape) == (n,),
+                 lambda: f"int8_linear: weight_scale must be float32 [{n}]")
+    torch._check(bias is None or tuple(bias.shape) == (n,), lambda: f"int8_linear: bias must be [{n}]")
+    torch._check(x_scale > 0 and x_scale != float("inf"), lambda: f"int8_linear: x_scale must be > 0 and finite, "
+                 f"not {x_scale}")
+
+
+def quantize_activation(x: torch.Tensor, x_scale: float) -> torch.Tensor:
+    """``x`` as int8 codes of step ``x_scale``: rounded half to even, saturated to ``[-127, 127]``."""
+    return torch.clamp(torch.round(x.float() / x_scale), -127, 127).to(torch.int8)
+
+
+def int8_linear(x, weight, weight_scale, bias, x_scale):
+    _check_int8(x, weight, weight_scale, bias, x_scale)
+    rows = x.reshape(-1, x.shape[-1])
+    acc = torch._int_mm(quantize_activation(rows, x_scale), weight.t())  # exact int32 accumulation
+    out = acc.to(torch.float32) * (weight_scale * x_scale)
+    if bias is not None:
+        out = out + bias.float()
+    return out.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+
+
+_lib.impl("int8_linear", int8_linear, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("kiln::int8_linear", lib=_lib)
+def _int8_linear_fake(x, weight, weight_scale, bias, x_scale):
+    _check_int8(x, weight, weight_scale, bias, x_scale)
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 # Every op kiln registers: what artifacts, the verifier and the torch backend admit of ``kiln::``.
 OPS: frozenset[torch._ops.OpOverload] = frozenset({torch.ops.kiln.moe_experts.default,
                                                    torch.ops.kiln.grouped_mm.default,
-                                                   torch.ops.kiln.nested_linear.default})
+                                                   torch.ops.kiln.nested_linear.default,
+                                                   torch.ops.kiln.int8_linear.default})
 
 
 def is_kiln_op(target) -> bool:
