@@ -7,11 +7,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "load", "CompileOptions", "NestedQuantization", "KilnError", "__version__"]
+__all__ = ["compile", "load", "CompileOptions", "NestedQuantization", "Int8Quantization", "KilnError", "__version__"]
 
 
 def __getattr__(name: str):
-    if name in ("compile", "CompileOptions", "NestedQuantization"):
+    if name in ("compile", "CompileOptions", "NestedQuantization", "Int8Quantization"):
         from . import api
 
         return getattr(api, name)

@@ -22,6 +22,7 @@ from .ir.tracing import trace
 from .passes import (Instrument, PassContext, PassManager, PassRecord, Skip, StopAfter, Verify, get_pipeline,
                      verification_default)
 from .passes.calibration import check_calibration, flatten_calibration
+from .passes.extract_outliers import Int8Quantization
 from .passes.quantize_nested import NestedQuantization, apply_plan
 from .runtime import Artifact, CompiledModel
 from .runtime.artifact import merge_programs, new_manifest, program_entry
@@ -55,6 +56,8 @@ class CompileOptions:
     calibration: Any = field(default=None, repr=False)
     # Nested weight quantization with run-time bit-width plans (kiln/passes/quantize_nested.py); None: float.
     quantization: NestedQuantization | None = None
+    # w8a8 linears with their activation outliers in float beside them (kiln/passes/extract_outliers.py); None: float.
+    int8: Int8Quantization | None = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -73,6 +76,11 @@ class CompileOptions:
         if self.quantization is not None and not isinstance(self.quantization, NestedQuantization):
             raise KilnError("CompileOptions.quantization must be a kiln.NestedQuantization, "
                             f"not {type(self.quantization).__name__}")
+        if self.int8 is not None and not isinstance(self.int8, Int8Quantization):
+            raise KilnError(f"CompileOptions.int8 must be a kiln.Int8Quantization, not {type(self.int8).__name__}")
+        if self.int8 is not None and self.quantization is not None:
+            raise KilnError("CompileOptions.int8 and CompileOptions.quantization both quantize the linears: "
+                            "set one of them")
 
     def verifying(self) -> bool:
         return self.verify is VerifyMode.ALWAYS or (self.verify is VerifyMode.AUTO and verification_default())

@@ -11,7 +11,8 @@ STAGES: dict[str, list[str]] = {
     "cleanup": ["remove_trace_asserts", "eliminate_dead_code", "fold_constants"],
     "optimize": ["prune_rows"],
     "analysis": ["annotate_regions"],
-    "quantize": ["quantize_nested"],  # does nothing unless CompileOptions.quantization is set
+    # each does nothing unless its option is set: CompileOptions.quantization, CompileOptions.int8
+    "quantize": ["quantize_nested", "extract_outliers"],
     "placement": ["place"],  # last: every pass before it may set placements it needs kept
 }
 
