@@ -38,6 +38,7 @@ def trace(model: torch.nn.Module, example_inputs, example_kwargs: dict | None = 
         raise TraceError(f"kiln compiles torch.nn.Module objects; got {type(model).__name__}")
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
+    args, kwargs = _unaliased(model, args, kwargs)
     name = type(model).__name__
     tracker = _ModuleTracker(model)
     with kv_cache_disabled(model), experts_as_kiln_ops(model), tracker, torch_trace_logs_silenced(), \
@@ -54,6 +55,31 @@ def trace(model: torch.nn.Module, example_inputs, example_kwargs: dict | None = 
         ep = ep.run_decompositions({})
     replace_foreign_grouped_mm(ep.graph_module)
     return from_exported_program(ep, name)
+
+
+def _unaliased(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The example inputs with every tensor that shares memory with an earlier one (or a weight) cloned.
+
+    torch.export specializes on aliasing it sees: given the same tensor as two
+    inputs, it traces a graph that reads one placeholder for both (and ignores
+    the other), which is wrong for every later call with two different tensors.
+    A compiled program takes its inputs as independent values, so it is traced
+    on independent copies.
+    """
+    from torch.utils import _pytree as pytree
+
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    seen = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta"}
+    out = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta" and leaf.untyped_storage().nbytes():
+            ptr = leaf.untyped_storage().data_ptr()
+            if ptr in seen:
+                leaf = leaf.clone()
+                ptr = leaf.untyped_storage().data_ptr()
+            seen.add(ptr)
+        out.append(leaf)
+    return pytree.tree_unflatten(out, spec)
 
 
 def from_exported_program(ep: torch.export.ExportedProgram, name: str) -> Graph:

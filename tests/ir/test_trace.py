@@ -153,3 +153,39 @@ def test_failed_trace_leaves_only_kilns_error_and_restores_torch_log_levels(mode
             lg.removeHandler(keep)
     assert [f"{r.name}: {r.getMessage()[:80]}" for r in records] == []
     assert [lg.level for lg in loggers] == levels
+
+
+class _ThreeInputs(torch.nn.Module):
+    def forward(self, x, a, b):
+        return x + a * 2 + b * 3
+
+
+def test_the_same_tensor_given_as_two_example_inputs_compiles_a_graph_for_two_inputs():
+    # torch.export traces aliased inputs as one placeholder (the other unread): every later call with two
+    # different tensors came out wrong (found by the chain runner's test: frac(l0(x) + s0) read s1).
+    import kiln
+
+    s = torch.randn(3)
+    for example in ((torch.randn(3), s, s), (torch.randn(3), s[:3], s)):
+        cm = kiln.compile(_ThreeInputs(), example)
+        x, a, b = torch.randn(3), torch.randn(3), torch.randn(3)
+        torch.testing.assert_close(cm(x, a, b), _ThreeInputs()(x, a, b))
+        assert {n.name for n in cm.default_program.signature.inputs} == {"x", "a", "b"}
+
+
+def test_a_weight_given_as_an_example_input_stays_an_input():
+    import kiln
+
+    lin = torch.nn.Linear(3, 3, bias=False)
+
+    class UsesWeightAndInput(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, w):
+            return self.lin.weight + w
+
+    cm = kiln.compile(UsesWeightAndInput(), (lin.weight.detach(),))
+    w = torch.randn(3, 3)
+    torch.testing.assert_close(cm(w), lin.weight.detach() + w)
