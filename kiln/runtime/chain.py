@@ -1,0 +1,170 @@
+"""Chained runs of one program: ``k`` steps, each step's carried inputs being outputs of the step before.
+
+A program entry with a ``chain`` field (written by
+:func:`kiln.passes.schedule_blocks.schedule_chain`) declares its carry
+(``[[output index, input name], ...]``: the output that feeds that input of
+the next step) and, per chain length, one task order per queue. A
+:class:`Chain` runs ``k`` steps either
+
+- ``"in-order"``: every task after the one before it, step by step, in the
+  program's task order (each still on its own queue's worker, so both runs
+  use the same threads and cores), or
+- ``"scheduled"``: the stored out-of-order orders, one worker per queue,
+  each task waiting only for its own dependencies (its ``after`` within its
+  step, and for a carried input the task of the step before that produced
+  it).
+
+Every task reads only values its dependencies wrote, each step in its own
+environment, so both orders give bitwise the same results (as long as each
+kernel is deterministic for a fixed thread count: ``queue_cores`` fixes the
+cores and thread count of every queue's worker).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from ..errors import ArtifactError, InputMismatchError
+from .executor import Program, Trace
+
+IN_ORDER = "in-order"
+SCHEDULED = "scheduled"
+
+
+class Chain:
+    """Runs :class:`Program` ``program`` as a chain of steps (see the module docstring)."""
+
+    def __init__(self, program: Program, queue_cores: Mapping[str, Sequence[int]] | None = None):
+        chain = program.entry.get("chain")
+        if chain is None:
+            raise ArtifactError(f"program {program.name!r} has no field chain (compile it with a chain schedule)")
+        self.program = program
+        self.carry: dict[str, int] = {name: index for index, name in chain["carry"]}
+        self.orders: dict[int, dict[str, list[tuple[int, str]]]] = {
+            int(k): {q: [(int(i), n) for i, n in order] for q, order in per_queue.items()}
+            for k, per_queue in chain["orders"].items()}
+        self._by_name = {t[0]: t for t in program._tasks}
+        producer = {o: t[0] for t in program._tasks for o in t[3]}
+        self._carried_from = {name: producer[program.entry["outputs"][index]["value"]]
+                              for name, index in self.carry.items()}
+        self.queue_cores = self._check_cores(queue_cores or {})
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def max_steps(self) -> int:
+        return max(self.orders)
+
+    def _check_cores(self, queue_cores: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+        available = os.sched_getaffinity(0)
+        out = {}
+        for q, cores in queue_cores.items():
+            if q not in self.program.queues:
+                raise InputMismatchError(f"queue_cores names queue {q!r}; program {self.program.name!r} has "
+                                         f"{', '.join(self.program.queues)}")
+            cores = tuple(cores)
+            if not cores or not set(cores) <= available:
+                raise InputMismatchError(f"queue_cores[{q!r}] = {list(cores)}: cores must be a non-empty subset "
+                                         f"of this process's {sorted(available)}")
+            out[q] = cores
+        return out
+
+    def run(self, steps: Sequence[Sequence[torch.Tensor | None]], controls: Sequence[Mapping] | None = None,
+            order: str = SCHEDULED, trace: Trace | None = None) -> list[list]:
+        """Run ``len(steps)`` steps; returns every step's flat outputs.
+
+        ``steps[i]`` are step ``i``'s flat inputs; a carried input is taken
+        from the step before (pass None for it) except in step 0, which
+        needs them all. ``controls[i]``: step ``i``'s control values.
+        """
+        k = len(steps)
+        program = self.program
+        if order not in (IN_ORDER, SCHEDULED):
+            raise InputMismatchError(f"order must be {IN_ORDER!r} or {SCHEDULED!r}, not {order!r}")
+        if order == SCHEDULED and k not in self.orders:
+            raise InputMismatchError(f"program {program.name!r} has out-of-order schedules for chains of "
+                                     f"1..{self.max_steps} steps, not {k}")
+        controls = list(controls) if controls is not None else [{}] * k
+        if len(controls) != k:
+            raise InputMismatchError(f"{k} steps but {len(controls)} sets of controls")
+        names = [i.name for i in program.signature.inputs]
+        envs = []
+        for i, (flat, values) in enumerate(zip(steps, controls)):
+            if len(flat) != len(names):
+                raise InputMismatchError(f"step {i} has {len(flat)} inputs; the program takes {len(names)}")
+            env = {n: v for n, v in zip(names, flat) if not (i and n in self.carry)}
+            missing = [n for n in names if n not in env and not (i and n in self.carry)]
+            if missing or any(v is None for v in env.values()):
+                raise InputMismatchError(f"step {i} lacks inputs {missing or [n for n, v in env.items() if v is None]}")
+            env.update((n, program.controls[n].tensor(v)) for n, v in program.control_values(values).items())
+            envs.append(env)
+        orders, extra = self._orders(k, order)
+        deps = {(i, name): [(i, d) for d in t[5]] + [(i - 1, self._carried_from[n]) for n in t[2]
+                                                       if i and n in self.carry] + extra.get((i, name), [])
+                for i in range(k) for name, t in self._by_name.items()}
+        self._run(orders, deps, envs, trace or program._owner._trace)
+        weights = program._weights
+        return [[(env[o["value"]] if o["value"] in env else weights[o["value"]]) if "value" in o else o["literal"]
+                 for o in program._outputs] for env in envs]
+
+    def _orders(self, k: int, order: str) -> tuple[dict[str, list[tuple[int, str]]], dict]:
+        if order == SCHEDULED:
+            return self.orders[k], {}
+        sequence = [(i, t[0]) for i in range(k) for t in self.program._tasks]
+        per_queue: dict[str, list[tuple[int, str]]] = {}
+        for n in sequence:
+            per_queue.setdefault(self._by_name[n[1]][1], []).append(n)
+        return per_queue, {b: [a] for a, b in zip(sequence, sequence[1:])}  # each waits for the one before
+
+    def _run(self, orders, deps, envs, trace: Trace | None) -> None:
+        events = {n: threading.Event() for n in deps}
+        failed = threading.Event()
+        program = self.program
+
+        def work(queue: str, order: list[tuple[int, str]]) -> None:
+            cores = self.queue_cores.get(queue)
+            if cores is not None:
+                os.sched_setaffinity(0, cores)  # this thread only
+                torch.set_num_threads(len(cores))  # this thread's OpenMP team
+            try:
+                with torch.no_grad():
+                    for n in order:
+                        for d in deps[n]:
+                            events[d].wait()
+                        if failed.is_set():
+                            return
+                        i, name = n
+                        _, _, inputs, outputs, kernel, _ = self._by_name[name]
+                        env = envs[i]
+                        for x in inputs:
+                            if x not in env and i and x in self.carry:
+                                src = program._outputs[self.carry[x]]["value"]
+                                env[x] = envs[i - 1][src]
+                        start = time.perf_counter_ns() if trace is not None else 0
+                        env.update(zip(outputs, kernel(*[env[x] for x in inputs])))
+                        if trace is not None:
+                            trace.add(program.name, f"{name}@{i}", queue, start, time.perf_counter_ns())
+                        events[n].set()
+            except BaseException:
+                failed.set()
+                for e in events.values():
+                    e.set()
+                raise
+
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(len(program.queues), thread_name_prefix=f"kiln-chain-{program.name}")
+        futures = [self._pool.submit(work, q, o) for q, o in orders.items()]
+        errors = []
+        for f in futures:
+            try:
+                f.result()
+            except BaseException as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
