@@ -103,6 +103,21 @@ _SIGNATURE = {"type": "object", "required": ["inputs", "in_spec", "out_spec"], "
     "inputs": {"type": "array", "items": {**_KILN_TYPE, "required": ["name", "shape", "dtype"],
                                           "properties": {**_KILN_TYPE["properties"], "name": _NAME}}},
     "in_spec": {"type": "string"}, "out_spec": {"type": "string"}}}
+_STEP_TASK = {"type": "array", "prefixItems": [{"type": "integer", "minimum": 0}, _NAME], "minItems": 2,
+              "maxItems": 2}
+_CHAIN = {
+    "type": "object", "required": ["carry", "orders"],
+    "properties": {
+        # [output index, input name]: that output of a step is that input of the next
+        "carry": {"type": "array", "items": {"type": "array", "prefixItems": [{"type": "integer", "minimum": 0},
+                                                                                _NAME], "minItems": 2, "maxItems": 2}},
+        # chain length -> queue -> [[step, task], ...]
+        "orders": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": "^[1-9][0-9]*$"},
+                   "additionalProperties": {"type": "object", "additionalProperties": {"type": "array",
+                                                                                       "items": _STEP_TASK}}},
+        "costs": {"type": "object"}, "makespans": {"type": "object"},  # what ScheduleBlocks used: for tools only
+    },
+}
 _PROGRAM = {
     "type": "object", "required": ["signature", "tasks", "outputs"],
     "properties": {
@@ -113,6 +128,9 @@ _PROGRAM = {
         "weight_sources": {"type": "object", "additionalProperties": {"type": "string"}},
         "passes": {"type": "array"},
         "fallbacks": {"type": "array"},
+        # chained runs of this program (kiln/runtime/chain.py): the carried state and the out-of-order
+        # task orders per chain length, written by ScheduleBlocks (kiln/passes/schedule_blocks.py)
+        "chain": _CHAIN,
         # room for multi-process programs: the worker group that runs this program, and its rank in it
         "group": {"type": "object", "required": ["name", "rank", "size"], "properties": {
             "name": _NAME, "rank": {"type": "integer", "minimum": 0}, "size": {"type": "integer", "minimum": 1}}},
@@ -291,6 +309,59 @@ def _check_program(manifest: dict, program: dict, weights: dict[str, torch.Tenso
         if "value" in out and out["value"] not in producer and out["value"] not in weights:
             raise ArtifactError(f"{where}.outputs[{i}] is {out['value']!r}, which is neither a program input, "
                                 "a task's output nor a weight")
+    if "chain" in program:
+        _check_chain(program, producer, where)
+
+
+def _check_chain(program: dict, producer: dict, where: str) -> None:
+    """The chain field: carried outputs are task outputs feeding real inputs; every order runs each task once, on
+    its queue, and cannot deadlock (a queue waiting on a task that waits on it)."""
+    at = f"{where}: field chain"
+    chain = program["chain"]
+    inputs = {i["name"] for i in program["signature"]["inputs"]}
+    outputs = program["outputs"]
+    carried: dict[str, str] = {}
+    for index, name in chain["carry"]:
+        if index >= len(outputs) or "value" not in outputs[index] or producer.get(outputs[index]["value"]) is None:
+            raise ArtifactError(f"{at}.carry: output {index} is not a value a task computes")
+        if name not in inputs or name in carried:
+            raise ArtifactError(f"{at}.carry: {name!r} is not an input of the program, or is carried twice")
+        carried[name] = producer[outputs[index]["value"]]
+    tasks = {t["name"]: t for t in program["tasks"]}
+    for k, per_queue in chain["orders"].items():
+        steps = int(k)
+        where_k = f"{at}.orders[{k!r}]"
+        want = {(i, name) for i in range(steps) for name in tasks}
+        seen = set()
+        for queue, order in per_queue.items():
+            for i, name in order:
+                if (i, name) not in want or (i, name) in seen:
+                    raise ArtifactError(f"{where_k}: [{i}, {name!r}] is not a task of a {steps}-step chain, or runs "
+                                        "twice")
+                if tasks[name]["queue"] != queue:
+                    raise ArtifactError(f"{where_k}: task {name!r} runs on queue {tasks[name]['queue']!r}, not "
+                                        f"{queue!r}")
+                seen.add((i, name))
+        if seen != want:
+            raise ArtifactError(f"{where_k}: {len(want - seen)} tasks of the chain are in no queue's order")
+        # run the orders as the runtime would, heads first: if no queue can move, they deadlock
+        done: set = set()
+        heads = {q: 0 for q in per_queue}
+        while len(done) < len(want):
+            moved = False
+            for q, order in per_queue.items():
+                while heads[q] < len(order):
+                    i, name = order[heads[q]]
+                    deps = [(i, a) for a in tasks[name]["after"]] + [
+                        (i - 1, carried[x]) for x in tasks[name]["inputs"] if i and x in carried]
+                    if not all(d in done for d in deps):
+                        break
+                    done.add((i, name))
+                    heads[q] += 1
+                    moved = True
+            if not moved:
+                raise ArtifactError(f"{where_k}: the queues' orders deadlock (each waits on a task another has "
+                                    "not reached)")
 
 
 def topological_order(tasks: list[dict], where: str) -> list[int]:

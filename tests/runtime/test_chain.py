@@ -105,3 +105,39 @@ def test_bad_calls_are_refused(chained):
     plain = kiln.compile(nn.Linear(2, 2), (torch.randn(1, 2),))
     with pytest.raises(ArtifactError, match="no field chain"):
         Chain(plain.default_program)
+
+
+def _first_queue_order(m):
+    return m["programs"]["main"]["chain"]["orders"]["2"]
+
+
+def _swap_two_first(m):  # cpu0 runs step 1's first task before step 0's: it waits on what waits on it
+    order = m["programs"]["main"]["chain"]["orders"]["2"]["cpu0"]
+    order[0], order[-1] = order[-1], order[0]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: _first_queue_order(m)["cpu0"].pop(), "in no queue's order"),
+    (lambda m: _first_queue_order(m)["cpu0"].append([0, "nope"]), "is not a task of a 2-step chain"),
+    (lambda m: _first_queue_order(m)["cpu1"].append(_first_queue_order(m)["cpu0"].pop()), "runs on queue 'cpu0'"),
+    (_swap_two_first, "deadlock"),
+    (lambda m: m["programs"]["main"]["chain"]["carry"].append([2, "s0"]), "carried twice"),
+    (lambda m: m["programs"]["main"]["chain"]["carry"].append([9, "x"]), "output 9 is not a value"),
+    (lambda m: m["programs"]["main"]["chain"]["carry"].__setitem__(0, [1, "nope"]), "'nope' is not an input"),
+    (lambda m: m["programs"]["main"]["chain"]["orders"].__setitem__("0", {}), "field programs.main.chain.orders"),
+])
+def test_a_tampered_chain_is_refused_at_load(chained, tmp_path, no_kernel_loads, rewrite_manifest, edit, message):
+    _, cm = chained
+    path = cm.save(tmp_path / "chain")
+    rewrite_manifest(path, edit)
+    with pytest.raises(ArtifactError, match=message):
+        kiln.load(path)
+
+
+def test_the_chain_survives_save_and_load(chained, tmp_path):
+    m, cm = chained
+    loaded = kiln.load(cm.save(tmp_path / "chain"))
+    *_, steps = _steps(3)
+    a = Chain(loaded.default_program).run(steps)
+    b = Chain(cm.default_program).run(steps, order=IN_ORDER)
+    assert all(torch.equal(x, y) for u, v in zip(a, b) for x, y in zip(u, v))
