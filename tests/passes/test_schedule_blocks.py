@@ -79,3 +79,16 @@ def test_schedule_chain_records_orders_for_every_length_and_refuses_bad_carry():
         schedule_chain(_program(), {1: "kv"}, 2, {"qkv": 1.0}, cost_source="modeled")
     with pytest.raises(KilnError, match="cost_source"):
         schedule_chain(_program(), {1: "kv"}, 2, COSTS, cost_source="guessed")
+
+
+def test_a_schedule_as_a_trace_is_valid_trace_event_json_marked_modeled():
+    from jsonschema import validate
+
+    from tests.runtime.test_scheduler import TRACE_EVENT_SCHEMA
+
+    dag = chain_dag(_program(), {1: "kv"}, 2, COSTS)
+    trace = list_schedule(dag).to_trace("out-of-order")
+    validate(trace, TRACE_EVENT_SCHEMA)
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert len(spans) == 6 and all(e["cat"] == "modeled" for e in spans)
+    assert {e["name"]: e["ts"] for e in spans}["ffn@1"] == 12
