@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kiln-installed
 
-.PHONY: setup demo test test-all bench fuzz robot clean
+.PHONY: setup demo test test-all bench bench-peers fuzz robot clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,16 @@ test-all: setup
 
 bench: setup
 	$(PY) benchmarks/compiled_vs_eager.py
+
+# The same benchmark with ONNX Runtime and OpenVINO beside kiln (installs the `bench` extra); more flags: BENCH_ARGS=
+BENCH_ARGS ?=
+BENCH_STAMP := $(VENV)/.kiln-bench-installed
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+bench-peers: $(BENCH_STAMP)
+	$(PY) benchmarks/compiled_vs_eager.py --peers ort,ov-f32,ov $(BENCH_ARGS)
 
 # Differential fuzzing against eager (tests/fuzz): N cases from SEED (default: from the clock, printed);
 # report in out/fuzz/report.{json,md}. One case again: $(PY) -m tests.fuzz --case SEED
