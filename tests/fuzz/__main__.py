@@ -15,7 +15,7 @@ from .runner import ROOT, campaign, commit, serve, write_report
 
 
 def _show(record: dict) -> None:
-    for key in ("outcome", "noncontiguous_inputs", "stage", "reason", "exception", "where", "eager_exception", "same_kind", "fallback",
+    for key in ("outcome", "noncontiguous_inputs", "aliased_compile_inputs", "stage", "reason", "exception", "where", "eager_exception", "same_kind", "fallback",
                 "err_kiln_eager", "err_eager_fp64", "err_kiln_fp64", "fp64_distance_ratio", "fp64_exception", "compile_s", "stderr_tail"):
         if record.get(key) not in (None, [], "", False):
             print(f"{key}: {record[key]}")
