@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 
 def median_ms(contenders: dict[str, Callable[[], object]], repeat: int = 10, warmup: int = 3) -> dict[str, float]:
@@ -15,17 +15,28 @@ def median_ms(contenders: dict[str, Callable[[], object]], repeat: int = 10, war
     return {name: statistics.median(t) for name, t in rounds_ms(contenders, repeat, warmup).items()}
 
 
-def rounds_ms(contenders: dict[str, Callable[[], object]], repeat: int = 10, warmup: int = 3) -> dict[str, list[float]]:
-    """Milliseconds of each contender's call in each of ``repeat`` interleaved rounds, after warm-up."""
-    for fn in contenders.values():
+def rounds_ms(contenders: dict[str, Callable[[], object]], repeat: int = 10, warmup: int = 3,
+              settle_s: Mapping[str, float] | None = None) -> dict[str, list[float]]:
+    """Milliseconds of each contender's call in each of ``repeat`` interleaved rounds, after warm-up.
+
+    ``settle_s`` names contenders after whose every call the loop sleeps (untimed) that many seconds
+    before the next call starts: a runtime whose threads keep spinning after it returns (ONNX Runtime's
+    do for ~30 ms) would otherwise slow whatever is timed right after it.
+    """
+    settle = dict(settle_s or {})
+    for name, fn in contenders.items():
         for _ in range(warmup):
             fn()
+            if name in settle:
+                time.sleep(settle[name])
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeat):
         for name, fn in contenders.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+            if name in settle:
+                time.sleep(settle[name])
     return {name: [x * 1e3 for x in t] for name, t in times.items()}
 
 

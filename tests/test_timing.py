@@ -1,4 +1,5 @@
 """kiln.timing's arithmetic (no wall-clock assertion: the callables' times are not checked)."""
+from kiln import timing
 from kiln.timing import paired_speedup, rounds_ms
 
 
@@ -15,3 +16,12 @@ def test_rounds_ms_runs_each_contender_warmup_plus_repeat_times_interleaved():
     times = rounds_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeat=3, warmup=1)
     assert calls == ["a", "b"] + ["a", "b"] * 3
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+
+
+def test_rounds_ms_settles_untimed_after_each_call_of_the_named_contenders(monkeypatch):
+    calls = []
+    monkeypatch.setattr(timing.time, "sleep", lambda s: calls.append(f"sleep {s}"))
+    times = rounds_ms({"a": lambda: calls.append("a"), "ort": lambda: calls.append("ort")}, repeat=2, warmup=1,
+                      settle_s={"ort": 0.1})
+    assert calls == ["a", "ort", "sleep 0.1"] + ["a", "ort", "sleep 0.1"] * 2
+    assert {k: len(v) for k, v in times.items()} == {"a": 2, "ort": 2}
