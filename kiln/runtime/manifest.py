@@ -155,10 +155,16 @@ SCHEMA = {
         "queues": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": QUEUE_NAME},
                    "additionalProperties": {"type": "object", "required": ["device"],
                                             "properties": {"device": _NAME}}},
-        # an LLM (kiln/llm/runtime.py): which program prefills each prompt-length bucket, and which decodes
+        # an LLM (kiln/llm/runtime.py): which program prefills each prompt-length bucket, or the chunk program
+        # with its outputs' names and carried state (output -> the input it feeds next chunk), and which decodes
         "llm": {"type": "object", "required": ["prefill", "decode"], "additionalProperties": False, "properties": {
-            "prefill": {"type": "object", "minProperties": 1, "propertyNames": {"pattern": "^[1-9][0-9]*$"},
+            "prefill": {"type": "object", "propertyNames": {"pattern": "^[1-9][0-9]*$"},
                         "additionalProperties": _NAME},
+            "chunk": {"type": "object", "required": ["size", "program", "outputs", "carry"],
+                      "additionalProperties": False, "properties": {
+                          "size": {"type": "integer", "minimum": 1}, "program": _NAME,
+                          "outputs": {"type": "array", "minItems": 1, "items": _NAME},
+                          "carry": {"type": "object", "additionalProperties": _NAME}}},
             "decode": _NAME}},
         # a control whose value names the program a call runs (the bit-width plans of a nested-quantized model)
         "selector": {"type": "object", "required": ["name", "values", "default"], "additionalProperties": False,
@@ -228,10 +234,15 @@ def check_consistency(manifest: dict, weights: dict[str, torch.Tensor], where: s
     for name, program in programs.items():
         _check_program(manifest, program, weights, f"{where}: programs[{name!r}]")
     if "llm" in manifest:
-        for name in [manifest["llm"]["decode"], *manifest["llm"]["prefill"].values()]:
+        llm = manifest["llm"]
+        chunk = [llm["chunk"]["program"]] if "chunk" in llm else []
+        for name in [llm["decode"], *llm["prefill"].values(), *chunk]:
             if name not in programs:
                 raise ArtifactError(f"{where}: field llm names program {name!r}, which is not in field programs "
                                     f"(it has {', '.join(sorted(programs))})")
+        if not llm["prefill"] and not chunk:
+            raise ArtifactError(f"{where}: field llm has no prefill program (llm.prefill is empty and there is no "
+                                "llm.chunk)")
     if "selector" in manifest:
         _check_selector(manifest["selector"], programs, where)
 
