@@ -95,7 +95,7 @@ class Int8Quantization:
     ratio: float = 6.0
     max_fraction: float = 0.01
     float_path: str | tuple[str, ...] = "auto"
-    min_gain: float = 2.0
+    min_gain: float = 1.5
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self):
