@@ -214,7 +214,7 @@ class Compilation:
 def _record_json(r: PassRecord) -> dict:
     return {"name": r.name, "skipped": r.skipped, "seconds": round(r.seconds, 6), "modified": r.modified,
             "added": len(r.added), "removed": len(r.removed), "rewritten": len(r.rewritten),
-            "annotated": len(r.annotated), "stats": r.stats}
+            "annotated": len(r.annotated), "stats": r.stats, **({"notes": r.notes} if r.notes else {})}
 
 
 def _package_version(name: str) -> str | None:

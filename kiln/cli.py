@@ -411,6 +411,8 @@ def _inspect(args, out: Console, err: Console) -> None:
         compiled = compilation.lower()
 
     out.print(_pass_table(graph, records, traced_drift))
+    for table in _notes_tables(records):
+        out.print(table)
     if compiled.manifest.get("quantization"):
         for table in _quantization_tables(compiled, flat_inputs, reference):
             out.print(table)
@@ -464,11 +466,27 @@ def _pass_table(graph, records: list, traced_drift: float) -> Table:
         if r.skipped:
             table.add_row(str(i), Text(r.name), "skipped", "", "", "", "", "", "")
             continue
-        stats = " ".join(f"{k}={v}" for k, v in r.stats.items())
+        # counts by reason ("refused_by_npu: <reason>") are listed per node in the notes tables below
+        stats = " ".join(f"{k}={v}" for k, v in r.stats.items() if ": " not in k)
         table.add_row(str(i), Text(r.name), f"{r.seconds * 1e3:.2f}", str(len(r.added)), str(len(r.removed)),
                       str(len(r.rewritten)), str(len(r.annotated)), Text(stats), _drift(r.extra.get("drift")))
     table.caption = f"{len(graph.compute_nodes())} compute nodes after the pipeline"
     return table
+
+
+def _notes_tables(records: list) -> list[Table]:
+    """A pass's per-node notes (the place pass: why each node did not go to the target's first backend)."""
+    tables = []
+    for r in records:
+        if not r.notes:
+            continue
+        table = Table(title=f"pass {r.name}: notes on {len(r.notes)} nodes", title_justify="left")
+        table.add_column("node", no_wrap=True)
+        table.add_column("note")
+        for node, note in r.notes.items():
+            table.add_row(Text(node), Text(note))
+        tables.append(table)
+    return tables
 
 
 def _quantization_tables(compiled, flat_inputs: list, reference: list) -> list[Table]:

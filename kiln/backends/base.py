@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import KilnError, UnknownNameError
+from ..ir.printer import op_name
 
 
 @dataclass
@@ -61,6 +62,8 @@ class Backend(ABC):
 
     name: ClassVar[str]
     options_type: ClassVar[type | None] = None
+    # The queue nodes placed here run on unless a pass chose one (NodeMeta.queue); None: the default queue (cpu0).
+    default_queue: ClassVar[str | None] = None
 
     def __init__(self, options=None):
         if options is None and self.options_type is not None:
@@ -70,6 +73,16 @@ class Backend(ABC):
     @abstractmethod
     def supports(self, node: fx.Node) -> bool:
         """Whether this backend can run ``node`` (a ``call_function`` node)."""
+
+    def refusal(self, node: fx.Node) -> str | None:
+        """Why this backend cannot run ``node``, naming the op (None: it can). Placement records it.
+
+        A backend with reasons to give (the ``npu`` backend's static shapes
+        and op set) overrides this; the default derives it from ``supports``.
+        """
+        if self.supports(node):
+            return None
+        return f"{op_name(node.target)}: not supported by backend {self.name!r}"
 
     @abstractmethod
     def lower(self, partition: Partition) -> LoweredPartition:
@@ -90,6 +103,7 @@ _BACKENDS: dict[str, type[Backend]] = {}
 # target name -> backends it may place nodes on, most preferred first
 TARGETS: dict[str, list[str]] = {
     "cpu": ["cpu", "torch"],  # TVM; PyTorch kernels for what TVM cannot lower
+    "npu": ["npu", "cpu", "torch"],  # the emulated NPU's int8 matmuls; the CPU for what it refuses
     "torch": ["torch"],  # the reference: PyTorch's kernels only
 }
 

@@ -34,9 +34,17 @@ from .base import Backend, LoweredPartition, Partition
 log = logging.getLogger("kiln")
 
 
-def assign_placement(graph: Graph, target: str, backends: list[Backend]) -> None:
+def assign_placement(graph: Graph, target: str, backends: list[Backend]) -> dict[str, str]:
+    """Place every unplaced compute node (see the module doc); returns why the target's first backend refused
+    each node it placed elsewhere: node name -> reason (``Backend.refusal``).
+
+    A node placed on a backend with a ``default_queue`` (``npu`` -> ``npu0``) gets that queue unless a pass
+    set one.
+    """
     by_name = {b.name: b for b in backends}
     fallbacks: Counter[str] = Counter()
+    refusals: dict[str, str] = {}
+    first = backends[0]
     for node in graph.compute_nodes():
         meta = graph.meta(node)
         if meta.placement is not None:
@@ -45,19 +53,27 @@ def assign_placement(graph: Graph, target: str, backends: list[Backend]) -> None
                 raise UnsupportedOpError(
                     f"node {node.name} ({op_name(node.target)}) was placed on {meta.placement!r}, "
                     f"which target {target!r} cannot run it on (its backends: {', '.join(by_name)})")
+            if meta.queue is None and backend.default_queue is not None:
+                meta.queue = backend.default_queue
             continue
         backend = _choose(node, backends)
         if backend is not None:
             meta.placement = backend.name
-            if backend is not backends[0]:
+            if meta.queue is None and backend.default_queue is not None:
+                meta.queue = backend.default_queue
+            if backend is not first:
                 fallbacks[f"{op_name(node.target)} -> {backend.name}"] += 1
+                why = first.refusal(node)
+                if why is not None:  # (not when the first supports it and another was cheaper)
+                    refusals[node.name] = why
         else:
             raise UnsupportedOpError(
                 f"node {node.name}: op {op_name(node.target)} is not supported by target {target!r} "
                 f"(backends tried: {', '.join(by_name)})" + _where(node))
     if fallbacks:
         log.info("kiln: target %r: %d nodes not supported by %r fall back: %s", target, sum(fallbacks.values()),
-                 backends[0].name, ", ".join(f"{k} (x{n})" for k, n in sorted(fallbacks.items())))
+                 first.name, ", ".join(f"{k} (x{n})" for k, n in sorted(fallbacks.items())))
+    return refusals
 
 
 def _choose(node: fx.Node, backends: list[Backend]) -> Backend | None:
@@ -150,11 +166,11 @@ def place_and_lower(graph: Graph, target: str, backends: list[Backend]
             except KilnError as e:
                 if not isinstance(e, UnsupportedOpError):
                     raise  # the user's options or files are at fault (TuningError...), not the op
-                nodes = _fall_back(graph, p, e, fallback.name)
+                nodes = _fall_back(graph, p, e, fallback.name, backend.default_queue)
                 fallbacks.append(_report(p, nodes, e, fallback.name))
                 break
             except Exception as e:  # noqa: BLE001 - the compiler behind the backend failed: fall back
-                nodes = _fall_back(graph, p, e, fallback.name)
+                nodes = _fall_back(graph, p, e, fallback.name, backend.default_queue)
                 fallbacks.append(_report(p, nodes, e, fallback.name))
                 break
         else:
@@ -169,8 +185,11 @@ def _report(partition: Partition, nodes: list[str], error: Exception, fallback: 
     return {"backend": partition.backend, "nodes": nodes, "reason": reason}
 
 
-def _fall_back(graph: Graph, partition: Partition, error: Exception, fallback: str) -> list[str]:
-    """Re-place on ``fallback`` the node ``error`` names, else every node of ``partition``; their names."""
+def _fall_back(graph: Graph, partition: Partition, error: Exception, fallback: str,
+               queue: str | None = None) -> list[str]:
+    """Re-place on ``fallback`` the node ``error`` names, else every node of ``partition``; their names.
+
+    A node on ``queue`` (the failed backend's default queue, which placement gave it) goes back to the default."""
     members = {n.name: n for n in graph.compute_nodes()}
     named = getattr(error, "node", None)
     if isinstance(error, UnsupportedOpError) and named in members and graph.meta(members[named]).placement \
@@ -181,4 +200,6 @@ def _fall_back(graph: Graph, partition: Partition, error: Exception, fallback: s
         chosen = [n for name, n in members.items() if name in inside]
     for n in chosen:
         graph.meta(n).placement = fallback
+        if queue is not None and graph.meta(n).queue == queue:
+            graph.meta(n).queue = None
     return [n.name for n in chosen]

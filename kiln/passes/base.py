@@ -17,6 +17,7 @@ class PassResult:
 
     modified: bool
     stats: dict[str, int] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # per node name: why (e.g. a placement refusal)
 
 
 @dataclass

@@ -35,6 +35,7 @@ class PassRecord:
     rewritten: list[str] = field(default_factory=list)
     annotated: list[str] = field(default_factory=list)  # same op and inputs, new placement/layer/role/quant/...
     stats: dict[str, int] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # the pass's per-node notes (PassResult.notes)
     extra: dict[str, object] = field(default_factory=dict)  # filled by instruments (drift, snapshots)
 
 
@@ -95,6 +96,7 @@ class PassManager:
                 record.seconds = time.perf_counter() - start
                 record.modified = result.modified
                 record.stats = dict(result.stats)
+                record.notes = dict(result.notes)
                 ctx.ran.append(p.name)
                 stop = False
                 for inst in self.instruments:

@@ -19,6 +19,9 @@ STAGES: dict[str, list[str]] = {
 PIPELINES: dict[str, list[str]] = {
     "cpu": ["cleanup", "optimize", "analysis", "quantize", "placement"],
     "torch": ["cleanup", "optimize", "analysis", "quantize", "placement"],
+    # the emulated NPU (kiln/backends/npu): the cpu stages for now; the mllm-NPU passes join as stages here
+    # (ExtractOutliers in "quantize", before placement; a block scheduler after "placement", which it reads)
+    "npu": ["cleanup", "optimize", "analysis", "quantize", "placement"],
     "none": [],
 }
 

@@ -496,8 +496,8 @@ def place_on_queues(manifest: dict, queues: dict[str, str], program: str | None 
     """Put the tasks named in ``queues`` (task -> queue) of ``program`` on those queues, declaring new ones.
 
     Placement proper chooses queues at compile time; this sets them on a
-    built manifest (tests put a graph on two queues with it; only ``cpu*``
-    queues run today). Rebuild the CompiledModel afterwards.
+    built manifest (tests put a graph on two queues with it; ``cpu*`` and
+    the emulated ``npu*`` queues run today). Rebuild the CompiledModel afterwards.
     """
     tasks = {t["name"]: t for t in manifest["programs"][program or manifest["default_program"]]["tasks"]}
     if unknown := sorted(set(queues) - set(tasks)):

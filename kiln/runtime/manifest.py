@@ -67,6 +67,19 @@ _TVM_VM_SPEC = {
     },
 }
 
+_NPU_EMULATED_SPEC = {
+    "type": "object", "required": ["graph", "inputs", "digest", "modeled"],
+    "properties": {
+        "graph": _TORCH_GRAPH_SPEC["properties"]["graph"],
+        "inputs": {"type": "array", "items": {**_STATIC_KILN_TYPE, "required": ["name", "shape", "dtype"]}},
+        "digest": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        # the cost model's device time (kiln/backends/npu/cost.py), never a measurement
+        "modeled": {"type": "object", "required": ["execute_us", "build_us"],
+                    "properties": {"execute_us": {"type": "number", "minimum": 0},
+                                   "build_us": {"type": "number", "minimum": 0}}},
+    },
+}
+
 
 def _when_format(name: str, spec: dict, files: dict) -> dict:
     return {"if": {"properties": {"format": {"const": name}}, "required": ["format"]},
@@ -84,6 +97,7 @@ _TASK = {
     "allOf": [
         _when_format("torch-graph", _TORCH_GRAPH_SPEC, {"maxItems": 0}),
         _when_format("tvm-vm", _TVM_VM_SPEC, {"minItems": 1, "maxItems": 1}),  # the library
+        _when_format("npu-emulated", _NPU_EMULATED_SPEC, {"maxItems": 0}),
     ],
 }
 _OUTPUT = {"type": "object", "minProperties": 1, "maxProperties": 1,
@@ -218,7 +232,8 @@ def _field(path) -> str:
 
 
 # The devices whose queues this runtime runs (a worker thread each); an artifact naming another is refused.
-DEVICES = ("cpu",)
+# "npu" is the emulated NPU (kiln/runtime/kernels/npu_emulated.py): its queue's worker computes on this CPU.
+DEVICES = ("cpu", "npu")
 
 
 def check_consistency(manifest: dict, weights: dict[str, torch.Tensor], where: str) -> None:
@@ -473,4 +488,11 @@ def _check_weight(at: str, name: str, tensor: torch.Tensor, shape, dtype: torch.
                             f"the partition was compiled for {dtype} {list(shape)}")
 
 
-_CHECKS = {"torch-graph": _check_torch_graph, "tvm-vm": _check_tvm_vm}
+def _check_npu_emulated(entry: dict, weights: dict[str, torch.Tensor], at: str) -> None:
+    from .kernels.npu_emulated import check_entry
+
+    _check_torch_graph(entry, weights, at)  # the same JSON graph, with the NPU's own checks on top
+    check_entry(entry, at)
+
+
+_CHECKS = {"torch-graph": _check_torch_graph, "tvm-vm": _check_tvm_vm, "npu-emulated": _check_npu_emulated}

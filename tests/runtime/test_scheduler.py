@@ -300,8 +300,8 @@ def test_a_task_waiting_for_itself_is_a_cycle(torch_saved, no_kernel_loads, rewr
 @pytest.mark.parametrize("edit, message", [
     (lambda m: _prog(m)["tasks"][0].update(queue="npu0"),
      r"tasks\[0\] \('part0_torch'\) runs on queue 'npu0', which field queues does not declare \(it declares cpu0\)"),
-    (lambda m: m["queues"].update(npu0={"device": "npu"}),
-     r"queue 'npu0' runs on device 'npu', which this runtime has no worker for \(known: cpu\)"),
+    (lambda m: m["queues"].update(tpu0={"device": "tpu"}),
+     r"queue 'tpu0' runs on device 'tpu', which this runtime has no worker for \(known: cpu, npu\)"),
     (lambda m: m["queues"].update({"cpu 0": {"device": "cpu"}}), r"field queues: 'cpu 0' does not match"),
     (lambda m: m.update(default_program="prefill_8"),
      r"field default_program names program 'prefill_8', which is not in field programs \(it has main\)"),

@@ -27,6 +27,7 @@ Kernel = Callable[..., Sequence[torch.Tensor]]
 _LOADERS = {
     "torch-graph": "torch_graph:load",
     "tvm-vm": "tvm_vm:load",
+    "npu-emulated": "npu_emulated:load",
 }
 FORMATS = tuple(_LOADERS)
 
