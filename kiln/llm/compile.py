@@ -6,8 +6,17 @@ GPT-2) in :class:`kiln.llm.hf.KVCacheLM` and compiles it with
 token (decode), then packs them as ONE artifact whose programs are
 ``prefill_<bucket>`` and ``decode`` over one weight store (every tensor stored
 once: the weights are the model's own in every program), each declaring the
-run-time control ``start_pos`` with the positions it allows. The conventions
-(cache layout, bucket policy) are :mod:`kiln.llm.runtime`'s, which runs it.
+run-time control ``start_pos`` with the positions it allows.
+
+``compile_llm(model, chunk_size=C)`` replaces the buckets by one chunk
+program ``prefill_chunk_<C>``, traced from
+:class:`kiln.llm.hf.LayerwiseKVCacheLM` (one cache tensor per layer in and
+out) and checked by the ``chunk_prefill`` pass (static, ``C`` tokens, no op
+joining the layers' caches); the runtime runs a prompt of any length up to
+the capacity as ``ceil(n / C)`` calls of it. The manifest's ``llm`` index
+names it and its carried state (which output feeds which input of the next
+chunk). The conventions (cache layout, bucket and chunk policy) are
+:mod:`kiln.llm.runtime`'s, which runs it.
 
 This module imports the compiler (``kiln.api``) and, through
 :mod:`kiln.llm.hf`, transformers; the runtime never imports it.
@@ -18,26 +27,46 @@ import torch
 
 from ..api import compile as kiln_compile
 from ..errors import KilnError
+from ..passes import get_pipeline
+from ..passes.chunk_prefill import ChunkPrefill, cache_input_names, output_names
 from ..runtime import CompiledModel
 from ..runtime.artifact import declare_control, merge_programs
-from .hf import KVCacheLM
-from .runtime import DECODE, START_POS, CompiledLLM
+from .hf import KVCacheLM, LayerwiseKVCacheLM
+from .runtime import DECODE, START_POS, CompiledLLM, chunk_program_name
+
+DEFAULT_BUCKETS = (32, 128)
 
 
-def compile_llm(model: torch.nn.Module, *, batch: int = 1, prefill_buckets=(32, 128), capacity: int = 256,
-                target: str = "cpu", options=None) -> CompiledLLM:
-    """Compile a transformers causal LM into one artifact: prefill programs (one per bucket) and a decode program.
+def compile_llm(model: torch.nn.Module, *, batch: int = 1, prefill_buckets=None, chunk_size: int | None = None,
+                capacity: int = 256, target: str = "cpu", options=None) -> CompiledLLM:
+    """Compile a transformers causal LM into one artifact: prefill programs and a decode program.
 
-    ``options`` (a ``kiln.CompileOptions``) applies to every graph; the shapes
-    are static, so ``options.dynamic_shapes`` must be unset.
+    Prefill is either bucketed (``prefill_buckets``, default ``(32, 128)``: one
+    program per bucket, a prompt padded to the smallest that fits) or chunked
+    (``chunk_size=C``: one program of ``C`` tokens run once per chunk, any
+    prompt up to ``capacity``); give one or the other. ``options`` (a
+    ``kiln.CompileOptions``) applies to every graph; the shapes are static, so
+    ``options.dynamic_shapes`` must be unset.
     """
-    buckets = sorted(set(prefill_buckets))
-    if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
-        raise KilnError(f"prefill_buckets must be positive ints; got {prefill_buckets!r}")
+    if chunk_size is not None and prefill_buckets is not None:
+        raise KilnError("compile_llm: give prefill_buckets or chunk_size, not both (chunked prefill serves every "
+                        "prompt length with one program)")
     if not isinstance(batch, int) or batch < 1:
         raise KilnError(f"batch must be a positive int; got {batch!r}")
-    if buckets[-1] > capacity:
-        raise KilnError(f"the largest prefill bucket ({buckets[-1]}) exceeds the cache capacity ({capacity})")
+    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+        raise KilnError(f"capacity must be a positive int; got {capacity!r}")
+    if chunk_size is not None:
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+            raise KilnError(f"chunk_size must be a positive int; got {chunk_size!r}")
+        if chunk_size > capacity:
+            raise KilnError(f"chunk_size ({chunk_size}) exceeds the cache capacity ({capacity})")
+        buckets = []
+    else:
+        buckets = sorted(set(DEFAULT_BUCKETS if prefill_buckets is None else prefill_buckets))
+        if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
+            raise KilnError(f"prefill_buckets must be positive ints; got {prefill_buckets!r}")
+        if buckets[-1] > capacity:
+            raise KilnError(f"the largest prefill bucket ({buckets[-1]}) exceeds the cache capacity ({capacity})")
     if options is not None and getattr(options, "dynamic_shapes", None) is not None:
         raise KilnError("compile_llm compiles one static graph per bucket; leave options.dynamic_shapes unset")
     lm = KVCacheLM(model)
@@ -46,11 +75,37 @@ def compile_llm(model: torch.nn.Module, *, batch: int = 1, prefill_buckets=(32, 
     def compile_for(length: int, name: str):
         ids = torch.zeros(batch, length, dtype=torch.int64)
         artifact = kiln_compile(lm, (ids, torch.tensor(0), k, v), target=target, options=options).artifact
-        (program,) = artifact.manifest["programs"].values()
-        first = 0 if length == 1 else 1 - length  # a prompt of one token, left-padded to the bucket
-        declare_control(program, START_POS, default=first, min=first, max=capacity - length)
-        return name, artifact
+        return name, _with_start_pos(artifact, length, capacity)
 
     parts = dict([compile_for(b, f"prefill_{b}") for b in buckets] + [compile_for(1, DECODE)])
-    index = {"prefill": {str(b): f"prefill_{b}" for b in buckets}, "decode": DECODE}
+    index: dict = {"prefill": {str(b): f"prefill_{b}" for b in buckets}, "decode": DECODE}
+    if chunk_size is not None:
+        name, artifact = _compile_chunk(model, batch, chunk_size, capacity, target, options)
+        parts = {name: artifact, **parts}
+        layers = lm.layers
+        index["chunk"] = {"size": chunk_size, "program": name, "outputs": output_names(layers),
+                          "carry": dict(zip(output_names(layers)[1:], cache_input_names(layers)))}
     return CompiledLLM(CompiledModel(merge_programs(parts, default_program=DECODE, llm=index)))
+
+
+def _compile_chunk(model, batch: int, chunk: int, capacity: int, target: str, options):
+    """The chunk program: ``LayerwiseKVCacheLM`` on ``chunk`` tokens, checked by ``chunk_prefill``."""
+    lm = LayerwiseKVCacheLM(model)
+    k, v = lm.empty_cache(batch, capacity)
+    pipeline = get_pipeline((options.pipeline if options is not None else None) or target)
+    if "annotate_regions" not in pipeline:
+        raise KilnError(f"compile_llm(chunk_size=...): the pipeline ({pipeline}) has no annotate_regions, which "
+                        "the chunk_prefill check needs")
+    at = pipeline.index("annotate_regions") + 1
+    passes = [*pipeline[:at], ChunkPrefill(chunk_size=chunk, layers=lm.layers), *pipeline[at:]]
+    ids = torch.zeros(batch, chunk, dtype=torch.int64)
+    artifact = kiln_compile(lm, (ids, torch.tensor(0), k, v), target=target, passes=passes, options=options).artifact
+    return chunk_program_name(chunk), _with_start_pos(artifact, chunk, capacity)
+
+
+def _with_start_pos(artifact, length: int, capacity: int):
+    """Make ``start_pos`` the program's control: ``1-length .. capacity-length`` (a prompt left-padded to it)."""
+    (program,) = artifact.manifest["programs"].values()
+    first = 0 if length == 1 else 1 - length  # a prompt of one token, left-padded to the bucket or chunk
+    declare_control(program, START_POS, default=first, min=first, max=capacity - length)
+    return artifact

@@ -35,6 +35,13 @@ Every op here is one the TVM frontend converts (``arange``, comparisons,
 ``cumsum`` and no ``cat``. Sliding-window attention is refused: the mask would
 not apply the window.
 
+:class:`LayerwiseKVCacheLM` is the same function with one cache tensor per
+layer in and out (``k_cache`` / ``v_cache`` tuples of ``[batch, kv_heads,
+capacity, head_dim]``), for chunked prefill: no op joins the layers' caches
+(no ``unbind`` of a stacked input, no ``stack`` of the outputs), so a
+scheduler sees layer ``l``'s new keys and values as values of their own,
+ready when layer ``l`` is done.
+
 This module imports transformers, so only the compile side (:mod:`kiln.llm.compile`)
 imports it; the runtime (:mod:`kiln.llm.runtime`) never does.
 """
@@ -102,10 +109,16 @@ class _TensorCacheLayer(CacheLayerMixin):
 
 
 class TensorKVCache(Cache):
-    """A transformers ``Cache`` over ``[layers, batch, kv_heads, capacity, head_dim]`` tensors, updated functionally."""
+    """A transformers ``Cache`` over per-layer ``[batch, kv_heads, capacity, head_dim]`` tensors, updated functionally.
 
-    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, start_pos: torch.Tensor):
-        super().__init__(layers=[_TensorCacheLayer(k, v, start_pos) for k, v in zip(k_cache.unbind(0), v_cache.unbind(0))])
+    ``k_layers`` / ``v_layers``: one tensor per layer (a stacked cache's ``unbind(0)``, or a tuple of inputs).
+    """
+
+    def __init__(self, k_layers, v_layers, start_pos: torch.Tensor):
+        super().__init__(layers=[_TensorCacheLayer(k, v, start_pos) for k, v in zip(k_layers, v_layers, strict=True)])
+
+    def per_layer(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        return tuple(l.keys for l in self.layers), tuple(l.values for l in self.layers)
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.stack([l.keys for l in self.layers]), torch.stack([l.values for l in self.layers])
@@ -138,14 +151,44 @@ class KVCacheLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, start_pos: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cache = TensorKVCache(k_cache.unbind(0), v_cache.unbind(0), start_pos)
+        logits = self._last_logits(input_ids, start_pos, cache, k_cache.shape[3])
+        k_new, v_new = cache.stacked()
+        return logits, k_new, v_new
+
+    def _last_logits(self, input_ids: torch.Tensor, start_pos: torch.Tensor, cache: TensorKVCache,
+                     capacity: int) -> torch.Tensor:
         batch, length = input_ids.shape
-        capacity = k_cache.shape[3]
-        cache = TensorKVCache(k_cache, v_cache, start_pos)
         positions = (start_pos + torch.arange(length, device=input_ids.device)).clamp(min=0)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask(start_pos, length, capacity, self.dtype),
                          position_ids=positions[None].expand(batch, length), past_key_values=cache, use_cache=True)
-        k_new, v_new = cache.stacked()
-        return out.logits[:, -1:], k_new, v_new
+        return out.logits[:, -1:]
+
+
+class LayerwiseKVCacheLM(KVCacheLM):
+    """``(input_ids, start_pos, k_cache, v_cache) -> (last logits, k_new, v_new)`` with one cache tensor per layer.
+
+    ``k_cache`` / ``v_cache`` (and ``k_new`` / ``v_new``) are tuples of
+    ``layers`` tensors ``[batch, kv_heads, capacity, head_dim]``; torch.export
+    names the inputs ``k_cache_0 ... k_cache_{L-1}``, ``v_cache_0 ...``, and
+    the flat outputs are ``logits, k_new_0 ... k_new_{L-1}, v_new_0 ...``.
+    Otherwise :class:`KVCacheLM` exactly: the same writes, mask and logits.
+    """
+
+    def empty_cache(self, batch: int, capacity: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        shape = self.cache_shape(batch, capacity)[1:]
+        return (tuple(torch.zeros(shape, dtype=self.dtype) for _ in range(self.layers)),
+                tuple(torch.zeros(shape, dtype=self.dtype) for _ in range(self.layers)))
+
+    def forward(self, input_ids: torch.Tensor, start_pos: torch.Tensor, k_cache: tuple[torch.Tensor, ...],
+                v_cache: tuple[torch.Tensor, ...]):
+        if len(k_cache) != self.layers or len(v_cache) != self.layers:
+            raise KilnError(f"LayerwiseKVCacheLM takes one k and one v cache tensor per layer ({self.layers}); "
+                            f"got {len(k_cache)} and {len(v_cache)}")
+        cache = TensorKVCache(k_cache, v_cache, start_pos)
+        logits = self._last_logits(input_ids, start_pos, cache, k_cache[0].shape[2])
+        k_new, v_new = cache.per_layer()
+        return logits, k_new, v_new
 
 
 def _uses_sliding_window(config) -> bool:
