@@ -132,6 +132,11 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
                    help="nested weight quantization with these bit-width plans, the first the default: "
                         "an integer gives every layer group those bits (w4=4), a number with a point is an "
                         "average-bit budget allocated by measured sensitivity (mixed=4.5); e.g. w8=8,mixed=4.5,w2=2")
+    p.add_argument("--int8", nargs="?", const="", type=_int8_options, metavar="KEY=VALUE,...",
+                   help="int8 linears (w8a8, static per-tensor activation scales calibrated on the example inputs) "
+                        "with their activation outlier channels in float beside them (extract_outliers); optional "
+                        "kiln.Int8Quantization fields, e.g. threshold=6,max_fraction=0.01,float_path=all "
+                        "(float_path: auto, all, none or layer names joined by +; exclude: names joined by +)")
     p.add_argument("--gemm-kernels", choices=("measure", "mkl", "onednn"), default="measure",
                    help="cpu target: each GEMM's kernel; measure (default): the fastest of MKL, MKL in column "
                         "blocks and oneDNN, timed per shape here; mkl: eager's kernel only (bitwise eager GEMMs); "
@@ -149,6 +154,26 @@ def _plans(text: str) -> dict:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{item!r}: {bits!r} is not a number of bits") from None
     return plans
+
+
+_INT8_FIELDS = {"threshold": float, "ratio": float, "max_fraction": float, "min_gain": float,
+                "float_path": lambda v: v if v in ("auto", "all", "none") else tuple(v.split("+")),
+                "exclude": lambda v: tuple(v.split("+"))}
+
+
+def _int8_options(text: str) -> dict:
+    """``--int8``'s ``KEY=VALUE,...``: keyword arguments of kiln.Int8Quantization (checked there)."""
+    fields = {}
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in _INT8_FIELDS:
+            raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE with KEY one of {', '.join(_INT8_FIELDS)}")
+        try:
+            fields[key] = _INT8_FIELDS[key](value.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: {value!r} is not a number") from None
+    return fields
 
 
 def _int_at_least(minimum: int):
@@ -295,8 +320,9 @@ def _compilation(args):
 
     cpu = CpuOptions(tune_trials=args.tune, tuning_database=args.tuning_db, gemm_kernels=args.gemm_kernels)
     quantization = api.NestedQuantization(plans=args.quantize) if args.quantize else None
+    int8 = api.Int8Quantization(**args.int8) if args.int8 is not None else None
     options = api.CompileOptions(pipeline=args.pipeline, skip_passes=tuple(args.skip), backend_options={"cpu": cpu},
-                                 quantization=quantization)
+                                 quantization=quantization, int8=int8)
     return api.Compilation(args.target, options=options)
 
 
@@ -360,6 +386,11 @@ def _run(args, out: Console, err: Console) -> None:
         raise KilnError(f"{args.artifact} holds no example inputs to run on "
                         "(it was compiled with keep_example_inputs=False)")
     call_args, call_kwargs = pytree.tree_unflatten(list(compiled.example_inputs), compiled.signature.in_spec)
+    emulated = any(p["format"] == "npu-emulated" for p in compiled.manifest["partitions"])
+    if emulated:
+        from .runtime import npu
+
+        npu.reset()
     with err.status(f"running {args.artifact}"):
         outputs = compiled(*call_args, **call_kwargs)
         with compiled.tracing() if args.trace else nullcontext() as trace:
@@ -381,7 +412,10 @@ def _run(args, out: Console, err: Console) -> None:
         else:
             table.add_row(Text(name), Text(repr(leaf)), Text(type(leaf).__name__))
     out.print(table)
-    out.print(Text(f"median wall-clock time of {args.repeat} runs: {ms:.3f} ms"))
+    out.print(Text(f"median wall-clock time of {args.repeat} runs: {ms:.3f} ms"
+                   + (" (measured here; the npu tasks emulated on this CPU)" if emulated else "")))
+    if emulated:
+        out.print(Text(npu.summary() + " (modeled times: the cost model's device, not this machine)"))
     if args.trace:
         try:
             trace.save(args.trace)
@@ -413,6 +447,9 @@ def _inspect(args, out: Console, err: Console) -> None:
     out.print(_pass_table(graph, records, traced_drift))
     for table in _notes_tables(records):
         out.print(table)
+    for r in records:
+        if r.name == "extract_outliers" and r.stats.get("int8"):
+            out.print(_int8_table(r.stats))
     if compiled.manifest.get("quantization"):
         for table in _quantization_tables(compiled, flat_inputs, reference):
             out.print(table)
@@ -467,7 +504,9 @@ def _pass_table(graph, records: list, traced_drift: float) -> Table:
             table.add_row(str(i), Text(r.name), "skipped", "", "", "", "", "", "")
             continue
         # counts by reason ("refused_by_npu: <reason>") are listed per node in the notes tables below
-        stats = " ".join(f"{k}={v}" for k, v in r.stats.items() if ": " not in k)
+        # (a report under a key, such as extract_outliers' layers, has its own table below)
+        stats = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.stats.items()
+                         if ": " not in k and not isinstance(v, (dict, list)))
         table.add_row(str(i), Text(r.name), f"{r.seconds * 1e3:.2f}", str(len(r.added)), str(len(r.removed)),
                       str(len(r.rewritten)), str(len(r.annotated)), Text(stats), _drift(r.extra.get("drift")))
     table.caption = f"{len(graph.compute_nodes())} compute nodes after the pipeline"
@@ -487,6 +526,28 @@ def _notes_tables(records: list) -> list[Table]:
             table.add_row(Text(node), Text(note))
         tables.append(table)
     return tables
+
+
+def _int8_table(stats: dict) -> Table:
+    """extract_outliers' report: per int8 linear, its outlier channels on the float path and its activation scale."""
+    table = Table(title="int8 linears (extract_outliers): activation outlier channels on the float path",
+                  title_justify="left")
+    for column in ("layer", "node", "K", "threshold", "x_scale", "float channels", "rel. error int8 / +outliers",
+                   "float path"):
+        table.add_column(column, no_wrap=column in ("layer", "node"),
+                         justify="right" if column in ("K", "threshold", "x_scale") else "left")
+    for module, e in stats["layers"].items():
+        idx = e["float_channels"]
+        shown = ", ".join(map(str, idx[:8])) + (f", ... ({len(idx)})" if len(idx) > 8 else "")
+        errors = (f"{e['rel_error_plain']:.3g} / {e['rel_error_outliers']:.3g}" if "rel_error_plain" in e else "")
+        table.add_row(Text(module), Text(e["node"]), str(e["in_features"]), f"{e['threshold']:.3g}",
+                      f"{e['x_scale']:.4g}", Text(f"{len(idx)}: [{shown}]" if idx else "0"), errors,
+                      Text(e["float_path"]))
+    left = stats.get("left_float_names") or []
+    table.caption = (f"{stats['float_channels']} of {stats['channels']} input channels on the float path "
+                     f"({stats['float_fraction']:.2%}), in {stats['float_path']} of {stats['int8']} int8 linears; "
+                     f"left float: {', '.join(left) or 'none'}")
+    return table
 
 
 def _quantization_tables(compiled, flat_inputs: list, reference: list) -> list[Table]:
