@@ -67,9 +67,12 @@ def reset() -> None:
         _zero()
 
 
+def _time(us: float) -> str:
+    return f"{us / 1e6:.3g} s" if us >= 1e6 else f"{us / 1e3:.3g} ms" if us >= 1e3 else f"{us:.3g} us"
+
+
 def summary() -> str:
     """One line for people: counts, and the modeled times labeled as modeled."""
     s = stats()
-    return (f"npu (emulated): {s['calls']} calls, {s['builds']} graph builds "
-            f"(modeled {s['modeled_build_us'] / 1e3:.1f} ms), {s['cache_hits']} build-cache hits, "
-            f"modeled execute {s['modeled_execute_us'] / 1e3:.3f} ms")
+    return (f"npu (emulated): {s['calls']} calls, {s['builds']} graph builds (modeled {_time(s['modeled_build_us'])}), "
+            f"{s['cache_hits']} build-cache hits, modeled execute {_time(s['modeled_execute_us'])}")

@@ -2,6 +2,7 @@
 the cost model's arithmetic, artifacts in a fresh process, and tampered NPU specs refused at load."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -296,3 +297,56 @@ def test_a_tampered_npu_spec_is_refused_at_load(tmp_path, edit, message):
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=message):
         kiln.load(path)
+
+
+FACTORY = '''
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("w", torch.randint(-127, 128, (16, 8), dtype=torch.int8, generator=g))
+        self.register_buffer("s", torch.rand(16, generator=g) * 0.02 + 1e-3)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        return torch.softmax(self.norm(torch.ops.kiln.int8_linear(x, self.w, self.s, None, 0.05)), -1)
+
+
+def block():
+    torch.manual_seed(0)
+    return Block().eval(), (torch.randn(5, 8),)
+'''
+
+
+def _cli(*argv):
+    import contextlib
+    import io
+
+    from kiln.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    assert code == 0, err.getvalue()
+    return out.getvalue()
+
+
+def test_cli_inspect_lists_the_refusals_and_run_labels_npu_times_modeled(tmp_path):
+    factory = tmp_path / "models.py"
+    factory.write_text(FACTORY)
+    out = _cli("inspect", f"{factory}:block", "--target", "npu")
+    assert "on_npu=1" in out and "refused_by_npu=2" in out
+    assert "pass place: notes on 2 nodes" in out
+    assert "aten.layer_norm: a float normalization; it stays on the CPU" in out
+    assert "partition part0_npu: backend npu, format npu-emulated" in out
+    assert "modeled execute (us per call)" in out and "modeled graph build (us): 94400.0" in out
+    _cli("compile", f"{factory}:block", "--target", "npu", "-o", str(tmp_path / "art"))
+    out = _cli("run", str(tmp_path / "art"), "--repeat", "2")
+    assert "(measured here; the npu tasks emulated on this CPU)" in out
+    # one call before timing, one warm-up, two timed: one build, every later call a cache hit
+    assert re.search(r"npu \(emulated\): 4 calls, 1 graph builds \(modeled 94\.4 ms\), 3 build-cache hits, "
+                     r"modeled execute [\d.e+-]+ us", out.replace("\n", " ")), out
