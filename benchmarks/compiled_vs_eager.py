@@ -8,12 +8,22 @@ eager) as the median of the per-round ratios with their quartiles in brackets
 (a round's contenders ran back to back, so its ratio cancels the drift
 between rounds). Nothing here is asserted: it prints measurements.
 
+With the ``bench`` extra installed (``pip install -e '.[bench]'``, or ``make bench-peers``), ONNX Runtime
+and OpenVINO (f32 hint, and its default precision) run beside them on the same weights and inputs, in the
+same rounds (peers.py says how each is built); a second table then shows every contender's speed-up over
+eager, kiln's speed-up over it (paired per round), and its fidelity against eager fp32 (max |diff|; top-token
+agreement over all positions for LMs, mean-pooled embedding cosine for encoders). ONNX Runtime runs last in
+each round with an untimed 100 ms pause after it (its threads spin after returning). A peer that is not
+installed or cannot export is listed with the reason, and the run goes on.
+
     .venv/bin/python benchmarks/compiled_vs_eager.py                       # every workload
     .venv/bin/python benchmarks/compiled_vs_eager.py --models llama,llama-decode --repeat 20 --no-inductor
+    .venv/bin/python benchmarks/compiled_vs_eager.py --models minilm,bert,llama --peers ort,ov-f32,ov
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import statistics
@@ -33,6 +43,8 @@ import kiln  # noqa: E402
 from kiln import zoo  # noqa: E402
 from kiln import timing  # noqa: E402
 from kiln.timing import paired_speedup, rounds_ms  # noqa: E402
+
+import peers  # noqa: E402  (benchmarks/peers.py, beside this script)
 
 LLAMA = dict(hidden=512, layers=4, heads=8, kv_heads=4, vocab=32000)
 DECODE_PAST = 127
@@ -63,8 +75,9 @@ def _eager(model):
     return run
 
 
-def whole_model(name: str, target: str, inductor: bool):
-    """Contenders (no-argument callables) for one forward of a zoo model, and kiln's compile seconds."""
+def whole_model(name: str, target: str, inductor: bool, peer_names: tuple[str, ...] = ()):
+    """Contenders (no-argument callables) for one forward of a zoo model, kiln's compile seconds, and a
+    :class:`PeerReport` when ``peer_names`` asks for peers (ONNX Runtime, OpenVINO)."""
     factory, kwargs, _ = MODELS[name]
     torch.manual_seed(0)
     model, inputs = factory(**kwargs)
@@ -72,10 +85,38 @@ def whole_model(name: str, target: str, inductor: bool):
     cm = kiln.compile(model, inputs, target=target)
     compile_s = time.perf_counter() - start
     contenders = {"eager": functools.partial(_eager(model), *inputs), "kiln": functools.partial(cm, *inputs)}
-    _check_output(name, contenders["eager"](), contenders["kiln"]())
+    eager_out, kiln_out = contenders["eager"](), contenders["kiln"]()
+    _check_output(name, eager_out, kiln_out)
     if inductor:
         contenders["inductor"] = functools.partial(_eager(torch.compile(model)), *inputs)
-    return contenders, compile_s
+    if not peer_names:
+        return contenders, compile_s, None
+    report = PeerReport(failed={})
+    outputs = {"kiln": lambda: peers.flat_outputs(kiln_out)}
+    if inductor:
+        outputs["inductor"] = lambda: peers.flat_outputs(contenders["inductor"]())
+    built, report.failed = peers.build(peer_names, model, inputs)
+    for peer in sorted(built.values(), key=lambda p: p.name == "ort"):  # ORT last in each round
+        contenders[peer.name] = peer.run
+        outputs[peer.name] = peer.outputs
+        report.precision[peer.name] = peer.precision
+        print(f"  {name}: {peer.name}: {peer.note}")
+    for who, out in outputs.items():
+        try:
+            report.fidelity[who] = peers.fidelity(eager_out, out(), inputs)
+        except Exception as exc:  # a metric that does not apply is reported, not fatal
+            report.fidelity[who] = f"n/a ({peers.one_line(exc)})"
+    return contenders, compile_s, report
+
+
+@dataclasses.dataclass
+class PeerReport:
+    """One workload's side of the peers table: each contender's fidelity vs eager and precision, and the
+    peers that could not run with the reason."""
+
+    failed: dict[str, str]
+    fidelity: dict[str, object] = dataclasses.field(default_factory=dict)
+    precision: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _check_output(name: str, eager, compiled) -> None:
@@ -120,14 +161,49 @@ def _speedup(times: dict[str, list[float]], who: str) -> str:
     return f"{median:.2f}x [{q1:.2f}-{q3:.2f}]"
 
 
+def _peer_rows(name: str, times: dict[str, list[float]], ms: dict[str, float], report: PeerReport) -> list[list[str]]:
+    """The peers table's rows for one workload: kiln, inductor and each peer that ran."""
+    rows = []
+    for who in times:
+        if who == "eager":
+            continue
+        fid = report.fidelity.get(who, "n/a")
+        diff = f"{fid.max_abs:.1e}" if isinstance(fid, peers.Fidelity) else "n/a"
+        kiln_over = "-" if who == "kiln" else _speedup({"eager": times[who], "kiln": times["kiln"]}, "kiln")
+        rows.append([name, who, report.precision.get(who, "f32"), f"{ms[who]:.2f}", _speedup(times, who), kiln_over,
+                     diff, str(fid)])
+    return rows
+
+
+def _peer_table(rows: list[list[str]]) -> Table:
+    table = Table(title="against the peers (same weights, inputs and rounds; fidelity vs eager fp32)")
+    cols = ("workload", "contender", "precision", "ms", "speed-up over eager", "kiln speed-up over it",
+            "max |diff|", "agreement")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("workload", "contender", "precision", "agreement") else "right")
+    for i, row in enumerate(rows):
+        table.add_row(*row, end_section=i + 1 < len(rows) and rows[i + 1][0] != row[0])
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(WORKLOADS), help=f"comma-separated, from {', '.join(WORKLOADS)}")
     parser.add_argument("--repeat", type=int, default=20, help="timed rounds per workload (median reported)")
     parser.add_argument("--target", default="cpu")
     parser.add_argument("--no-inductor", action="store_true", help="skip torch.compile (its compile is slow)")
+    parser.add_argument("--peers", default=None,
+                        help=f"comma-separated, from {', '.join(peers.PEERS)}, or 'none' "
+                             f"(default: those installed: {', '.join(peers.installed()) or 'none'})")
     args = parser.parse_args()
     inductor = not args.no_inductor
+    if args.peers is None:
+        peer_names = tuple(peers.installed())
+    else:
+        peer_names = tuple(p for p in args.peers.split(",") if p and p != "none")
+        unknown = [p for p in peer_names if p not in peers.PEERS]
+        if unknown:
+            parser.error(f"unknown peer(s) {', '.join(unknown)}; known: {', '.join(peers.PEERS)}")
 
     console = Console(width=130)
     console.print(f"machine: {timing.machine()}; torch {torch.__version__} "
@@ -141,21 +217,33 @@ def main() -> None:
     if inductor:
         table.add_column("inductor ms", justify="right")
         table.add_column("inductor speed-up", justify="right")
+    peer_rows, not_run = [], []
     for name in args.models.split(","):
+        report = None
         if name == "llama-decode":
             contenders, compile_s = llama_decode(args.target, inductor)
             shape = f"512 wide, 4 layers, 1 token after {DECODE_PAST} (compile: prefill + decode graphs)"
+            not_run += [f"{p} on llama-decode: not exported (a decode step with HF's growing KV cache)"
+                        for p in peer_names]
         else:
-            contenders, compile_s = whole_model(name, args.target, inductor)
+            contenders, compile_s, report = whole_model(name, args.target, inductor, peer_names)
             shape = MODELS[name][2]
-        times = rounds_ms(contenders, args.repeat)
+        times = rounds_ms(contenders, args.repeat, settle_s={p: s for p, s in peers.SETTLE_S.items() if p in contenders})
         ms = {who: statistics.median(t) for who, t in times.items()}
+        if report is not None:
+            peer_rows += _peer_rows(name, times, ms, report)
+            not_run += [f"{p} on {name}: {why}" for p, why in report.failed.items()]
         row = [name, shape, f"{compile_s:.1f}", f"{ms['eager']:.2f}", f"{ms['kiln']:.2f}", _speedup(times, "kiln")]
         if inductor:
             row += [f"{ms['inductor']:.2f}", _speedup(times, "inductor")] if "inductor" in ms else ["n/a", "n/a"]
         table.add_row(*row)
         console.print(f"  measured {name}")
     console.print(table)
+    if peer_names:
+        console.print(_peer_table(peer_rows))
+        console.print("peers could not run: " + ("none" if not not_run else ""))
+        for line in not_run:
+            console.print(f"  {line}", markup=False)
     if "llama-decode" in args.models and inductor:
         console.print("llama-decode: inductor not timed (HF's growing DynamicCache recompiles every step)")
     console.print(f"load average after: {os.getloadavg()[0]:.2f}")
