@@ -44,8 +44,10 @@ PEERS = ("ort", "ov-f32", "ov")
 SETTLE_S = {"ort": 0.1}
 # Each peer's packages (import names) and the extra that installs them.
 _NEEDS = {"ort": ("onnxruntime", "onnx", "onnxscript"), "ov-f32": ("openvino",), "ov": ("openvino",)}
-# OpenVINO CPU layer types whose runtime precision is the one that matters for speed and accuracy.
-_GEMM_LAYERS = ("FullyConnected", "MatMul", "ScaledDotProductAttention", "Convolution")
+# OpenVINO CPU layer types whose runtime precision is the one that matters for speed and accuracy: GEMMs, and
+# the fused LLM nodes its bf16 path uses (LLMMLP: gate, up and down projections in one; QKVProjection; ScaledAttn).
+# Attention fused into a generic "Subgraph" is not counted.
+_GEMM_LAYERS = ("FullyConnected", "LLMMLP", "QKVProjection", "MatMul", "ScaledAttn", "Convolution")
 
 
 @dataclass
@@ -99,7 +101,7 @@ def one_line(exc: BaseException) -> str:
 def summarize_precisions(hint: str, layers: Iterable[tuple[str, str]]) -> str:
     """What precision an OpenVINO compiled model runs in: its inference-precision ``hint`` and, for the
     GEMM-class layers among ``layers`` ((layer type, runtime precision) pairs from the runtime model),
-    how many run in each precision, e.g. ``"bf16 (FullyConnected 25/25 bf16, MatMul 8/8 bf16)"``."""
+    how many run in each precision, e.g. ``"bf16 (FullyConnected 5/5 bf16; LLMMLP 1/1 bf16)"``."""
     counts: dict[str, Counter] = {}
     for layer_type, precision in layers:
         if layer_type in _GEMM_LAYERS:
@@ -108,7 +110,7 @@ def summarize_precisions(hint: str, layers: Iterable[tuple[str, str]]) -> str:
     for layer_type in _GEMM_LAYERS:
         if layer_type in counts:
             total = sum(counts[layer_type].values())
-            parts.append(", ".join(f"{layer_type} {n}/{total} {p}" for p, n in counts[layer_type].most_common()))
+            parts.append(f"{layer_type} " + ", ".join(f"{n}/{total} {p}" for p, n in counts[layer_type].most_common()))
     return f"{hint} ({'; '.join(parts)})" if parts else hint
 
 

@@ -57,9 +57,8 @@ def test_fidelity_picks_the_metric_from_the_output_kind():
 
 
 def test_summarize_precisions_counts_gemm_layers_by_runtime_precision():
-    layers = [("FullyConnected", "bf16")] * 3 + [("FullyConnected", "f32"), ("MatMul", "bf16"), ("Softmax", "f32")]
-    assert peers.summarize_precisions("bf16", layers) == "bf16 (FullyConnected 3/4 bf16, FullyConnected 1/4 f32; " \
-                                                         "MatMul 1/1 bf16)"
+    layers = [("FullyConnected", "bf16")] * 3 + [("FullyConnected", "f32"), ("LLMMLP", "bf16"), ("Softmax", "f32")]
+    assert peers.summarize_precisions("bf16", layers) == "bf16 (FullyConnected 3/4 bf16, 1/4 f32; LLMMLP 1/1 bf16)"
     assert peers.summarize_precisions("f32", [("Softmax", "f32")]) == "f32"
 
 
