@@ -217,7 +217,9 @@ def main() -> None:
     if inductor:
         table.add_column("inductor ms", justify="right")
         table.add_column("inductor speed-up", justify="right")
-    peer_rows, not_run = [], []
+    peer_rows = []
+    # With the default --peers, the ones not installed are named too (a user may not know of the extra).
+    not_run = [] if args.peers is not None else [f"{p}: {peers.missing(p)}" for p in peers.PEERS if peers.missing(p)]
     for name in args.models.split(","):
         report = None
         if name == "llama-decode":
@@ -239,8 +241,9 @@ def main() -> None:
         table.add_row(*row)
         console.print(f"  measured {name}")
     console.print(table)
-    if peer_names:
+    if peer_rows:
         console.print(_peer_table(peer_rows))
+    if peer_names or not_run:
         console.print("peers could not run: " + ("none" if not not_run else ""))
         for line in not_run:
             console.print(f"  {line}", markup=False)
