@@ -69,43 +69,45 @@ def compile_llm(model: torch.nn.Module, *, batch: int = 1, prefill_buckets=None,
             raise KilnError(f"the largest prefill bucket ({buckets[-1]}) exceeds the cache capacity ({capacity})")
     if options is not None and getattr(options, "dynamic_shapes", None) is not None:
         raise KilnError("compile_llm compiles one static graph per bucket; leave options.dynamic_shapes unset")
-    lm = KVCacheLM(model)
-    k, v = lm.empty_cache(batch, capacity)
-
-    def compile_for(length: int, name: str):
-        ids = torch.zeros(batch, length, dtype=torch.int64)
-        artifact = kiln_compile(lm, (ids, torch.tensor(0), k, v), target=target, options=options).artifact
-        return name, _with_start_pos(artifact, length, capacity)
-
-    parts = dict([compile_for(b, f"prefill_{b}") for b in buckets] + [compile_for(1, DECODE)])
+    common = dict(batch=batch, capacity=capacity, target=target, options=options)
+    parts = {f"prefill_{b}": compile_program(model, b, **common) for b in buckets}
     index: dict = {"prefill": {str(b): f"prefill_{b}" for b in buckets}, "decode": DECODE}
     if chunk_size is not None:
-        name, artifact = _compile_chunk(model, batch, chunk_size, capacity, target, options)
-        parts = {name: artifact, **parts}
-        layers = lm.layers
-        index["chunk"] = {"size": chunk_size, "program": name, "outputs": output_names(layers),
-                          "carry": dict(zip(output_names(layers)[1:], cache_input_names(layers)))}
+        index["chunk"] = chunk_index(chunk_size, KVCacheLM(model).layers)
+        parts[index["chunk"]["program"]] = compile_program(model, chunk_size, layerwise=True, **common)
+    parts[DECODE] = compile_program(model, 1, **common)
     return CompiledLLM(CompiledModel(merge_programs(parts, default_program=DECODE, llm=index)))
 
 
-def _compile_chunk(model, batch: int, chunk: int, capacity: int, target: str, options):
-    """The chunk program: ``LayerwiseKVCacheLM`` on ``chunk`` tokens, checked by ``chunk_prefill``."""
-    lm = LayerwiseKVCacheLM(model)
+def compile_program(model: torch.nn.Module, length: int, *, layerwise: bool = False, batch: int = 1,
+                    capacity: int = 256, target: str = "cpu", options=None):
+    """One LLM program of ``length`` tokens as a one-program artifact, ``start_pos`` its control.
+
+    ``layerwise=False``: :class:`KVCacheLM` (a prefill bucket, or decode for
+    ``length`` 1); ``True``: the chunk program, :class:`LayerwiseKVCacheLM`
+    with the ``chunk_prefill`` check after ``annotate_regions``. What
+    :func:`compile_llm` merges; public for tools that time one program's build.
+    """
+    lm = LayerwiseKVCacheLM(model) if layerwise else KVCacheLM(model)
     k, v = lm.empty_cache(batch, capacity)
-    pipeline = get_pipeline((options.pipeline if options is not None else None) or target)
-    if "annotate_regions" not in pipeline:
-        raise KilnError(f"compile_llm(chunk_size=...): the pipeline ({pipeline}) has no annotate_regions, which "
-                        "the chunk_prefill check needs")
-    at = pipeline.index("annotate_regions") + 1
-    passes = [*pipeline[:at], ChunkPrefill(chunk_size=chunk, layers=lm.layers), *pipeline[at:]]
-    ids = torch.zeros(batch, chunk, dtype=torch.int64)
+    passes = None
+    if layerwise:
+        pipeline = get_pipeline((options.pipeline if options is not None else None) or target)
+        if "annotate_regions" not in pipeline:
+            raise KilnError(f"compile_llm(chunk_size=...): the pipeline ({pipeline}) has no annotate_regions, which "
+                            "the chunk_prefill check needs")
+        at = pipeline.index("annotate_regions") + 1
+        passes = [*pipeline[:at], ChunkPrefill(chunk_size=length, layers=lm.layers), *pipeline[at:]]
+    ids = torch.zeros(batch, length, dtype=torch.int64)
     artifact = kiln_compile(lm, (ids, torch.tensor(0), k, v), target=target, passes=passes, options=options).artifact
-    return chunk_program_name(chunk), _with_start_pos(artifact, chunk, capacity)
-
-
-def _with_start_pos(artifact, length: int, capacity: int):
-    """Make ``start_pos`` the program's control: ``1-length .. capacity-length`` (a prompt left-padded to it)."""
     (program,) = artifact.manifest["programs"].values()
     first = 0 if length == 1 else 1 - length  # a prompt of one token, left-padded to the bucket or chunk
     declare_control(program, START_POS, default=first, min=first, max=capacity - length)
     return artifact
+
+
+def chunk_index(chunk_size: int, layers: int) -> dict:
+    """The ``llm`` index's ``chunk`` entry: the program's name, its flat outputs' names, and the carried state."""
+    outputs = output_names(layers)
+    return {"size": chunk_size, "program": chunk_program_name(chunk_size), "outputs": outputs,
+            "carry": dict(zip(outputs[1:], cache_input_names(layers)))}
