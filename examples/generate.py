@@ -9,6 +9,7 @@ times prefill and per-token decode for eager transformers (with its own
 DynamicCache) and for kiln.
 
     .venv/bin/python examples/generate.py [--hidden 256 --layers 4 --prompt 20 --new 32 --target cpu]
+    .venv/bin/python examples/generate.py --chunk-size 16 --prompt 50   # chunked prefill: one 16-token graph
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=20, help="prompt length in tokens")
     ap.add_argument("--new", type=int, default=32, help="tokens to generate")
     ap.add_argument("--buckets", default="32,64", help="prefill prompt-length buckets")
+    ap.add_argument("--chunk-size", type=int, default=None, help="chunked prefill with one graph of this many "
+                    "tokens instead of buckets")
     ap.add_argument("--capacity", type=int, default=128, help="KV cache slots")
     ap.add_argument("--target", default="cpu")
     ap.add_argument("--repeat", type=int, default=5)
@@ -49,10 +52,15 @@ def main() -> int:
     print(f"Llama-style model with RANDOM weights: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}")
 
     start = time.perf_counter()
-    llm = compile_llm(model, prefill_buckets=tuple(int(b) for b in args.buckets.split(",")),
-                      capacity=args.capacity, target=args.target)
-    print(f"compiled {len(llm.buckets)} prefill graphs (buckets {llm.buckets}) + 1 decode graph, "
-          f"KV cache {list(llm.cache_shape)}, in {time.perf_counter() - start:.1f} s")
+    if args.chunk_size is not None:
+        llm = compile_llm(model, chunk_size=args.chunk_size, capacity=args.capacity, target=args.target)
+        prefill = f"1 chunk program of {llm.chunk_size} tokens ({len(llm.chunk_starts(args.prompt))} calls per prompt)"
+    else:
+        llm = compile_llm(model, prefill_buckets=tuple(int(b) for b in args.buckets.split(",")),
+                          capacity=args.capacity, target=args.target)
+        prefill = f"{len(llm.buckets)} prefill graphs (buckets {llm.buckets})"
+    print(f"compiled {prefill} + 1 decode graph, KV cache {list(llm.cache_shape)}, "
+          f"in {time.perf_counter() - start:.1f} s")
 
     tokens = llm.generate(prompt, args.new)
     with torch.no_grad():
