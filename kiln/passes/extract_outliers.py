@@ -73,6 +73,7 @@ from .base import Pass, PassContext, PassResult, register_pass
 
 INT8_LINEAR = torch.ops.kiln.int8_linear.default
 LINEAR = torch.ops.aten.linear.default
+INDEX_SELECT = torch.ops.aten.index_select.default
 FLOAT_PATH_MODES = ("auto", "all", "none")
 
 
@@ -255,7 +256,7 @@ class ExtractOutliers(Pass):
         errors = {}
         if config.float_path == "auto" and any(c.idx for c in choices.values()):
             errors = _measure(graph, _samples(ctx), {n: (choices[n], plain[n]) for n in nodes if choices[n].idx})
-        layers = {}
+        layers, shared = {}, {}
         for n in nodes:
             choice, why = self._decide(graph, n, choices[n], plain[n], config, names[n], errors.get(n))
             entry = {"module": module_path(graph, n), "in_features": graph.weights[n.args[1].name].shape[1],
@@ -265,7 +266,7 @@ class ExtractOutliers(Pass):
                      "float_channels": choice.idx, "x_scale": choice.x_scale, "float_path": why}
             if n in errors:
                 entry["rel_error_plain"], entry["rel_error_outliers"] = errors[n]
-            entry["node"] = self._rewrite(graph, n, choice)
+            entry["node"] = self._rewrite(graph, n, choice, shared)
             key = entry["module"] if entry["module"] not in layers else entry["node"]
             layers[key] = entry
         channels = sum(e["in_features"] for e in layers.values())
@@ -295,7 +296,9 @@ class ExtractOutliers(Pass):
         return plain, f"dropped (gain {gain:.3g}x < {config.min_gain:g}x)"
 
     @staticmethod
-    def _rewrite(graph: Graph, node: fx.Node, choice: _Choice) -> str:
+    def _rewrite(graph: Graph, node: fx.Node, choice: _Choice, shared: dict) -> str:
+        """Rewrite one linear; ``shared`` maps (input, channels) to the index_select already made for them
+        (q, k and v read one input: one gather of its outlier channels serves the three)."""
         x, weight_node = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         weight = graph.weights[weight_node.name]
@@ -308,22 +311,22 @@ class ExtractOutliers(Pass):
             added["scale"] = graph.add_weight(f"{base}_scale", scale, source and f"{source}:scale")
             if choice.idx:
                 index = torch.tensor(choice.idx, dtype=torch.int64)
-                added["idx"] = graph.add_weight(f"{base}_outlier_idx", index, source and f"{source}:outlier_idx")
                 added["float"] = graph.add_weight(f"{base}_outlier", weight.index_select(1, index).contiguous(),
                                                   source and f"{source}:outlier")
+                key = (x, tuple(choice.idx))
+                if key not in shared:
+                    idx = graph.add_weight(f"{base}_outlier_idx", index, source and f"{source}:outlier_idx")
+                    rank = len(x.meta["val"].shape)
+                    shared[key] = insert_node(graph.fx, INDEX_SELECT, (x, rank - 1, idx), origin=node)
         spec = QuantSpec("symmetric", (8,), scale=added["scale"].name, axis=0, layout="per-channel")
         args = (x, added["int8"], added["scale"], bias, choice.x_scale)
         if not choice.idx:
-            new = replace_node(graph.fx, node, INT8_LINEAR, args)
-            graph.meta(new).quant = spec
-            result = new
+            result = replace_node(graph.fx, node, INT8_LINEAR, args)
+            graph.meta(result).quant = spec
         else:
-            rank = len(x.meta["val"].shape) if "val" in x.meta else weight.dim()
             q = insert_node(graph.fx, INT8_LINEAR, args, origin=node)
             graph.meta(q).quant = spec
-            picked = insert_node(graph.fx, torch.ops.aten.index_select.default, (x, rank - 1, added["idx"]),
-                                 origin=node)
-            shadow = insert_node(graph.fx, LINEAR, (picked, added["float"]), origin=node)
+            shadow = insert_node(graph.fx, LINEAR, (shared[(x, tuple(choice.idx))], added["float"]), origin=node)
             result = replace_node(graph.fx, node, torch.ops.aten.add.Tensor, (q, shadow))
             result.meta["kiln_outliers"] = {"int8": q.name, "float": shadow.name}
         if not weight_node.users:

@@ -18,6 +18,7 @@ from torch import nn
 import kiln
 from kiln import CompileOptions, Int8Quantization, NestedQuantization, zoo
 from kiln.api import Compilation
+from kiln.cli import main
 from kiln.errors import KilnError, PassError
 from kiln.ir.ops import int8_linear
 from kiln.passes.extract_outliers import choose_outliers, quantize_weight
@@ -229,6 +230,9 @@ def test_the_compiled_model_matches_the_op_by_op_reference_and_eager_within_its_
     stats = _pass_stats(c)
     assert stats["float_path"] > 0 and all(7 in e["float_channels"] and 40 in e["float_channels"]
                                            for e in stats["layers"].values() if e["float_channels"])
+    # k and v read q's input: they reuse its gather of the outlier channels (one index_select per input)
+    gathers = sum(n.target is INDEX_SELECT for n in c.graph.compute_nodes())
+    assert gathers == stats["float_path"] - 2 * model.config.num_hidden_layers
     reference = c.graph.run(c.flat_inputs)  # op by op, PyTorch kernels
     compiled = c.lower()
     got = compiled.run(c.flat_inputs)
@@ -329,3 +333,49 @@ def test_int8_and_outlier_weights_survive_save_and_load_in_a_fresh_process(tmp_p
         print("ok")
     """)
     assert out.split() == ["ok"]
+
+
+CLI_FACTORY = """
+import torch
+from torch import nn
+
+
+def mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 8)).eval()
+    x = torch.rand(16, 64) * 2 - 1
+    x[:, 5] *= 30
+    return model, (x,)
+"""
+
+
+def _cli(*argv: str) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_kiln_inspect_int8_shows_each_layer_s_float_channels_scale_and_the_totals(tmp_path):
+    factory = tmp_path / "models.py"
+    factory.write_text(CLI_FACTORY)
+    code, out, err = _cli("inspect", f"{factory}:mlp", "--target", "torch", "--int8", "max_fraction=0.05")
+    assert code == 0, err
+    assert "int8 linears (extract_outliers): activation outlier channels on the float path" in out
+    row = next(line for line in out.splitlines() if line.startswith("│ 0 "))
+    cells = [c.strip() for c in row.split("│")[1:-1]]
+    assert cells[0] == "0" and cells[2] == "64" and cells[5] == "1: [5]" and cells[7].startswith("kept (gain")
+    assert "1 of 96 input channels on the float path (1.04%), in 1 of 2 int8 linears" in out
+    assert "int8=2 float_path=1 float_channels=1" in out  # the pass table's stats, without the per-layer report
+    code, _, err = _cli("inspect", f"{factory}:mlp", "--target", "torch", "--int8", "max_fraction=2")
+    assert code == 1 and "Int8Quantization.max_fraction must be a fraction in [0, 1], not 2.0" in err
+
+
+@pytest.mark.parametrize("value", ["bogus=1", "ratio", "ratio=six"])
+def test_bad_int8_flags_are_usage_errors(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", "m.py:f", "--int8", value])
+    assert e.value.code == 2 and "--int8" in capsys.readouterr().err
