@@ -110,6 +110,9 @@ def test_the_artifact_holds_one_chunk_program_and_its_carried_state(pair, tmp_pa
     ops = {n["op"] for t in program["tasks"] for n in t["report"].get("nodes", [])} | \
         {op for t in program["tasks"] for op in t["report"].get("ops", [])}
     assert not {"aten.stack.default", "aten.unbind.int"} & ops, sorted(ops)  # (cat is RoPE's rotate_half)
+    hidden, vocab = model.config.hidden_size, model.config.vocab_size
+    gemms = [g["gemm"] for t in program["tasks"] for g in t["report"].get("gemm_kernels", [])]
+    assert f"linear [1x{hidden}] x [{hidden}x{vocab}]" in gemms, gemms  # each chunk's LM head on its last row only
 
 
 def test_saved_chunked_llm_runs_in_a_fresh_process_without_the_compiler(pair, tmp_path, fresh_python):
