@@ -24,9 +24,11 @@ floating-point graph weight (and whose bias, if any, is one too) becomes
   adds it).
 
 So the sum is int8 arithmetic on the clipped activations plus exact float
-arithmetic on the outliers. A layer with no outlier channel, or whose float
-path is dropped, is a plain ``int8_linear`` over every channel (``x_scale`` =
-the calibrated abs-max of all channels / 127, no clipping): plain w8a8.
+arithmetic on the outliers. Linears reading one input with the same outlier
+channels (q, k and v) share one ``index_select``. A layer with no outlier
+channel, or whose float path is dropped, is a plain ``int8_linear`` over
+every channel (``x_scale`` = the calibrated abs-max of all channels / 127, no
+clipping): plain w8a8.
 
 Which layers keep a float path (``float_path``): ``"auto"`` (default) measures
 each layer alone on the calibration set (its float input, its float output)
@@ -47,15 +49,19 @@ inputs: a few samples give poor scales), run on the float graph, so after the
 cleanup passes and before placement; not together with ``quantize_nested``
 (``CompileOptions`` refuses both). The stats (``PassResult.stats``, stored in
 the manifest's pass records and shown by ``kiln inspect --int8``) give totals
-and, under ``layers``, per layer: the float channels, ``x_scale``, the
-threshold, the measured errors and why the float path was kept or dropped.
+(``int8`` linears, ``float_path`` layers, ``float_channels`` of ``channels``,
+``float_fraction``) and, under ``layers`` by module path, per layer: the
+float channels, ``x_scale``, the threshold, the measured errors and why the
+float path was kept or dropped.
 
-Error bound: none in closed form (the activations saturate beyond the
-calibrated range); against the float linear, the int8 part's error per output
-is at most ``sum_k |x_k - x_scale q_k| |W[n, k]| + |x_k| |W[n, k] - ws_n Wq[n, k]|``
-over the non-outlier channels, with ``|x_k - x_scale q_k| <= x_scale / 2``
-inside the calibrated range. The tests hold it to: bitwise plain int8 when no
-channel is an outlier, fp32 tolerance when every channel is.
+Error bound, against the float linear: the float part is exact up to fp32
+rounding; the int8 part's error in output ``n`` is at most
+``sum_k |x_k - x_scale q_k| |ws_n Wq[n, k]| + |x_k| |W[n, k] - ws_n Wq[n, k]|``
+over the non-outlier channels ``k`` (int32 accumulation is exact), with
+``|W[n, k] - ws_n Wq[n, k]| <= ws_n / 2`` and ``|x_k - x_scale q_k| <=
+x_scale / 2`` inside the calibrated range (beyond it a code saturates: no
+bound). The tests hold the ends exactly: bitwise plain int8 when no channel
+is an outlier, the float linear within fp32 tolerance when every channel is.
 """
 from __future__ import annotations
 
