@@ -88,14 +88,17 @@ def installed() -> list[str]:
     return [name for name in PEERS if missing(name) is None]
 
 
-def one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException, limit: int = 200) -> str:
     """A failure as one line: the exception type and the most telling line of its message (for a converter,
-    the ops it has no rule for), at most 200 characters."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    telling = [line for line in lines if re.search(r"no conversion rule|not supported|unsupported", line, re.I)]
+    the ops it has no rule or function for), at most ``limit`` characters."""
+    message = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch.onnx colours its messages
+    message = re.sub(r"<class '(?:[\w]+\.)*(\w+)'>", r"\1", message)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    telling = [line for line in lines
+               if re.search(r"no conversion rule|no onnx function|not supported|unsupported", line, re.I)]
     text = (telling or lines or [""])[0].lstrip("- ")
     text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def summarize_precisions(hint: str, layers: Iterable[tuple[str, str]]) -> str:
@@ -227,13 +230,13 @@ def _ov_convert(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]):
         with _quiet(), torch.no_grad():
             return ov.convert_model(wrapped, example_input=inputs), "convert_model(module)"
     except Exception as direct:  # any converter failure: try the other path, then report both
-        reason = one_line(direct)
+        reason = one_line(direct, limit=150)
     try:
         with _quiet(), torch.no_grad():
             program = torch.export.export(wrapped, inputs)
             return ov.convert_model(program), f"convert_model(torch.export) (direct: {reason})"
     except Exception as exported:
-        raise RuntimeError(f"direct: {reason}; via torch.export: {one_line(exported)}") from exported
+        raise RuntimeError(f"direct: {reason}; via torch.export: {one_line(exported, limit=150)}") from exported
 
 
 def ov_precision(compiled) -> str:
@@ -292,7 +295,7 @@ def build(names: Iterable[str], model: torch.nn.Module, inputs: tuple[torch.Tens
                     try:
                         converted = _ov_convert(model, inputs)
                     except Exception as exc:  # reported for both OpenVINO peers
-                        converted = f"conversion failed: {one_line(exc)}"
+                        converted = f"conversion failed: {one_line(exc, limit=400)}"
                 if isinstance(converted, str):
                     failed[name] = converted
                     continue

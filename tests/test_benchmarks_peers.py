@@ -68,6 +68,12 @@ def test_one_line_keeps_the_converters_telling_line():
     assert peers.one_line(exc) == "RuntimeError: No conversion rule found for operations: aten::diff"
     assert peers.one_line(ValueError("x" * 500)).endswith("...") and len(peers.one_line(ValueError("x" * 500))) == 200
     assert peers.one_line(KeyError()) == "KeyError"
+    onnx = ConnectionError("Failed to convert. \x1b[96mThis is step 3/3\x1b[0m of exporting.\n## Exception summary\n"
+                           "<class 'torch.onnx._internal.exporter._errors.DispatchError'>: No ONNX function found for "
+                           "<OpOverload(op='transformers.grouped_mm_fallback')>.\n")
+    assert peers.one_line(onnx) == ("ConnectionError: DispatchError: No ONNX function found for "
+                                    "<OpOverload(op='transformers.grouped_mm_fallback')>.")
+    assert "\x1b" not in peers.one_line(ConnectionError("\x1b[96mstep\x1b[0m"))
 
 
 def test_a_peer_that_is_missing_or_fails_is_a_one_line_reason_and_the_others_go_on(monkeypatch):
