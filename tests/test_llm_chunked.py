@@ -246,3 +246,17 @@ def test_an_llm_index_whose_chunk_is_inconsistent_is_refused(pair):
     del manifest["llm"]["chunk"]["carry"]["v_new_1"]
     with pytest.raises(KilnError, match=r"carry .* must map outputs .* to every cache input"):
         type(chunked)(CompiledModel(Artifact(manifest, artifact.weights, artifact.files)))
+
+
+@pytest.mark.parametrize("name, batch", [("gpt2", 1), ("mixtral", 1), ("llama", 2)])
+def test_chunked_prefill_for_other_families_and_a_batch(name, batch):
+    """GPT-2 (learned positions: the padding's clamped to 0), Mixtral (MoE), and rows sliced per chunk (batch 2)."""
+    model, (ids,) = zoo.MODELS[name](seq=40, batch=batch)
+    model.generation_config.eos_token_id = None
+    llm = compile_llm(model, batch=batch, chunk_size=8, capacity=48)
+    for n in (5, 16, 17, 40):
+        with torch.no_grad():
+            eager = model(ids[:, :n]).logits[:, -1]
+        torch.testing.assert_close(llm.prefill(ids[:, :n])[0], eager)
+    expected = model.generate(ids[:, :17], max_new_tokens=8, do_sample=False)
+    torch.testing.assert_close(llm.generate(ids[:, :17], 8), expected, rtol=0, atol=0)

@@ -3,13 +3,14 @@
 Three modules, split by what they may import:
 
 - :mod:`kiln.llm.runtime`: :class:`CompiledLLM` (prefill with the bucket
-  policy, decode, ``generate``, the KV cache as tensors) and :func:`load`.
+  or chunk policy, decode, ``generate``, the KV cache as tensors) and :func:`load`.
   The runtime only: ``kiln.load`` uses it for an LLM artifact.
 - :mod:`kiln.llm.compile`: :func:`compile_llm`, which compiles a transformers
   causal LM into one such artifact; imports the compiler (``kiln.api``).
 - :mod:`kiln.llm.hf`: :class:`KVCacheLM`, the transformers causal LM wrapped
   as ``(input_ids, start_pos, k_cache, v_cache) -> (logits, k, v)`` for
-  tracing; imports transformers.
+  tracing, and :class:`LayerwiseKVCacheLM`, the same with one cache tensor
+  per layer (chunked prefill's chunk program); imports transformers.
 
 The names below are imported on first use, so ``import kiln.llm`` imports
 none of the three, and loading or running an LLM artifact imports
@@ -26,6 +27,7 @@ _EXPORTS = {
     "START_POS": "runtime",
     "compile_llm": "compile",
     "KVCacheLM": "hf",
+    "LayerwiseKVCacheLM": "hf",
 }
 
 __all__ = sorted(_EXPORTS)
