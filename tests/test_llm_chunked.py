@@ -260,3 +260,33 @@ def test_chunked_prefill_for_other_families_and_a_batch(name, batch):
         torch.testing.assert_close(llm.prefill(ids[:, :n])[0], eager)
     expected = model.generate(ids[:, :17], max_new_tokens=8, do_sample=False)
     torch.testing.assert_close(llm.generate(ids[:, :17], 8), expected, rtol=0, atol=0)
+
+
+def test_on_the_npu_each_layers_cache_is_one_float_task_of_its_own():
+    """With int8 linears on the emulated npu, layer l's cache is read and written by one cpu task, l's attention.
+
+    That is what ScheduleBlocks needs: chunk i+1's layer-l attention waits for chunk i's layer-l task only.
+    """
+    import kiln
+    from kiln.passes.extract_outliers import Int8Quantization
+
+    model, ids = _model("llama")
+    llm = compile_llm(model, chunk_size=CHUNK, capacity=CAPACITY, target="npu",
+                      options=kiln.CompileOptions(int8=Int8Quantization()))
+    program = llm.manifest["programs"][f"prefill_chunk_{CHUNK}"]
+    outputs = dict(zip(llm.manifest["llm"]["chunk"]["outputs"], (o.get("value") for o in program["outputs"])))
+    tasks = program["tasks"]
+    assert {t["queue"] for t in tasks} == {"cpu0", "npu0"}
+    owners = []
+    for l in range(model.config.num_hidden_layers):
+        readers = {t["name"] for t in tasks if {f"k_cache_{l}", f"v_cache_{l}"} & set(t["inputs"])}
+        writers = {t["name"] for t in tasks if {outputs[f"k_new_{l}"], outputs[f"v_new_{l}"]} & set(t["outputs"])}
+        assert len(readers) == 1 and readers == writers, (l, readers, writers)
+        (owner,) = [t for t in tasks if t["name"] in readers]
+        assert owner["queue"] == "cpu0"
+        owners.append(owner["name"])
+    assert len(set(owners)) == len(owners)
+    logits, _, _ = llm.prefill(ids[:, :CHUNK + 1])
+    with torch.no_grad():
+        eager = model(ids[:, :CHUNK + 1]).logits[:, -1]
+    assert logits.argmax(-1).equal(eager.argmax(-1))  # int8: the top token, not fp32 tolerance
