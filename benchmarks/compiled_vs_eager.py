@@ -240,6 +240,7 @@ def main() -> None:
             row += [f"{ms['inductor']:.2f}", _speedup(times, "inductor")] if "inductor" in ms else ["n/a", "n/a"]
         table.add_row(*row)
         console.print(f"  measured {name}")
+        del contenders, times  # the peers' sessions and weights go before the next workload builds its own
     console.print(table)
     if peer_rows:
         console.print(_peer_table(peer_rows))
