@@ -22,18 +22,21 @@ channels computed on the float path, and the layers that keep one:
 - for comparison, ``float_path="all"`` (no layer pruned) and the fixed rule
   of the earlier fake-quant prototype (``|x| > 6`` in float, ``threshold=6``).
 
-Then the default configuration's choice per layer. The int8 arithmetic is
-exact (``kiln::int8_linear``: int8 codes, int32 accumulation by
-``torch._int_mm``), run on this CPU: these are accuracy numbers of the
-integer computation an NPU would do with these scales, not timings, and no
-device time is modeled here.
+Then the default configuration's tasks by backend and its choice per layer.
+On ``--target npu`` the int8 linears run on the emulated ``npu`` backend
+and the float paths on ``cpu``. The int8 arithmetic is exact
+(``kiln::int8_linear``: int8 codes, int32 accumulation by
+``torch._int_mm``), run on this CPU, so ``npu`` and ``cpu`` give the same
+numbers: accuracy of the integer computation an NPU would do with these
+scales, not timings; no device time is modeled or printed here.
 
-    .venv/bin/python benchmarks/npu_outliers.py [--target cpu --batch 8 --seq 24]
+    .venv/bin/python benchmarks/npu_outliers.py [--target npu --batch 8 --seq 24]
 """
 from __future__ import annotations
 
 import argparse
 import os
+from collections import Counter
 import sys
 import time
 
@@ -256,7 +259,8 @@ def check_against_sentence_transformers(model: nn.Module, reference: torch.Tenso
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--target", default="cpu")
+    ap.add_argument("--target", default="npu", help="npu (default: the int8 linears on the emulated npu backend, "
+                                                       "the float path on cpu) or cpu")
     ap.add_argument("--batch", type=int, default=8, help="sentences per compiled call (a static shape)")
     ap.add_argument("--seq", type=int, default=24, help="tokens per sentence, padded (a static shape)")
     args = ap.parse_args()
@@ -285,7 +289,7 @@ def main() -> None:
         "int8 + |x| > 6 in float (prototype rule)": kiln.Int8Quantization(threshold=6.0, max_fraction=1.0,
                                                                            float_path="all"),
     }
-    rows, reports = [], {}
+    rows, reports, tasks = [], {}, {}
     for name, int8 in configs.items():
         start = time.perf_counter()
         options = kiln.CompileOptions(calibration=calibration, int8=int8)
@@ -296,6 +300,7 @@ def main() -> None:
         stats = next((p["stats"] for p in compiled.manifest["programs"]["main"]["passes"]
                       if p["name"] == "extract_outliers"), {})
         reports[name] = stats
+        tasks[name] = Counter(p["backend"] for p in compiled.manifest["partitions"])
         rows.append((name, cosine.mean().item(), cosine.min().item(), stats, seconds))
 
     print()
@@ -310,6 +315,8 @@ def main() -> None:
         print(f"{name:42s} {mean:11.5f} {low:7.4f}  {channels:>22s}  {layers:>15s}  {seconds:6.1f}s")
 
     default = reports["int8 + outliers (defaults)"]
+    placed = ", ".join(f"{n} on {b}" for b, n in sorted(tasks["int8 + outliers (defaults)"].items()))
+    print(f"\nthe defaults' tasks by backend: {placed}")
     print("\nthe defaults, per layer (threshold = 6 x the layer's median channel abs-max; at most 1% of its channels;"
           "\nthe float path kept where it cuts the layer's own relative output error, measured on the calibration"
           "\nset, by >= 1.5x):")
