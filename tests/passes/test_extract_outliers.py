@@ -307,10 +307,14 @@ def test_bad_compile_options_and_unknown_layer_names_are_refused():
         _compile(m, inputs, Int8Quantization(exclude=("big", "mild")), calibration, target="torch")
 
 
-def test_int8_and_outlier_weights_survive_save_and_load_in_a_fresh_process(tmp_path, fresh_python):
+@pytest.mark.parametrize("target", ["cpu", "npu"])
+def test_int8_and_outlier_weights_survive_save_and_load_in_a_fresh_process(tmp_path, fresh_python, target):
     m = TwoLinears().eval()
     calibration, inputs = _two_linears_data()
-    compiled = _compile(m, inputs, Int8Quantization(threshold=1.05, max_fraction=0.05, float_path="all"), calibration)
+    compiled = _compile(m, inputs, Int8Quantization(threshold=1.05, max_fraction=0.05, float_path="all"), calibration,
+                        target=target)
+    backends = {p["backend"] for p in compiled.manifest["partitions"]}
+    assert backends == ({"npu", "cpu"} if target == "npu" else {"torch", "cpu"})  # int8 on npu (or torch), float on cpu
     path = compiled.save(tmp_path / "a")
     with safe_open(str(path / "weights.safetensors"), "pt") as f:
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
