@@ -177,6 +177,9 @@ class Compilation:
         entries, files, used = [], {}, {}
         for p in partitions:
             lowered = self.lowered[p.name]
+            modeled = next((us for b in self.backends if (us := b.modeled_task_us(p)) is not None), None)
+            if modeled is not None:  # the target's device model (npu), for ScheduleBlocks: never a measurement
+                lowered.report["modeled_us"] = round(float(modeled), 3)
             for fname, data in lowered.files.items():
                 if fname in files:
                     raise KilnError(f"backend {p.backend!r} produced file {fname!r} twice")

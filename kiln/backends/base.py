@@ -97,6 +97,21 @@ class Backend(ABC):
         """
         return None
 
+    def modeled_task_us(self, partition: Partition) -> float | None:
+        """A device model's time for ``partition`` of this compilation, whichever backend it was placed on.
+
+        A target that models a device (``npu``: the NPU and the phone CPU
+        beside it) prices every task of its programs, so a scheduler can order
+        them (``ScheduleBlocks``); lowering records the first backend's answer
+        in each task's report as ``modeled_us``. None: this backend models
+        no device (the default).
+        """
+        return None
+
+    def modeled_handoff_us(self) -> float | None:
+        """The device model's cost of handing a value from one queue to another (None: no device model)."""
+        return None
+
 
 _BACKENDS: dict[str, type[Backend]] = {}
 

@@ -67,6 +67,7 @@ This module imports the runtime only: never the compiler (``kiln.api``,
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -75,6 +76,7 @@ from ..errors import ArtifactError, InputMismatchError, KilnError
 from ..ir.meta import dtype_from_name
 from ..runtime import CompiledModel, read_artifact
 from ..runtime.artifact import REBUILD
+from ..runtime.chain import IN_ORDER, SCHEDULED, Chain
 from ..runtime.executor import Program
 
 DECODE = "decode"  # the decode program's name; a prefill program is prefill_<bucket> or prefill_chunk_<C>
@@ -87,11 +89,19 @@ def chunk_program_name(chunk_size: int) -> str:
     return f"prefill_chunk_{chunk_size}"
 
 
+def chunk_starts(n: int, chunk_size: int) -> list[int]:
+    """The ``start_pos`` of each chunk of an ``n``-token prompt: ``n - k*C + i*C`` for ``i < k = ceil(n/C)``."""
+    chunks = -(-n // chunk_size)
+    return [n - (chunks - i) * chunk_size for i in range(chunks)]
+
+
 class CompiledLLM:
     """An artifact with prefill programs (per-bucket, or one chunk program) and a decode program, for greedy generation."""
 
-    def __init__(self, model: CompiledModel):
+    def __init__(self, model: CompiledModel, queue_cores: Mapping[str, Sequence[int]] | None = None):
+        """``queue_cores`` (queue -> CPU cores): pin each queue's worker of a scheduled chunked prefill."""
         self.model = model
+        self._queue_cores = queue_cores
         index = model.manifest.get("llm")
         if index is None:
             raise KilnError("this artifact is not an LLM (its manifest has no field llm); compile it with "
@@ -148,6 +158,18 @@ class CompiledLLM:
                             f"being logits) to every cache input ({', '.join(cache_names)}) once")
         self.chunk_size, self.chunk_graph = size, graph
         self.carry = {outputs.index(out): names.index(inp) - 1 for out, inp in carry.items()}  # -1: input_ids
+        # ScheduleBlocks' out-of-order orders (compile_llm(schedule=...)): chunks run as one chain
+        self.chain: Chain | None = None
+        self.prefill_order = IN_ORDER
+        if "chain" in graph.entry:
+            self.chain = Chain(graph, self._queue_cores)
+            self.prefill_order = SCHEDULED
+
+    def pin_queues(self, queue_cores: Mapping[str, Sequence[int]] | None) -> None:
+        """Pin each queue's worker of the scheduled chunked prefill to CPU cores (None: unpinned)."""
+        if self.chain is None:
+            raise KilnError("this LLM has no scheduled chunk program (compile_llm(..., chunk_size=C, schedule=...))")
+        self.chain = Chain(self.chunk_graph, queue_cores)
 
     @property
     def buckets(self) -> list[int]:
@@ -158,8 +180,7 @@ class CompiledLLM:
         if self.chunk_size is None:
             raise KilnError("this LLM has no chunk program; compile it with compile_llm(..., chunk_size=...)")
         self._check_prompt(n)
-        chunks = -(-n // self.chunk_size)
-        return [n - (chunks - i) * self.chunk_size for i in range(chunks)]
+        return chunk_starts(n, self.chunk_size)
 
     @property
     def artifact(self):
@@ -196,6 +217,15 @@ class CompiledLLM:
         padded[:, padded.shape[1] - n:] = input_ids  # the padding: the first chunk's negative positions
         k, v = self.empty_cache()
         state = [*k.unbind(0), *v.unbind(0)]  # per-layer views, in the chunk program's input order
+        if self.chain is not None:  # the chunks as one chain: in order, or ScheduleBlocks' order
+            chunks = [padded[:, i * size:(i + 1) * size].contiguous() for i in range(len(starts))]
+            steps = [[ids, *(state if i == 0 else [None] * len(state))] for i, ids in enumerate(chunks)]
+            order = self.prefill_order if len(starts) <= self.chain.max_steps else IN_ORDER
+            outputs = self.chain.run(steps, [{START_POS: s} for s in starts], order=order)[-1]
+            for out, inp in self.carry.items():
+                state[inp] = outputs[out]
+            layers = self.cache_shape[0]
+            return outputs[0][:, -1], torch.stack(state[:layers]), torch.stack(state[layers:])
         for i, start in enumerate(starts):
             ids = padded[:, i * size:(i + 1) * size].contiguous()
             outputs = self.chunk_graph.run([ids, *state], controls={START_POS: start})

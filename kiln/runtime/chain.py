@@ -39,26 +39,37 @@ SCHEDULED = "scheduled"
 class Chain:
     """Runs :class:`Program` ``program`` as a chain of steps (see the module docstring)."""
 
-    def __init__(self, program: Program, queue_cores: Mapping[str, Sequence[int]] | None = None):
+    def __init__(self, program: Program, queue_cores: Mapping[str, Sequence[int]] | None = None,
+                 carry: Mapping[int, str] | None = None):
+        """``carry`` (output index -> input name) is needed only for a program without a ``chain`` field,
+        which then runs in order only (to time its tasks before ScheduleBlocks orders them, say)."""
         chain = program.entry.get("chain")
-        if chain is None:
+        if chain is None and carry is None:
             raise ArtifactError(f"program {program.name!r} has no field chain (compile it with a chain schedule)")
         self.program = program
-        self.carry: dict[str, int] = {name: index for index, name in chain["carry"]}
-        self.orders: dict[int, dict[str, list[tuple[int, str]]]] = {
+        pairs = chain["carry"] if chain is not None else sorted(carry.items())
+        self.carry: dict[str, int] = {name: index for index, name in pairs}
+        self.orders: dict[int, dict[str, list[tuple[int, str]]]] = {} if chain is None else {
             int(k): {q: [(int(i), n) for i, n in order] for q, order in per_queue.items()}
             for k, per_queue in chain["orders"].items()}
         self._by_name = {t[0]: t for t in program._tasks}
         producer = {o: t[0] for t in program._tasks for o in t[3]}
-        self._carried_from = {name: producer[program.entry["outputs"][index]["value"]]
-                              for name, index in self.carry.items()}
+        outputs = program.entry["outputs"]
+        for name, index in self.carry.items():
+            if not 0 <= index < len(outputs) or outputs[index].get("value") not in producer:
+                raise InputMismatchError(f"carry: output {index} of program {program.name!r} is not a value a task "
+                                         "computes")
+            if name not in {i.name for i in program.signature.inputs}:
+                raise InputMismatchError(f"carry: {name!r} is not an input of program {program.name!r}")
+        self._carried_from = {name: producer[outputs[index]["value"]] for name, index in self.carry.items()}
         self.queue_cores = self._check_cores(queue_cores or {})
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     @property
     def max_steps(self) -> int:
-        return max(self.orders)
+        """The longest chain with an out-of-order schedule (0: none; it runs in order only)."""
+        return max(self.orders, default=0)
 
     def _check_cores(self, queue_cores: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
         available = os.sched_getaffinity(0)
@@ -168,3 +179,20 @@ class Chain:
                 errors.append(e)
         if errors:
             raise errors[0]
+
+
+def measure_tasks(chain: Chain, steps: Sequence[Sequence[torch.Tensor | None]], controls: Sequence[Mapping],
+                  repeat: int = 3) -> dict[str, float]:
+    """Each task's median time in microseconds over ``repeat`` in-order runs of the chain (after one warm-up).
+
+    The costs ScheduleBlocks orders a chain by when they are measured: on
+    this machine, with the chain's ``queue_cores``, every task run alone.
+    """
+    chain.run(steps, controls, order=IN_ORDER)
+    times: dict[str, list[float]] = {}
+    for _ in range(repeat):
+        trace = Trace()
+        chain.run(steps, controls, order=IN_ORDER, trace=trace)
+        for _, task, _, start, end in trace.events:
+            times.setdefault(task.rsplit("@", 1)[0], []).append((end - start) / 1e3)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}

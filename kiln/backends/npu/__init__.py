@@ -67,6 +67,14 @@ class NpuBackend(Backend):
         """Modeled microseconds of ``node`` on the NPU (the cost model's, not a measurement)."""
         return node_us(node, "npu", self.options.cost)
 
+    def modeled_task_us(self, partition: Partition) -> float:
+        """Modeled microseconds of ``partition`` on its device: the NPU for npu partitions, the phone's CPU else."""
+        return modeled_us(partition, "npu" if partition.backend == self.name else "cpu", self.options.cost)
+
+    def modeled_handoff_us(self) -> float:
+        """The cost model's synchronisation per hand-off between the NPU and CPU queues (modeled)."""
+        return self.options.cost.handoff_us
+
     def lower(self, partition: Partition) -> LoweredPartition:
         nodes = [n for n in partition.gm.graph.nodes if n.op == "call_function"]
         for n in nodes:  # placement checked these; a partition built by hand may not have been
