@@ -221,7 +221,7 @@ class CompiledLLM:
             chunks = [padded[:, i * size:(i + 1) * size].contiguous() for i in range(len(starts))]
             steps = [[ids, *(state if i == 0 else [None] * len(state))] for i, ids in enumerate(chunks)]
             order = self.prefill_order if len(starts) <= self.chain.max_steps else IN_ORDER
-            outputs = self.chain.run(steps, [{START_POS: s} for s in starts], order=order)[-1]
+            outputs = self.chain.run(steps, [{START_POS: s} for s in starts], order=order)
             for out, inp in self.carry.items():
                 state[inp] = outputs[out]
             layers = self.cache_shape[0]

@@ -17,6 +17,9 @@ per queue, for every chain length ``1 .. max_steps``; the runtime
 so the results are those of in-order execution (every task reads only values
 its dependencies wrote).
 
+A step before the last runs only the tasks the next step reads
+(:func:`kiln.ir.chain.carried_tasks`: no LM head for a chunk but the last).
+
 Needs before it: a lowered program (its tasks with their queues, the
 partitions the ``npu`` placement split off) and each task's cost in
 microseconds on its queue, from the backends' cost model (modeled) or from
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from ..errors import KilnError
+from ..ir.chain import carried_tasks
 
 Step = tuple[int, str]  # (step index, task name)
 
@@ -98,8 +102,11 @@ def chain_dag(program: dict, carry: Mapping[int, str], steps: int, costs: Mappin
     if missing:
         raise KilnError(f"ScheduleBlocks needs a cost for every task; none for {', '.join(missing)}")
     dag = nx.DiGraph()
+    carried = set(carried_tasks(program["tasks"], program["outputs"], carry))
     for i in range(steps):
         for t in program["tasks"]:
+            if i < steps - 1 and t["name"] not in carried:
+                continue  # a step before the last computes only what the next step reads
             dag.add_node((i, t["name"]), queue=t["queue"], cost=float(costs[t["name"]]))
             for dep in t["after"]:
                 dag.add_edge((i, dep), (i, t["name"]))
@@ -151,7 +158,7 @@ def list_schedule(dag: nx.DiGraph, sync_us: float = 0.0) -> Schedule:
 def in_order_schedule(dag: nx.DiGraph, program: dict, sync_us: float = 0.0) -> Schedule:
     """Every task after the one before it: step by step, each in the program's task order (no overlap)."""
     steps = 1 + max(i for i, _ in dag)
-    sequence = [(i, t["name"]) for i in range(steps) for t in program["tasks"]]
+    sequence = [(i, t["name"]) for i in range(steps) for t in program["tasks"] if (i, t["name"]) in dag]
     start, end, orders = {}, {}, {}
     clock, previous = 0.0, None
     for n in sequence:

@@ -1,5 +1,9 @@
 """Chained runs of one program: ``k`` steps, each step's carried inputs being outputs of the step before.
 
+The chain's result is the last step's outputs (and, in them, the carried
+state); a step before the last runs only the tasks the next step reads
+(:func:`kiln.ir.chain.carried_tasks`).
+
 A program entry with a ``chain`` field (written by
 :func:`kiln.passes.schedule_blocks.schedule_chain`) declares its carry
 (``[[output index, input name], ...]``: the output that feeds that input of
@@ -30,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..errors import ArtifactError, InputMismatchError
+from ..ir.chain import carried_tasks
 from .executor import Program, Trace
 
 IN_ORDER = "in-order"
@@ -62,6 +67,7 @@ class Chain:
             if name not in {i.name for i in program.signature.inputs}:
                 raise InputMismatchError(f"carry: {name!r} is not an input of program {program.name!r}")
         self._carried_from = {name: producer[outputs[index]["value"]] for name, index in self.carry.items()}
+        self._carried_tasks = carried_tasks(program.entry["tasks"], outputs, self.carry.values())
         self.queue_cores = self._check_cores(queue_cores or {})
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -86,8 +92,8 @@ class Chain:
         return out
 
     def run(self, steps: Sequence[Sequence[torch.Tensor | None]], controls: Sequence[Mapping] | None = None,
-            order: str = SCHEDULED, trace: Trace | None = None) -> list[list]:
-        """Run ``len(steps)`` steps; returns every step's flat outputs.
+            order: str = SCHEDULED, trace: Trace | None = None) -> list:
+        """Run ``len(steps)`` steps; returns the last step's flat outputs.
 
         ``steps[i]`` are step ``i``'s flat inputs; a carried input is taken
         from the step before (pass None for it) except in step 0, which
@@ -115,18 +121,22 @@ class Chain:
             env.update((n, program.controls[n].tensor(v)) for n, v in program.control_values(values).items())
             envs.append(env)
         orders, extra = self._orders(k, order)
-        deps = {(i, name): [(i, d) for d in t[5]] + [(i - 1, self._carried_from[n]) for n in t[2]
-                                                       if i and n in self.carry] + extra.get((i, name), [])
-                for i in range(k) for name, t in self._by_name.items()}
+        deps = {(i, name): [(i, d) for d in self._by_name[name][5]]
+                + [(i - 1, self._carried_from[n]) for n in self._by_name[name][2] if i and n in self.carry]
+                + extra.get((i, name), [])
+                for i in range(k) for name in self._step_tasks(i, k)}
         self._run(orders, deps, envs, trace or program._owner._trace)
-        weights = program._weights
-        return [[(env[o["value"]] if o["value"] in env else weights[o["value"]]) if "value" in o else o["literal"]
-                 for o in program._outputs] for env in envs]
+        env, weights = envs[-1], program._weights
+        return [(env[o["value"]] if o["value"] in env else weights[o["value"]]) if "value" in o else o["literal"]
+                for o in program._outputs]
+
+    def _step_tasks(self, i: int, k: int) -> list[str]:
+        return [t[0] for t in self.program._tasks] if i == k - 1 else self._carried_tasks
 
     def _orders(self, k: int, order: str) -> tuple[dict[str, list[tuple[int, str]]], dict]:
         if order == SCHEDULED:
             return self.orders[k], {}
-        sequence = [(i, t[0]) for i in range(k) for t in self.program._tasks]
+        sequence = [(i, name) for i in range(k) for name in self._step_tasks(i, k)]
         per_queue: dict[str, list[tuple[int, str]]] = {}
         for n in sequence:
             per_queue.setdefault(self._by_name[n[1]][1], []).append(n)

@@ -14,16 +14,17 @@ from kiln.runtime.chain import IN_ORDER, SCHEDULED, Chain
 
 
 class TwoLayers(nn.Module):
-    """A chunk-shaped step: per layer a GEMM (queue cpu1 below), then ``frac`` mixing in that layer's carried state."""
+    """A chunk-shaped step: per layer a GEMM (queue cpu1 below), then ``frac`` mixing in that layer's carried state;
+    a head (its own GEMM and ``frac``) that only the last step runs, as a chunked prefill's LM head."""
 
     def __init__(self):
         super().__init__()
-        self.l0, self.l1 = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.l0, self.l1, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
 
     def forward(self, x, s0, s1):
         n0 = torch.frac(self.l0(x) + s0)
         n1 = torch.frac(self.l1(n0) + s1)
-        return n1, n0, n1 * 0.5
+        return torch.frac(self.head(n1) * 3), n0, n1 * 0.5
 
 
 def _eager_chain(m, xs, s0, s1):
@@ -43,7 +44,7 @@ def chained():
     manifest = json.loads(json.dumps(cm.manifest))
     program = manifest["programs"]["main"]
     gemms = {t["name"]: "cpu1" for t in program["tasks"] if any(w.endswith("weight") for w in t["weights"])}
-    assert len(gemms) == 2, [(t["name"], t["weights"]) for t in program["tasks"]]
+    assert len(gemms) == 3, [(t["name"], t["weights"]) for t in program["tasks"]]
     place_on_queues(manifest, gemms)
     costs = {t["name"]: (4.0 if t["name"] in gemms else 3.0) for t in program["tasks"]}
     program["chain"] = schedule_chain(program, {1: "s0", 2: "s1"}, 4, costs, cost_source="modeled")
@@ -64,13 +65,11 @@ def test_scheduled_equals_in_order_bitwise_and_eager(chained, k):
     xs, s0, s1, steps = _steps(k)
     ooo = chain.run(steps, order=SCHEDULED)
     ino = chain.run(steps, order=IN_ORDER)
-    for a, b in zip(ooo, ino):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(ooo, ino))
     want, w0, w1 = _eager_chain(m, xs, s0, s1)
-    for got, ref in zip(ooo, want):
-        torch.testing.assert_close(got[0], ref)
-    torch.testing.assert_close(ooo[-1][1], w0)
-    torch.testing.assert_close(ooo[-1][2], w1)
+    torch.testing.assert_close(ooo[0], want[-1])
+    torch.testing.assert_close(ooo[1], w0)
+    torch.testing.assert_close(ooo[2], w1)
 
 
 def test_the_trace_shows_every_dependency_respected(chained):
@@ -86,6 +85,8 @@ def test_the_trace_shows_every_dependency_respected(chained):
         spans[(int(step), name)] = (start, end, queue)
     dag = chain_dag(program, {1: "s0", 2: "s1"}, 4, {t["name"]: 1.0 for t in program["tasks"]})
     assert set(spans) == set(dag)
+    head = [t["name"] for t in program["tasks"] if "p_head_weight" in t["weights"]]
+    assert [n for n in spans if n[1] in head] == [(3, head[0])]  # the head runs in the last step only
     for a, b in dag.edges:
         assert spans[b][0] >= spans[a][1], (a, b)
     check_order(dag, chain.orders[4])
@@ -140,4 +141,4 @@ def test_the_chain_survives_save_and_load(chained, tmp_path):
     *_, steps = _steps(3)
     a = Chain(loaded.default_program).run(steps)
     b = Chain(cm.default_program).run(steps, order=IN_ORDER)
-    assert all(torch.equal(x, y) for u, v in zip(a, b) for x, y in zip(u, v))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
