@@ -41,6 +41,8 @@ runs it; ``ExtractOutliers`` computes the clipped channels beside it in float.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -226,13 +228,116 @@ def quantize_activation(x: torch.Tensor, x_scale: float) -> torch.Tensor:
     return torch.clamp(torch.round(x.float() / x_scale), -127, 127).to(torch.int8)
 
 
-def int8_linear(x, weight, weight_scale, bias, x_scale):
+def _int_mm_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of int8 ``[M, K]`` and ``[K, N]``, exact in int32: ``torch._int_mm``, except for K == 1, where
+    torch's CPU ``_int_mm`` returns uninitialized memory when N > 1 (torch 2.13): there the outer product."""
+    if a.shape[1] == 1:
+        return a.to(torch.int32) * b.to(torch.int32)
+    return torch._int_mm(a, b)
+
+
+def int8_linear_reference(x, weight, weight_scale, bias, x_scale):
+    """``kiln::int8_linear`` as its contract states it, on ``torch._int_mm``: what every kernel of it must equal, bitwise."""
     _check_int8(x, weight, weight_scale, bias, x_scale)
     rows = x.reshape(-1, x.shape[-1])
-    acc = torch._int_mm(quantize_activation(rows, x_scale), weight.t())  # exact int32 accumulation
+    acc = _int_mm_exact(quantize_activation(rows, x_scale), weight.t())  # exact int32 accumulation
     out = acc.to(torch.float32) * (weight_scale * x_scale)
     if bias is not None:
         out = out + bias.float()
+    return out.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+
+
+# The prepacked kernel: oneDNN's int8 matmul (``onednn::qlinear_pointwise``, inductor's x86 int8
+# linear) on a weight reordered once into oneDNN's blocked layout (``onednn::qlinear_prepack``;
+# ~10 ms for 768x3072, ~100 ms for 768x32000 on one thread, so it is done when a loader binds a
+# weight, :func:`prepack_int8_linear_weight`, never per call). Why it is bitwise the reference:
+# - the int32 accumulators are exact where oneDNN multiplies s8 x s8 with VNNI (``vpdpbusd``,
+#   its s8 -> u8 shift compensated in int32) or AMX tiles. Without VNNI it uses ``vpmaddubsw``,
+#   which saturates in int16 (oneDNN then halves the weights): not exact, so there the reference
+#   runs. K is bounded so that the shifted sums cannot overflow int32 (255 * 127 * K < 2**31).
+# - it is called with activation scale 1.0 and zero point 0 (torch then sets no source scale),
+#   output scale 1.0 (no destination scale), float32 output, no bias, and as weight scales the
+#   float32 vector ``weight_scale * x_scale`` computed as the reference computes it. oneDNN's
+#   result is then ``float(acc) * scale[n]``: one int32 -> float32 conversion (round to nearest
+#   even, as ``acc.to(float32)``) and one float32 multiply, the reference's two steps (any factor
+#   1.0 it multiplies by is exact).
+# - the bias is added afterwards, in place (``out.add_(bias.float())``: the reference's ``+``, the
+#   same float32 rounding; oneDNN's own bias could be fused into a multiply-add, one rounding).
+_PACK_MAX_K = 65536
+_PACKED = None  # torch.utils.weak.WeakIdKeyDictionary: weight -> (version, data_ptr, packed, zero points)
+_PACK_LOCK = threading.Lock()
+_onednn_exact: bool | None = None
+
+
+def _onednn_int8_is_exact() -> bool:
+    """Whether this CPU and torch build run oneDNN's s8 x s8 matmul with exact int32 accumulation."""
+    global _onednn_exact
+    if _onednn_exact is None:
+        try:
+            _onednn_exact = bool(torch.backends.mkldnn.is_available() and torch.cpu._is_vnni_supported()
+                                 and hasattr(torch.ops.onednn, "qlinear_prepack")
+                                 and hasattr(torch.ops.onednn, "qlinear_pointwise"))
+        except (AttributeError, RuntimeError):
+            _onednn_exact = False
+    return _onednn_exact
+
+
+def _packable(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.int8 and weight.dim() == 2
+            and weight.layout == torch.strided and weight.is_contiguous() and not weight.is_inference()
+            and not weight.requires_grad and 0 < weight.shape[1] <= _PACK_MAX_K and weight.shape[0] > 0
+            and not isinstance(weight, torch._subclasses.FakeTensor))
+
+
+def prepack_int8_linear_weight(weight: torch.Tensor) -> bool:
+    """Prepack ``weight`` (int8 ``[N, K]``) once for ``kiln::int8_linear``'s oneDNN kernel; thread-safe.
+
+    Later calls of the op with this very tensor (same object, unmodified: its version counter and
+    data pointer are checked on every call) run the prepacked kernel, bitwise equal to
+    :func:`int8_linear_reference`. The packed copy (as large as the weight) lives as long as the
+    weight. Returns whether the prepacked kernel will run for it (False where this CPU lacks VNNI,
+    or the weight is not a plain contiguous CPU int8 tensor: the reference runs).
+    """
+    global _PACKED
+    if not (_onednn_int8_is_exact() and _packable(weight)):
+        return False
+    with _PACK_LOCK:
+        if _PACKED is None:
+            from torch.utils.weak import WeakIdKeyDictionary
+            _PACKED = WeakIdKeyDictionary()
+        entry = _PACKED.get(weight)
+        if entry is None or entry[0] != weight._version or entry[1] != weight.data_ptr():
+            packed = torch.ops.onednn.qlinear_prepack(weight, None)
+            _PACKED[weight] = (weight._version, weight.data_ptr(), packed,
+                               torch.zeros(weight.shape[0], dtype=torch.int64))
+    return True
+
+
+def _packed_entry(weight: torch.Tensor):
+    """The prepacked state of ``weight`` if it is current, else None."""
+    if _PACKED is None or weight.is_inference():
+        return None
+    with _PACK_LOCK:
+        entry = _PACKED.get(weight)
+    if entry is None or entry[0] != weight._version or entry[1] != weight.data_ptr():
+        return None
+    return entry
+
+
+def int8_linear(x, weight, weight_scale, bias, x_scale):
+    """``kiln::int8_linear``'s CPU kernel: the prepacked oneDNN kernel for a weight prepacked by
+    :func:`prepack_int8_linear_weight`, else the reference; bitwise the same either way."""
+    _check_int8(x, weight, weight_scale, bias, x_scale)
+    entry = _packed_entry(weight) if x.device.type == "cpu" and x.numel() > 0 else None
+    if entry is None:
+        return int8_linear_reference(x, weight, weight_scale, bias, x_scale)
+    _, _, packed, zeros = entry
+    codes = quantize_activation(x.reshape(-1, x.shape[-1]), x_scale).contiguous()
+    scale = (weight_scale * x_scale).contiguous()  # the reference's float32 scale vector, bit for bit
+    out = torch.ops.onednn.qlinear_pointwise(codes, 1.0, 0, packed, scale, zeros, None, 1.0, 0, torch.float32,
+                                             "none", [], "")  # = acc.to(float32) * scale, exactly
+    if bias is not None:
+        out.add_(bias.float())
     return out.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
 

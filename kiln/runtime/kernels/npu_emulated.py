@@ -5,9 +5,11 @@ ops a mobile NPU runs (:data:`NPU_OPS`: ``kiln::int8_linear`` and reshapes),
 the static shapes and dtypes of its inputs, the graph's digest, and the cost
 model's *modeled* time per call and per graph build. The graph runs through
 the ops' own CPU kernels: ``kiln::int8_linear`` quantizes with one static
-scale and accumulates in int32 with ``torch._int_mm``, so the result is
-bitwise what any kernel of the op computes (on a device too, up to its
-float rescale).
+scale and accumulates in int32 exactly, so the result is bitwise what any
+kernel of the op computes (on a device too, up to its float rescale). Each
+bound weight an ``int8_linear`` multiplies by is prepacked once, at load, for
+the op's oneDNN kernel (``prepack_int8_linear_weight``; where the CPU has
+VNNI/AMX), bitwise equal to its ``torch._int_mm`` reference.
 
 Each call checks its inputs against the static shapes (a real NPU graph
 cannot take another shape) and counts itself in ``kiln.runtime.npu``: the
@@ -25,10 +27,12 @@ import torch
 
 from ...errors import ArtifactError, InputMismatchError
 from ...ir.meta import dtype_from_name, dtype_name
+from ...ir.ops import prepack_int8_linear_weight
 from ...ir.serialize import graph_from_json
 from .. import npu
 
 FORMAT = "npu-emulated"
+INT8_LINEAR = torch.ops.kiln.int8_linear.default
 
 # The NPU's op table, by the JSON graph's target name: what it is, for messages. The
 # ``npu`` backend places exactly these ops (kiln/backends/npu/ops.py) and a loaded graph
@@ -72,11 +76,22 @@ def check_entry(entry: dict, at: str) -> None:
                             "compilation)")
 
 
+def _prepack_weights(gm: torch.fx.GraphModule, bound: list[torch.Tensor], n_inputs: int) -> None:
+    """Prepack, once at load, each bound weight an ``int8_linear`` multiplies by (``prepack_int8_linear_weight``:
+    the op's prepacked kernel then runs for it, bitwise equal to its reference kernel)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    weight_of = {node: bound[i - n_inputs] for i, node in enumerate(placeholders) if i >= n_inputs}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is INT8_LINEAR and node.args[1] in weight_of:
+            prepack_int8_linear_weight(weight_of[node.args[1]])
+
+
 def load(entry: dict, files, weights: dict[str, torch.Tensor]):
     spec = entry["spec"]
     gm = graph_from_json(spec["graph"])
     bound = [weights[name] for name in entry["weights"]]
     declared = [(i["name"], tuple(i["shape"]), dtype_from_name(i["dtype"])) for i in spec["inputs"]]
+    _prepack_weights(gm, bound, len(declared))
     key = (spec["digest"], tuple(shape for _, shape, _ in declared))
     build_us = float(spec["modeled"]["build_us"])
     execute_us = float(spec["modeled"]["execute_us"])
