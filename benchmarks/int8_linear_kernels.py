@@ -39,7 +39,7 @@ def _case(m: int, k: int, n: int):
 
 
 def _contenders(x, w, s, bias, x_scale):
-    _, _, packed, zeros = ops._packed_entry(w)
+    _, _, _, packed, zeros = ops._packed_entry(w)
     ones = torch.ones(w.shape[0])
     codes = ops.quantize_activation(x, x_scale)
     return {

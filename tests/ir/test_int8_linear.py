@@ -109,6 +109,7 @@ def test_a_weight_modified_after_prepacking_is_not_multiplied_stale():
     w.neg_()  # bumps the version counter: the packed copy no longer is this weight
     assert torch.equal(torch.ops.kiln.int8_linear(x, w, s, b, 0.01), int8_linear_reference(x, w, s, b, 0.01))
     assert prepack_int8_linear_weight(w)  # packs again
+    assert ops._packed_entry(w) is not None
     assert torch.equal(torch.ops.kiln.int8_linear(x, w, s, b, 0.01), int8_linear_reference(x, w, s, b, 0.01))
 
 
@@ -146,7 +147,7 @@ class _NpuLinear(torch.nn.Module):
 
 
 @needs_exact_onednn
-def test_the_npu_loader_prepacks_its_int8_weights_once_and_stays_bitwise_eager():
+def test_the_npu_loader_prepacks_its_int8_weights_once_and_stays_bitwise_eager(monkeypatch):
     import kiln
 
     m = _NpuLinear().eval()
@@ -154,10 +155,20 @@ def test_the_npu_loader_prepacks_its_int8_weights_once_and_stays_bitwise_eager()
     assert ops._packed_entry(m.w) is None  # eager's own weight: never prepacked, the reference kernel runs
     c = kiln.compile(m, (x,), target="npu")
     assert c.manifest["programs"]["main"]["tasks"][0]["backend"] == "npu"
-    packed = [w for w in list(ops._PACKED.keys()) if w.shape == m.w.shape and torch.equal(w, m.w)]
+    weights = [entry[0]() for entry in list(ops._PACKED.values())]
+    packed = [w for w in weights if w is not None and w.shape == m.w.shape and torch.equal(w, m.w)]
     assert len(packed) == 1 and ops._packed_entry(packed[0]) is not None  # the npu task's weight, packed at load
+    expected = m(x)
+    reference_calls = []
+
+    def counted(*args):
+        reference_calls.append(args)
+        return int8_linear_reference(*args)
+
+    monkeypatch.setattr(ops, "int8_linear_reference", counted)
     for _ in range(2):
-        assert torch.equal(c(x), m(x))
+        assert torch.equal(c(x), expected)
+    assert reference_calls == []  # the compiled npu task ran the prepacked kernel
 
 
 @needs_exact_onednn
@@ -190,3 +201,55 @@ def test_one_input_feature_is_exact(m, n):
     if _onednn_int8_is_exact():
         assert prepack_int8_linear_weight(w)
         assert torch.equal(torch.ops.kiln.int8_linear(x, w, s, None, 0.02), int8_linear_reference(x, w, s, None, 0.02))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_the_prepacked_kernels_quantizer_is_bitwise_quantize_activation(dtype, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5, 1.5, 2.5, -0.5, -2.5, 126.5, 127.5,
+                            -127.5, 1e30, -1e30, 0.0, -0.0, 1e-45])
+    for x_scale in (0.02, 1.0, 1e-30, 3.7, 1e20):
+        values = torch.randn(4000, generator=g) * 10.0 ** torch.randint(-3, 4, (4000,), generator=g)
+        x = torch.cat([values, special, torch.arange(-300, 300) * 0.5 * x_scale]).to(dtype).reshape(-1, 4)
+        monkeypatch.setattr(ops, "_SCRATCH_MIN", 0)
+        assert torch.equal(ops._quantize_rows_into_scratch(x, x_scale), quantize_activation(x, x_scale))
+        assert torch.equal(ops._quantize_rows_into_scratch(x[:3], x_scale), quantize_activation(x[:3], x_scale))
+        assert torch.equal(ops._quantize_rows_into_scratch(x.t(), x_scale), quantize_activation(x.t(), x_scale))
+        assert torch.equal(quantize_activation(x, x_scale),
+                           torch.clamp(torch.round(x.float() / x_scale), -127, 127).to(torch.int8))
+    reference = torch.clamp(torch.round(x.float() / 0.1), -127, 127).to(torch.int8)  # the contract, out of place
+    assert torch.equal(quantize_activation(x, 0.1), reference)
+    monkeypatch.setattr(ops, "_SCRATCH_MIN", 0)  # in the scratch buffers, whatever the size
+    assert torch.equal(ops._quantize_rows_into_scratch(x, 0.1), reference)
+    monkeypatch.setattr(ops, "_SCRATCH_MAX", 10)  # beyond the cap: fresh buffers, the same codes
+    assert torch.equal(ops._quantize_rows_into_scratch(x, 0.1), reference)
+
+
+@needs_exact_onednn
+def test_concurrent_calls_from_threads_are_each_bitwise_the_reference():
+    import concurrent.futures
+
+    cases = [_bitwise_case(m, 256, 96, bias=True, saturate=bool(m % 2), seed=m) for m in (1, 7, 64, 33)]
+    for _, w, _, _ in cases:
+        assert prepack_int8_linear_weight(w)
+    refs = [int8_linear_reference(x, w, s, b, 0.05) for x, w, s, b in cases]
+
+    def run(i):
+        x, w, s, b = cases[i % len(cases)]
+        return all(torch.equal(torch.ops.kiln.int8_linear(x, w, s, b, 0.05), refs[i % len(cases)]) for _ in range(20))
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(run, range(16)))
+
+
+@needs_exact_onednn
+def test_a_packed_weight_leaves_the_cache_with_its_tensor():
+    import gc
+
+    w = torch.randint(-127, 128, (8, 16), dtype=torch.int8)
+    assert prepack_int8_linear_weight(w)
+    key = id(w)
+    assert key in ops._PACKED
+    del w
+    gc.collect()
+    assert key not in ops._PACKED
