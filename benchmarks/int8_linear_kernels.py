@@ -76,6 +76,10 @@ def main() -> None:
     try:
         for threads in args.threads:
             torch.set_num_threads(threads)
+            busy = os.getloadavg()[0]
+            if threads > 1 and busy > 0.5:
+                print(f"note: load average {busy:.2f} on {os.cpu_count()} cores: {threads}-thread rows share cores "
+                      "with other work (a thread descheduled mid-call stalls the call)")
             for m in ROWS:
                 for k, n in KN:
                     x, _, s, bias, x_scale = _case(m, k, n)
