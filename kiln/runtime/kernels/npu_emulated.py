@@ -82,8 +82,10 @@ def _prepack_weights(gm: torch.fx.GraphModule, bound: list[torch.Tensor], n_inpu
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     weight_of = {node: bound[i - n_inputs] for i, node in enumerate(placeholders) if i >= n_inputs}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is INT8_LINEAR and node.args[1] in weight_of:
-            prepack_int8_linear_weight(weight_of[node.args[1]])
+        if node.op == "call_function" and node.target is INT8_LINEAR:
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            if weight in weight_of:
+                prepack_int8_linear_weight(weight_of[weight])
 
 
 def load(entry: dict, files, weights: dict[str, torch.Tensor]):
