@@ -13,15 +13,15 @@ STAGES: dict[str, list[str]] = {
     "analysis": ["annotate_regions"],
     # each does nothing unless its option is set: CompileOptions.quantization, CompileOptions.int8
     "quantize": ["quantize_nested", "extract_outliers"],
-    "placement": ["place"],  # last: every pass before it may set placements it needs kept
+    "placement": ["place"],  # every pass before it may set placements it needs kept
+    "schedule": ["schedule_blocks"],  # reads placements: each device's ready work in one run
 }
 
 PIPELINES: dict[str, list[str]] = {
     "cpu": ["cleanup", "optimize", "analysis", "quantize", "placement"],
     "torch": ["cleanup", "optimize", "analysis", "quantize", "placement"],
-    # the emulated NPU (kiln/backends/npu): the cpu stages for now; the mllm-NPU passes join as stages here
-    # (ExtractOutliers in "quantize", before placement; a block scheduler after "placement", which it reads)
-    "npu": ["cleanup", "optimize", "analysis", "quantize", "placement"],
+    # the emulated NPU (kiln/backends/npu): ExtractOutliers in "quantize", ScheduleBlocks after placement
+    "npu": ["cleanup", "optimize", "analysis", "quantize", "placement", "schedule"],
     "none": [],
 }
 

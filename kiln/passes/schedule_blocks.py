@@ -1,4 +1,18 @@
-"""ScheduleBlocks: an out-of-order order for chained runs of one program's tasks across its queues (mllm-NPU).
+"""ScheduleBlocks: blocks of one device's work, and an out-of-order order for chained runs of them (mllm-NPU).
+
+Two halves. **On the graph** (the ``schedule_blocks`` pass, after
+``place``): the partitioner cuts a task wherever the node order changes
+placement or queue, so a layer whose q, k and v projections sit between
+float ops (a reshape, RoPE) becomes three NPU tasks with CPU tasks between
+them. The pass reorders the nodes, keeping every dependency, so that ready
+nodes of the device just used come first: a topological order that
+greedily extends the current run (ties in the traced order). Each layer
+then has one NPU task per group of independent int8 linears (q/k/v,
+gate/up), and fewer hand-offs between queues. Nodes with side effects
+(collectives, random ops) keep their relative order; a graph on one backend
+and queue is left as it is.
+
+**On the program** (after lowering):
 
 A chunked prefill runs one static chunk program ``k`` times, each run (a
 *step*) reading the KV values the step before wrote: a *chain*. Run in
@@ -38,9 +52,61 @@ from dataclasses import dataclass
 import networkx as nx
 
 from ..errors import KilnError
+from ..ir import Graph
 from ..ir.chain import carried_tasks
+from ..ir.collectives import has_side_effects
+from .base import Pass, PassContext, PassResult, register_pass
 
 Step = tuple[int, str]  # (step index, task name)
+
+
+@register_pass
+class ScheduleBlocks(Pass):
+    """Reorder a placed graph's nodes so each device's ready work forms one run (one task); stats: ``tasks_before``,
+    ``tasks_after`` (runs of one placement and queue in node order)."""
+
+    name = "schedule_blocks"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        nodes = graph.compute_nodes()
+        key = {n: (graph.meta(n).placement, graph.meta(n).queue) for n in nodes}
+        before = _runs([key[n] for n in nodes])
+        if len(set(key.values())) < 2:
+            return PassResult(False, {"tasks_before": before, "tasks_after": before})
+        index = {n: i for i, n in enumerate(nodes)}
+        # nodes with side effects (collectives, random ops) keep their relative order: each waits for the last
+        effects = [n for n in nodes if has_side_effects(n)]
+        extra = {b: a for a, b in zip(effects, effects[1:])}
+        users = {n: list(n.users) for n in nodes}
+        for b, a in extra.items():
+            users[a].append(b)
+        waiting = {n: sum(1 for i in n.all_input_nodes if i in index) + (n in extra) for n in nodes}
+        ready = [n for n in nodes if waiting[n] == 0]
+        order: list = []
+        while ready:
+            current = key[order[-1]] if order else None
+            same = [n for n in ready if key[n] == current]
+            n = min(same or ready, key=index.__getitem__)
+            ready.remove(n)
+            order.append(n)
+            for u in users[n]:
+                if u in waiting:
+                    waiting[u] -= 1
+                    if waiting[u] == 0:
+                        ready.append(u)
+        after = _runs([key[n] for n in order])
+        if order == nodes or after >= before:
+            return PassResult(False, {"tasks_before": before, "tasks_after": before})
+        anchor = nodes[0].prev  # the last node before the compute nodes (a placeholder)
+        for n in order:
+            anchor.append(n)
+            anchor = n
+        graph.fx.lint()
+        return PassResult(True, {"tasks_before": before, "tasks_after": after})
+
+
+def _runs(keys: list) -> int:
+    return sum(1 for i, k in enumerate(keys) if i == 0 or k != keys[i - 1])
 
 
 @dataclass

@@ -37,6 +37,8 @@ from ..errors import ArtifactError, InputMismatchError
 from ..ir.chain import carried_tasks
 from .executor import Program, Trace
 
+_pinned = threading.local()  # the cores this worker thread was last pinned to
+
 IN_ORDER = "in-order"
 SCHEDULED = "scheduled"
 
@@ -69,7 +71,7 @@ class Chain:
         self._carried_from = {name: producer[outputs[index]["value"]] for name, index in self.carry.items()}
         self._carried_tasks = carried_tasks(program.entry["tasks"], outputs, self.carry.values())
         self.queue_cores = self._check_cores(queue_cores or {})
-        self._pool: ThreadPoolExecutor | None = None
+        self._pools: dict[str, ThreadPoolExecutor] = {}
         self._lock = threading.Lock()
 
     @property
@@ -149,9 +151,10 @@ class Chain:
 
         def work(queue: str, order: list[tuple[int, str]]) -> None:
             cores = self.queue_cores.get(queue)
-            if cores is not None:
+            if cores is not None and getattr(_pinned, "cores", None) != cores:
                 os.sched_setaffinity(0, cores)  # this thread only
-                torch.set_num_threads(len(cores))  # this thread's OpenMP team
+                torch.set_num_threads(len(cores))  # this thread's OpenMP team (slow: once per thread)
+                _pinned.cores = cores
             try:
                 with torch.no_grad():
                     for n in order:
@@ -177,10 +180,11 @@ class Chain:
                     e.set()
                 raise
 
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(len(program.queues), thread_name_prefix=f"kiln-chain-{program.name}")
-        futures = [self._pool.submit(work, q, o) for q, o in orders.items()]
+        with self._lock:  # one thread per queue, always the same: pinned once, its caches warm
+            for q in orders:
+                if q not in self._pools:
+                    self._pools[q] = ThreadPoolExecutor(1, thread_name_prefix=f"kiln-chain-{program.name}-{q}")
+        futures = [self._pools[q].submit(work, q, o) for q, o in orders.items()]
         errors = []
         for f in futures:
             try:

@@ -52,7 +52,7 @@ def _place_record(compiled):
 
 def test_target_npu_and_its_pipeline():
     assert TARGETS["npu"] == ["npu", "cpu", "torch"]
-    assert get_pipeline("npu") == get_pipeline("cpu")
+    assert get_pipeline("npu") == [*get_pipeline("cpu"), "schedule_blocks"]
     assert isinstance(target_backends("npu")[0], NpuBackend)
 
 

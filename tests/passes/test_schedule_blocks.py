@@ -91,3 +91,58 @@ def test_a_schedule_as_a_trace_is_valid_trace_event_json_marked_modeled():
     spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
     assert len(spans) == 5 and all(e["cat"] == "modeled" for e in spans)
     assert {e["name"]: e["ts"] for e in spans}["ffn@1"] == 11
+
+
+def _placed_layer():
+    """A tiny Llama chunk traced, int8-quantized and placed for the npu target (everything before schedule_blocks)."""
+    import torch
+
+    import kiln
+    from kiln import zoo
+    from kiln.api import Compilation
+    from kiln.llm.hf import LayerwiseKVCacheLM
+    from kiln.passes import get_pipeline
+    from kiln.passes.extract_outliers import Int8Quantization
+
+    model, _ = zoo.llama(hidden=64, layers=1, seq=32)
+    lm = LayerwiseKVCacheLM(model)
+    k, v = lm.empty_cache(1, 32)
+    inputs = (torch.zeros(1, 8, dtype=torch.long), torch.tensor(0), k, v)
+    passes = [p for p in get_pipeline("npu") if p != "schedule_blocks"]
+    c = Compilation("npu", passes, kiln.CompileOptions(int8=Int8Quantization()))
+    graph = c.trace(lm, inputs)
+    c.optimize()
+    return graph, c.flat_inputs
+
+
+def test_the_pass_groups_each_devices_ready_work_and_keeps_the_results():
+    import torch
+
+    from kiln.ir.collectives import has_side_effects
+    from kiln.passes import PassContext
+    from kiln.passes.schedule_blocks import ScheduleBlocks
+
+    graph, inputs = _placed_layer()
+    before = graph.run(inputs)
+    effects = [n.name for n in graph.compute_nodes() if has_side_effects(n)]
+    result = ScheduleBlocks().run(graph, PassContext(target="npu"))
+    assert result.modified and result.stats["tasks_after"] < result.stats["tasks_before"], result.stats
+    nodes = graph.compute_nodes()
+    position = {n: i for i, n in enumerate(nodes)}
+    assert all(position[i] < position[n] for n in nodes for i in n.all_input_nodes if i in position)
+    assert [n.name for n in nodes if has_side_effects(n)] == effects  # random ops (sdpa) keep their order
+    q, k, v = (next(n for n in nodes if n.name == f"int8_linear_default{s}") for s in ("", "_1", "_2"))
+    assert position[k] - position[q] <= 2 and position[v] - position[k] <= 2  # q, k, v in one NPU run
+    for a, b in zip(graph.run(inputs), before):
+        assert torch.equal(a, b)
+
+
+def test_the_pass_leaves_a_graph_on_one_device_alone():
+    import torch
+
+    import kiln
+
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    cm = kiln.compile(m, (torch.randn(2, 4),), passes=["place", "schedule_blocks"])
+    (record,) = [p for p in cm.manifest["programs"]["main"]["passes"] if p["name"] == "schedule_blocks"]
+    assert record["modified"] is False and record["stats"]["tasks_before"] == record["stats"]["tasks_after"]
