@@ -46,6 +46,7 @@ binds), oneDNN's int8 matmul on the packed weight where the CPU has VNNI/AMX
 """
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 
@@ -303,16 +304,39 @@ _onednn_exact: bool | None = None
 
 
 def _onednn_int8_is_exact() -> bool:
-    """Whether this CPU and torch build run oneDNN's s8 x s8 matmul with exact int32 accumulation."""
+    """Whether this CPU and torch build run oneDNN's s8 x s8 matmul with exact int32 accumulation: VNNI
+    in the CPU, not masked off by ``ONEDNN_MAX_CPU_ISA`` (with ``AVX2`` its s8 x s8 results are off by
+    millions), and a saturating test product computed exactly (checked once per process)."""
     global _onednn_exact
     if _onednn_exact is None:
+        isa = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
         try:
             _onednn_exact = bool(torch.backends.mkldnn.is_available() and torch.cpu._is_vnni_supported()
-                                 and hasattr(torch.ops.onednn, "qlinear_prepack")
-                                 and hasattr(torch.ops.onednn, "qlinear_pointwise"))
+                                 and any(part in isa for part in ("ALL", "VNNI", "AMX", "BF16", "FP16", "AVX10"))
+                                 and _onednn_int8_self_test())
         except (AttributeError, RuntimeError):
             _onednn_exact = False
     return _onednn_exact
+
+
+def _onednn_int8_self_test() -> bool:
+    """oneDNN's prepacked s8 x s8 product against exact int64 arithmetic, on the codes that saturate a
+    16-bit multiply-add (+-127 activations, 127 / -128 weights) and on random ones, at M = 1 and M = 5."""
+    g = torch.Generator().manual_seed(0)
+    k, n = 320, 48
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    w[0], w[1] = 127, -128
+    packed = torch.ops.onednn.qlinear_prepack(w, None)
+    for m in (1, 5):
+        x = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+        x[0] = 127
+        if m > 1:
+            x[1] = -127
+        out = torch.ops.onednn.qlinear_pointwise(x, 1.0, 0, packed, torch.ones(n), torch.zeros(n, dtype=torch.int64),
+                                                 None, 1.0, 0, torch.float32, "none", [], "")
+        if not torch.equal(out, (x.long() @ w.long().t()).float()):  # |sums| < 2**24: exact in float32
+            return False
+    return True
 
 
 def _packable(weight: torch.Tensor) -> bool:

@@ -253,3 +253,27 @@ def test_a_packed_weight_leaves_the_cache_with_its_tensor():
     del w
     gc.collect()
     assert key not in ops._PACKED
+
+
+@needs_exact_onednn
+def test_with_onednn_masked_to_avx2_the_reference_runs():
+    """``ONEDNN_MAX_CPU_ISA=AVX2`` makes oneDNN's s8 x s8 matmul inexact: nothing is prepacked, results stay exact."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from kiln.ir import ops\n"
+        "w = torch.randint(-128, 128, (48, 320), dtype=torch.int8)\n"
+        "x = torch.randn(5, 320) * 100\n"
+        "s = torch.rand(48)\n"
+        "assert not ops.prepack_int8_linear_weight(w)\n"
+        "assert torch.equal(torch.ops.kiln.int8_linear(x, w, s, None, 0.1), ops.int8_linear_reference(x, w, s, None, 0.1))\n"
+        "print('reference')\n"
+    )
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "reference"
+    assert ops._onednn_int8_self_test()  # in this process (oneDNN unmasked) the self-test passes
