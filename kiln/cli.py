@@ -107,8 +107,15 @@ def _parser() -> argparse.ArgumentParser:
                             description="Run the pipeline with snapshots and eager drift checks; show per "
                                         "pass what changed, the time it took and the drift, then how "
                                         "each partition was lowered.")
-    p.add_argument("factory", metavar="FILE.py:FACTORY", help=factory_help)
+    p.add_argument("factory", metavar="FILE.py:FACTORY", help=factory_help + "; or a saved artifact directory: its "
+                   "programs' tasks, and with --timeline the timelines of a chunked prefill's orders")
     _add_pipeline_options(p)
+    p.add_argument("--timeline", metavar="DIR",
+                   help="(artifact with a scheduled chunked prefill) write the in-order and out-of-order timelines "
+                        "as Chrome trace-event JSON: predicted from ScheduleBlocks' task costs, and measured here "
+                        "on one prefill each")
+    p.add_argument("--chunks", type=_int_at_least(1), default=4,
+                   help="chunks of the prompt the timelines cover (default 4; at most the chain's longest)")
     p.add_argument("--dump-dir", metavar="D",
                    help="write the IR before and after every pass, diffs, and pictures of the final graph; "
                         "earlier dumps there are replaced")
@@ -430,6 +437,12 @@ def _run(args, out: Console, err: Console) -> None:
 def _inspect(args, out: Console, err: Console) -> None:
     from .passes import Drift, Snapshot
 
+    if Path(args.factory).is_dir():
+        return _inspect_artifact(args, out, err)
+    if args.timeline:
+        raise KilnError("--timeline reads a saved artifact with a scheduled chunked prefill: give its directory "
+                        "(compile_llm(..., chunk_size=C, schedule=...), then .save(DIR))")
+
     compilation = _compilation(args)
     model, inputs = load_factory(args.factory)
     name = type(model).__name__
@@ -461,6 +474,72 @@ def _inspect(args, out: Console, err: Console) -> None:
         out.print(Text(f"wrote {len(written)} files to {args.dump_dir}"))
     if args.tir:
         out.print(Text(_tir(compilation.lowered, compiled.manifest, args.tir)))
+
+
+def _inspect_artifact(args, out: Console, err: Console) -> None:
+    """A saved artifact: each program's tasks (queue, backend, modeled time); a chunked prefill's timelines."""
+    import json
+    import os
+
+    import torch
+
+    from . import load
+    from .passes.schedule_blocks import chain_dag, in_order_schedule, list_schedule
+    from .runtime.chain import IN_ORDER, SCHEDULED
+
+    model = load(args.factory)
+    compiled = getattr(model, "model", model)
+    for name, program in compiled.programs.items():
+        table = Table(title=f"program {name}: {len(program.entry['tasks'])} tasks on {', '.join(program.queues)}")
+        for col in ("task", "queue", "backend", "modeled us"):
+            table.add_column(col)
+        for t in program.entry["tasks"]:
+            us = t["report"].get("modeled_us")
+            table.add_row(t["name"], t["queue"], t["backend"], "" if us is None else f"{us:.1f} (modeled)")
+        out.print(table)
+    if not args.timeline:
+        return
+    chain = getattr(model, "chain", None)
+    if chain is None:
+        raise KilnError(f"{args.factory} has no scheduled chunked prefill (compile_llm(..., chunk_size=C, "
+                        "schedule='modeled' or 'measured'))")
+    k = min(args.chunks, chain.max_steps)
+    entry = model.chunk_graph.entry
+    field = entry["chain"]
+    costs, source = field["costs"]["us"], field["costs"]["source"]
+    carry = {int(i): n for i, n in field["carry"]}
+    dag = chain_dag(entry, carry, k, costs)
+    folder = Path(args.timeline)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label, schedule in (("in-order", in_order_schedule(dag, entry, field["costs"]["sync_us"])),
+                            ("out-of-order", list_schedule(dag, field["costs"]["sync_us"]))):
+        trace = schedule.to_trace(f"{label}, from {source} task costs")
+        (folder / f"predicted-{label}.json").write_text(json.dumps(trace, indent=1))
+        rows.append((f"predicted {label} ({source} costs)", schedule.makespan / 1e3))
+    cores = {"npu0": [0], "cpu0": [1]} if len(os.sched_getaffinity(0)) >= 2 else None
+    if cores and set(cores) == set(model.chunk_graph.queues):
+        model.pin_queues(cores)
+    prompt = torch.zeros(model.batch, k * model.chunk_size, dtype=torch.int64)  # the times do not depend on the ids
+    for label, order in (("in-order", IN_ORDER), ("out-of-order", SCHEDULED)):
+        model.prefill_order = order
+        model.prefill(prompt)  # warm
+        with compiled.tracing() as trace:
+            model.prefill(prompt)
+        trace.save(folder / f"measured-{label}.json")
+        spans = [(s, e) for *_, s, e in trace.events]
+        rows.append((f"measured {label} (this machine)", (max(e for _, e in spans) - min(s for s, _ in spans)) / 1e6))
+    table = Table(title=f"chunked prefill of {k} chunks x {model.chunk_size} tokens; timelines in {folder} "
+                        "(Perfetto / chrome://tracing)")
+    table.add_column("order")
+    table.add_column("ms", justify="right")
+    for label, ms in rows:
+        table.add_row(label, f"{ms:.2f}")
+    out.print(table)
+    out.print(Text("predicted times come from the task costs ScheduleBlocks used"
+                   + (" (the npu cost model: modeled, not measured)" if source == "modeled" else
+                      " (timed on the compiling machine)")
+                   + (f"; measured: queues pinned {cores}" if cores else "; measured: queues unpinned")))
 
 
 def _eager_outputs(model, inputs) -> list:

@@ -148,3 +148,27 @@ def test_bad_schedule_options_are_refused(llama):
     with pytest.raises(KilnError, match="instead of options.calibration"):
         compile_llm(model, chunk_size=CHUNK, capacity=CAPACITY,
                     options=kiln.CompileOptions(calibration=[(torch.zeros(1, 8, dtype=torch.long),)]))
+
+
+def test_kiln_inspect_writes_both_orders_timelines_predicted_and_measured(scheduled, tmp_path, capsys):
+    import json
+
+    from jsonschema import validate
+
+    from kiln.cli import main
+    from tests.runtime.test_scheduler import TRACE_EVENT_SCHEMA
+
+    scheduled.save(tmp_path / "llm")
+    assert main(["inspect", str(tmp_path / "llm"), "--timeline", str(tmp_path / "tl"), "--chunks", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "predicted out-of-order (modeled costs)" in text and "measured in-order (this machine)" in text
+    assert "modeled, not measured" in text
+    for name in ("predicted-in-order", "predicted-out-of-order", "measured-in-order", "measured-out-of-order"):
+        trace = json.loads((tmp_path / "tl" / f"{name}.json").read_text())
+        validate(trace, TRACE_EVENT_SCHEMA)
+        steps = {e["name"].rsplit("@", 1)[1] for e in trace["traceEvents"] if e["ph"] == "X"}
+        assert steps == {"0", "1", "2"}, (name, steps)
+    predicted = json.loads((tmp_path / "tl" / "predicted-out-of-order.json").read_text())
+    assert all(e["cat"] == "modeled" for e in predicted["traceEvents"] if e["ph"] == "X")
+    assert main(["inspect", "nope.py:f", "--timeline", str(tmp_path / "x")]) != 0
+    assert "--timeline reads a saved artifact" in capsys.readouterr().err
