@@ -2,14 +2,17 @@
 
 Per shape (M rows, K in, N out) and thread count (1: how the npu queue's
 worker runs it; 2: for reference): milliseconds per call of the whole op
-(quantize x, the int8 matmul, rescale, bias) through the reference kernel
-(``int8_linear_reference``: ``torch._int_mm`` on the int8 weight) and through
-the prepacked one (``torch.ops.kiln.int8_linear`` on a weight that
-``prepack_int8_linear_weight`` reordered once into oneDNN's layout, as the npu
-loader does), and the matmuls alone (``_int_mm`` / ``onednn::qlinear_pointwise``);
-interleaved rounds, medians; ratio = reference / prepacked (> 1: faster). Every
-shape's results are checked bitwise equal before timing. These are CPU
-kernels of the *emulated* NPU: no NPU time is measured or modeled here.
+(quantize x, the int8 matmul, rescale, bias) as it was before the prepacked
+path (``orig``: the contract's arithmetic, each step a new tensor), through
+the reference kernel (``ref``, ``int8_linear_reference``: ``torch._int_mm`` on
+the int8 weight, the same steps in place) and through the prepacked one
+(``new``: ``torch.ops.kiln.int8_linear`` on a weight that
+``prepack_int8_linear_weight`` reordered once into oneDNN's layout, as the
+npu loader does), and the matmuls alone (``_int_mm`` /
+``onednn::qlinear_pointwise``); interleaved rounds, medians; ratios = theirs
+/ the prepacked one's (> 1: faster). Every shape's results are checked
+bitwise equal before timing. These are CPU kernels of the *emulated* NPU: no
+NPU time is measured or modeled here. About 20 s on 2 cores.
 
     .venv/bin/python benchmarks/int8_linear_kernels.py [--budget 0.2] [--threads 1 2]
 """
@@ -38,11 +41,22 @@ def _case(m: int, k: int, n: int):
     return x, w, s, bias, x.abs().max().item() / 127
 
 
+def _original(x, w, s, bias, x_scale):
+    """The op's kernel before the prepacked path: the contract's arithmetic, every step a new tensor."""
+    rows = x.reshape(-1, x.shape[-1])
+    codes = torch.clamp(torch.round(rows.float() / x_scale), -127, 127).to(torch.int8)
+    out = torch._int_mm(codes, w.t()).to(torch.float32) * (s * x_scale)
+    if bias is not None:
+        out = out + bias.float()
+    return out.reshape(*x.shape[:-1], w.shape[0]).to(x.dtype)
+
+
 def _contenders(x, w, s, bias, x_scale):
     _, _, _, packed, zeros = ops._packed_entry(w)
     ones = torch.ones(w.shape[0])
     codes = ops.quantize_activation(x, x_scale)
     return {
+        "orig": lambda: _original(x, w, s, bias, x_scale),
         "ref": lambda: ops.int8_linear_reference(x, w, s, bias, x_scale),
         "new": lambda: torch.ops.kiln.int8_linear(x, w, s, bias, x_scale),
         "int_mm": lambda: torch._int_mm(codes, w.t()),
@@ -70,8 +84,8 @@ def main() -> None:
         assert ops.prepack_int8_linear_weight(w)
         weights[k, n] = w
         print(f"prepack {k}x{n} (once, at load): {(time.perf_counter() - start) * 1e3:.1f} ms")
-    print(f"{'thr':>3} {'M':>4} {'K':>5} {'N':>6} | {'op ref ms':>9} {'op new ms':>9} {'ratio':>6} | "
-          f"{'_int_mm ms':>10} {'onednn ms':>9} {'ratio':>6}")
+    print(f"{'thr':>3} {'M':>4} {'K':>5} {'N':>6} | {'orig ms':>8} {'ref ms':>7} {'new ms':>7} {'orig/new':>8} "
+          f"{'ref/new':>7} | {'_int_mm ms':>10} {'onednn ms':>9} {'ratio':>6}")
     before = torch.get_num_threads()
     try:
         for threads in args.threads:
@@ -86,14 +100,15 @@ def main() -> None:
                     w = weights[k, n]
                     ref = ops.int8_linear_reference(x, w, s, bias, x_scale)
                     assert torch.equal(torch.ops.kiln.int8_linear(x, w, s, bias, x_scale), ref), (m, k, n)
+                    assert torch.equal(_original(x, w, s, bias, x_scale), ref), (m, k, n)
                     contenders = _contenders(x, w, s, bias, x_scale)
                     one = timing.median_ms({"ref": contenders["ref"]}, repeat=3, warmup=1)["ref"]
                     repeat = max(5, min(50, int(args.budget * 1e3 / max(one, 1e-3))))
                     ms = {name: statistics.median(t) for name, t in
                           timing.rounds_ms(contenders, repeat=repeat, warmup=2).items()}
-                    print(f"{threads:>3} {m:>4} {k:>5} {n:>6} | {ms['ref']:>9.3f} {ms['new']:>9.3f} "
-                          f"{ms['ref'] / ms['new']:>6.2f} | {ms['int_mm']:>10.3f} {ms['onednn']:>9.3f} "
-                          f"{ms['int_mm'] / ms['onednn']:>6.2f}", flush=True)
+                    print(f"{threads:>3} {m:>4} {k:>5} {n:>6} | {ms['orig']:>8.3f} {ms['ref']:>7.3f} {ms['new']:>7.3f} "
+                          f"{ms['orig'] / ms['new']:>8.2f} {ms['ref'] / ms['new']:>7.2f} | {ms['int_mm']:>10.3f} "
+                          f"{ms['onednn']:>9.3f} {ms['int_mm'] / ms['onednn']:>6.2f}", flush=True)
     finally:
         torch.set_num_threads(before)
     print(f"load average after: {os.getloadavg()[0]:.2f}")

@@ -277,3 +277,13 @@ def test_with_onednn_masked_to_avx2_the_reference_runs():
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "reference"
     assert ops._onednn_int8_self_test()  # in this process (oneDNN unmasked) the self-test passes
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_reference_is_the_contracts_arithmetic_out_of_place(bias):
+    x, w, s, b = _bitwise_case(33, 3072, 200, bias=bias, saturate=True, dtype=torch.bfloat16)
+    codes = torch.clamp(torch.round(x.float() / 0.02), -127, 127).to(torch.int8)
+    out = torch._int_mm(codes, w.t()).to(torch.float32) * (s * 0.02)
+    if bias:
+        out = out + b.float()
+    assert torch.equal(int8_linear_reference(x, w, s, b, 0.02), out.to(torch.bfloat16))
