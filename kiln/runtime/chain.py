@@ -35,7 +35,7 @@ import torch
 
 from ..errors import ArtifactError, InputMismatchError
 from ..ir.chain import carried_tasks
-from .executor import Program, Trace
+from .executor import Program, Trace, join_workers
 
 _pinned = threading.local()  # the cores this worker thread was last pinned to
 
@@ -184,15 +184,7 @@ class Chain:
             for q in orders:
                 if q not in self._pools:
                     self._pools[q] = ThreadPoolExecutor(1, thread_name_prefix=f"kiln-chain-{program.name}-{q}")
-        futures = [self._pools[q].submit(work, q, o) for q, o in orders.items()]
-        errors = []
-        for f in futures:
-            try:
-                f.result()
-            except BaseException as e:
-                errors.append(e)
-        if errors:
-            raise errors[0]
+        join_workers([self._pools[q].submit(work, q, o) for q, o in orders.items()])
 
 
 def measure_tasks(chain: Chain, steps: Sequence[Sequence[torch.Tensor | None]], controls: Sequence[Mapping],

@@ -275,13 +275,7 @@ class Program:
             work(per_queue[first])
         except BaseException as e:
             errors.append(e)
-        for f in futures:
-            try:
-                f.result()
-            except BaseException as e:
-                errors.append(e)
-        if errors:
-            raise errors[0]
+        join_workers(futures, errors)
 
     def __call__(self, *args, **kwargs):
         return self.signature.unflatten(self.run(self.signature.flatten(args, kwargs)))
@@ -289,6 +283,18 @@ class Program:
     def __repr__(self) -> str:
         return (f"<kiln program {self.name} tasks={len(self._tasks)} queues={self.queues} "
                 f"controls={list(self.controls)}>")
+
+
+def join_workers(futures, errors: list | None = None) -> None:
+    """Wait for every queue worker, then raise the first failure (``errors``: ones already caught), if any."""
+    errors = list(errors or [])
+    for f in futures:
+        try:
+            f.result()
+        except BaseException as e:
+            errors.append(e)
+    if errors:
+        raise errors[0]
 
 
 Policy = Callable[[str, Mapping[str, object]], "Mapping[str, object] | None"]
