@@ -9,9 +9,10 @@ import os
 
 from .artifact import Artifact, read_artifact, write_artifact
 from .executor import CompiledModel, Control, ControlError, Program, Trace
+from .threads import AdaptiveThreads
 
-__all__ = ["Artifact", "CompiledModel", "Control", "ControlError", "Program", "Trace", "load", "read_artifact",
-           "write_artifact"]
+__all__ = ["AdaptiveThreads", "Artifact", "CompiledModel", "Control", "ControlError", "Program", "Trace", "load",
+           "read_artifact", "write_artifact"]
 
 
 def load(path: str | os.PathLike, trusted_keys=None):

@@ -319,6 +319,7 @@ class CompiledModel:
         self.artifact = artifact
         self._files = _ArtifactFiles(artifact)
         self.policy: Policy | None = None
+        self.threads = None  # an AdaptiveThreads (kiln.runtime.threads): fewer threads when a core is taken
         self._trace: Trace | None = None
         m = artifact.manifest
         self.programs: dict[str, Program] = {name: Program(name, entry, artifact, self._files, self)
@@ -406,6 +407,12 @@ class CompiledModel:
     def run(self, flat_inputs: list[torch.Tensor], trace: Trace | None = None, controls: Mapping | None = None
             ) -> list:
         """Run the selected (default) program on flat, already checked inputs; returns flat outputs (``Program.run``)."""
+        if self.threads is not None:  # kiln.runtime.threads.AdaptiveThreads: this call's intra-op threads
+            with self.threads.call():
+                return self._run(flat_inputs, trace, controls)
+        return self._run(flat_inputs, trace, controls)
+
+    def _run(self, flat_inputs: list[torch.Tensor], trace: Trace | None, controls: Mapping | None) -> list:
         if self.selector is None:
             return self.default_program.run(flat_inputs, trace, controls)
         chosen, rest = self._split(controls or {})
