@@ -180,11 +180,15 @@ class Chain:
                     e.set()
                 raise
 
-        with self._lock:  # one thread per queue, always the same: pinned once, its caches warm
+        # One thread per queue, always the same (pinned once, its caches warm). A run submits to every queue
+        # under the lock, so concurrent runs reach every queue in the same order: no queue waits on a run
+        # that another queue holds behind the one it is running (a deadlock).
+        with self._lock:
             for q in orders:
                 if q not in self._pools:
                     self._pools[q] = ThreadPoolExecutor(1, thread_name_prefix=f"kiln-chain-{program.name}-{q}")
-        join_workers([self._pools[q].submit(work, q, o) for q, o in orders.items()])
+            futures = [self._pools[q].submit(work, q, o) for q, o in orders.items()]
+        join_workers(futures)
 
 
 def measure_tasks(chain: Chain, steps: Sequence[Sequence[torch.Tensor | None]], controls: Sequence[Mapping],

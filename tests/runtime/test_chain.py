@@ -142,3 +142,29 @@ def test_the_chain_survives_save_and_load(chained, tmp_path):
     a = Chain(loaded.default_program).run(steps)
     b = Chain(cm.default_program).run(steps, order=IN_ORDER)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_concurrent_chains_on_one_program_finish_and_agree(chained):
+    import threading
+
+    _, cm = chained
+    chain = Chain(cm.default_program)
+    *_, steps = _steps(4)
+    want = chain.run(steps, order=IN_ORDER)
+    results, errors = [], []
+
+    def call():
+        try:
+            for _ in range(5):
+                results.append(chain.run(steps))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "concurrent chains deadlocked"
+    assert not errors and len(results) == 20
+    assert all(torch.equal(x, y) for r in results for x, y in zip(r, want))
