@@ -19,6 +19,12 @@ installed or cannot export is listed with the reason, and the run goes on.
     .venv/bin/python benchmarks/compiled_vs_eager.py                       # every workload
     .venv/bin/python benchmarks/compiled_vs_eager.py --models llama,llama-decode --repeat 20 --no-inductor
     .venv/bin/python benchmarks/compiled_vs_eager.py --models minilm,bert,llama --peers ort,ov-f32,ov
+    .venv/bin/python benchmarks/compiled_vs_eager.py --models minilm,bert,llama --peers ov --no-inductor --precision bf16
+
+``--precision bf16`` adds the contender ``kiln-bf16`` beside ``kiln`` (fp32): the same model compiled with
+``CompileOptions(precision="bf16")`` (GEMMs and attention in bf16, the rest fp32; on a machine without bf16
+units kiln compiles fp32 and the run says so), with its fidelity against eager fp32 in the peers table and
+a column of its speed-up over each peer (OpenVINO's default precision is bf16 on such a machine).
 """
 from __future__ import annotations
 
@@ -75,7 +81,7 @@ def _eager(model):
     return run
 
 
-def whole_model(name: str, target: str, inductor: bool, peer_names: tuple[str, ...] = ()):
+def whole_model(name: str, target: str, inductor: bool, peer_names: tuple[str, ...] = (), bf16: bool = False):
     """Contenders (no-argument callables) for one forward of a zoo model, kiln's compile seconds, and a
     :class:`PeerReport` when ``peer_names`` asks for peers (ONNX Runtime, OpenVINO)."""
     factory, kwargs, _ = MODELS[name]
@@ -87,12 +93,21 @@ def whole_model(name: str, target: str, inductor: bool, peer_names: tuple[str, .
     contenders = {"eager": functools.partial(_eager(model), *inputs), "kiln": functools.partial(cm, *inputs)}
     eager_out, kiln_out = contenders["eager"](), contenders["kiln"]()
     _check_output(name, eager_out, kiln_out)
+    if bf16:
+        cm16 = kiln.compile(model, inputs, target=target, options=kiln.CompileOptions(precision="bf16"))
+        contenders["kiln-bf16"] = functools.partial(cm16, *inputs)
+        bf16_out = contenders["kiln-bf16"]()
+        stats = next(p["stats"] for p in cm16.manifest["passes"] if p["name"] == "lower_precision")
+        print(f"  {name}: kiln-bf16: " + ", ".join(f"{k} {v}" for k, v in stats.items() if k != "left_fp32"))
     if inductor:
         contenders["inductor"] = functools.partial(_eager(torch.compile(model)), *inputs)
     if not peer_names:
         return contenders, compile_s, None
     report = PeerReport(failed={})
     outputs = {"kiln": lambda: peers.flat_outputs(kiln_out)}
+    if bf16:
+        outputs["kiln-bf16"] = lambda: peers.flat_outputs(bf16_out)
+        report.precision["kiln-bf16"] = stats["precision"]
     if inductor:
         outputs["inductor"] = lambda: peers.flat_outputs(contenders["inductor"]())
     built, report.failed = peers.build(peer_names, model, inputs)
@@ -169,16 +184,17 @@ def _peer_rows(name: str, times: dict[str, list[float]], ms: dict[str, float], r
             continue
         fid = report.fidelity.get(who, "n/a")
         diff = f"{fid.max_abs:.1e}" if isinstance(fid, peers.Fidelity) else "n/a"
-        kiln_over = "-" if who == "kiln" else _speedup({"eager": times[who], "kiln": times["kiln"]}, "kiln")
-        rows.append([name, who, report.precision.get(who, "f32"), f"{ms[who]:.2f}", _speedup(times, who), kiln_over,
+        kiln_over = [("-" if who == k else _speedup({"eager": times[who], "kiln": times[k]}, "kiln"))
+                     for k in ("kiln", "kiln-bf16") if k in times]
+        rows.append([name, who, report.precision.get(who, "f32"), f"{ms[who]:.2f}", _speedup(times, who), *kiln_over,
                      diff, str(fid)])
     return rows
 
 
-def _peer_table(rows: list[list[str]]) -> Table:
+def _peer_table(rows: list[list[str]], bf16: bool = False) -> Table:
     table = Table(title="against the peers (same weights, inputs and rounds; fidelity vs eager fp32)")
     cols = ("workload", "contender", "precision", "ms", "speed-up over eager", "kiln speed-up over it",
-            "max |diff|", "agreement")
+            *(("kiln-bf16 speed-up over it",) if bf16 else ()), "max |diff|", "agreement")
     for col in cols:
         table.add_column(col, justify="left" if col in ("workload", "contender", "precision", "agreement") else "right")
     for i, row in enumerate(rows):
@@ -195,7 +211,10 @@ def main() -> None:
     parser.add_argument("--peers", default=None,
                         help=f"comma-separated, from {', '.join(peers.PEERS)}, or 'none' "
                              f"(default: those installed: {', '.join(peers.installed()) or 'none'})")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="bf16: also time kiln compiled with CompileOptions(precision='bf16') (kiln-bf16)")
     args = parser.parse_args()
+    bf16 = args.precision == "bf16"
     inductor = not args.no_inductor
     if args.peers is None:
         peer_names = tuple(peers.installed())
@@ -214,6 +233,9 @@ def main() -> None:
     table = Table()
     for col in ("workload", "shape", "kiln compile s", "eager ms", "kiln ms", "kiln speed-up"):
         table.add_column(col, justify="left" if col in ("workload", "shape") else "right")
+    if bf16:
+        table.add_column("kiln-bf16 ms", justify="right")
+        table.add_column("kiln-bf16 speed-up", justify="right")
     if inductor:
         table.add_column("inductor ms", justify="right")
         table.add_column("inductor speed-up", justify="right")
@@ -228,7 +250,7 @@ def main() -> None:
             not_run += [f"{p} on llama-decode: not exported (a decode step with HF's growing KV cache)"
                         for p in peer_names]
         else:
-            contenders, compile_s, report = whole_model(name, args.target, inductor, peer_names)
+            contenders, compile_s, report = whole_model(name, args.target, inductor, peer_names, bf16)
             shape = MODELS[name][2]
         times = rounds_ms(contenders, args.repeat, settle_s={p: s for p, s in peers.SETTLE_S.items() if p in contenders})
         ms = {who: statistics.median(t) for who, t in times.items()}
@@ -236,6 +258,8 @@ def main() -> None:
             peer_rows += _peer_rows(name, times, ms, report)
             not_run += [f"{p} on {name}: {why}" for p, why in report.failed.items()]
         row = [name, shape, f"{compile_s:.1f}", f"{ms['eager']:.2f}", f"{ms['kiln']:.2f}", _speedup(times, "kiln")]
+        if bf16:
+            row += [f"{ms['kiln-bf16']:.2f}", _speedup(times, "kiln-bf16")] if "kiln-bf16" in ms else ["n/a", "n/a"]
         if inductor:
             row += [f"{ms['inductor']:.2f}", _speedup(times, "inductor")] if "inductor" in ms else ["n/a", "n/a"]
         table.add_row(*row)
@@ -243,7 +267,7 @@ def main() -> None:
         del contenders, times  # the peers' sessions and weights go before the next workload builds its own
     console.print(table)
     if peer_rows:
-        console.print(_peer_table(peer_rows))
+        console.print(_peer_table(peer_rows, bf16))
     if peer_names or not_run:
         console.print("peers could not run: " + ("none" if not not_run else ""))
         for line in not_run:

@@ -23,6 +23,7 @@ from .passes import (Instrument, PassContext, PassManager, PassRecord, Skip, Sto
                      verification_default)
 from .passes.calibration import check_calibration, flatten_calibration
 from .passes.extract_outliers import Int8Quantization
+from .passes.lower_precision import PRECISIONS
 from .passes.quantize_nested import NestedQuantization, apply_plan
 from .runtime import Artifact, CompiledModel
 from .runtime.artifact import merge_programs, new_manifest, program_entry
@@ -58,6 +59,9 @@ class CompileOptions:
     quantization: NestedQuantization | None = None
     # w8a8 linears with their activation outliers in float beside them (kiln/passes/extract_outliers.py); None: float.
     int8: Int8Quantization | None = None
+    # "bf16": GEMMs and attention in bf16 where the CPU has bf16 units, norms/softmax/the rest in fp32
+    # (kiln/passes/lower_precision.py); "fp32" (default): everything in the model's own dtype.
+    precision: str = "fp32"
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -81,6 +85,12 @@ class CompileOptions:
         if self.int8 is not None and self.quantization is not None:
             raise KilnError("CompileOptions.int8 and CompileOptions.quantization both quantize the linears: "
                             "set one of them")
+        if self.precision not in PRECISIONS:
+            raise UnknownNameError("value for CompileOptions.precision", self.precision, PRECISIONS)
+        if self.precision != "fp32" and (self.int8 is not None or self.quantization is not None):
+            raise KilnError(f"CompileOptions.precision={self.precision!r} and CompileOptions."
+                            f"{'int8' if self.int8 is not None else 'quantization'} both lower the linears' "
+                            "precision: set one of them")
 
     def verifying(self) -> bool:
         return self.verify is VerifyMode.ALWAYS or (self.verify is VerifyMode.AUTO and verification_default())
@@ -115,6 +125,9 @@ class Compilation:
         self.pass_names = list(passes) if passes is not None else get_pipeline(self.options.pipeline or target)
         self._instruments = self._standard_instruments()
         PassManager(self.pass_names)  # resolves every pass name now, or raises
+        if self.options.precision != "fp32" and "lower_precision" not in self.pass_names:
+            raise KilnError(f"CompileOptions.precision={self.options.precision!r}: the pipeline of target "
+                            f"{target!r} has no lower_precision pass to apply it")
         self.graph: Graph | None = None
         self.flat_inputs: list[torch.Tensor] = []
         self.records: list[PassRecord] = []

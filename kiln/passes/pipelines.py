@@ -13,13 +13,15 @@ STAGES: dict[str, list[str]] = {
     "analysis": ["annotate_regions"],
     # each does nothing unless its option is set: CompileOptions.quantization, CompileOptions.int8
     "quantize": ["quantize_nested", "extract_outliers"],
+    # does nothing unless CompileOptions.precision is "bf16": GEMMs and attention in bf16, the rest fp32
+    "precision": ["lower_precision"],
     "placement": ["place"],  # every pass before it may set placements it needs kept
     "schedule": ["schedule_blocks"],  # reads placements: each device's ready work in one run
 }
 
 PIPELINES: dict[str, list[str]] = {
-    "cpu": ["cleanup", "optimize", "analysis", "quantize", "placement"],
-    "torch": ["cleanup", "optimize", "analysis", "quantize", "placement"],
+    "cpu": ["cleanup", "optimize", "analysis", "quantize", "precision", "placement"],
+    "torch": ["cleanup", "optimize", "analysis", "quantize", "precision", "placement"],
     # the emulated NPU (kiln/backends/npu): ExtractOutliers in "quantize", ScheduleBlocks after placement
     "npu": ["cleanup", "optimize", "analysis", "quantize", "placement", "schedule"],
     "none": [],
