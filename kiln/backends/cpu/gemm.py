@@ -21,6 +21,11 @@ faster than the best of those before it, so noise never trades eager's exact
 kernel for a tie. Results are memoised per process (a model's layers share
 a handful of shapes; LLM shape buckets share most of theirs).
 
+bf16 linears (``measure`` mode) go to oneDNN without measuring: the runtime packs their weights once at
+load into oneDNN's blocked layout (``tvm_dispatch.pack_bf16_weights``), 1.3-1.6x faster than ``mm``,
+which reorders the plain weight every call; an input that is not all finite runs eager's ``mm`` there
+(oneDNN's bf16 inner product spread a NaN into the row before: tests/fuzz FINDINGS F2).
+
 Modes (``CompileOptions.gemm_kernels``): ``measure`` (the default: all three),
 ``mkl`` (only eager's kernel, blocked where that measured faster: GEMM
 results bitwise eager's) and ``onednn`` (oneDNN wherever it applies, not
@@ -95,8 +100,9 @@ def candidates(shape: GemmShape, mode: str) -> list[str]:
     if shape.n >= 2 * COLUMN_BLOCK:
         names.append("mkl_cols")
     if mode == "measure" and shape.dtype == "f32":
-        # Not for bf16: oneDNN's bf16 inner product spread a NaN of one input row into the
-        # output row before it (M=32, K=5; tests/fuzz FINDINGS F2); eager's MKL path does not.
+        # bf16 linears: oneDNN on packed weights, not measured (_choice); bf16 addmm: not on oneDNN, whose
+        # bf16 inner product spread a NaN of one input row into the output row before it (M=32, K=5;
+        # tests/fuzz FINDINGS F2); eager's MKL path does not.
         names.append("onednn")
     return names
 
@@ -183,7 +189,7 @@ def select_gemm_kernels(plan: dict[fx.Node, tuple[DispatchRule, Args]], mode: st
 
 
 def _choice(shape: GemmShape, mode: str, timer) -> GemmChoice:
-    if mode == "onednn":
+    if mode == "onednn" or (mode == "measure" and shape.dtype == "bf16" and shape.rule in ("linear", "linear_bias")):
         return GemmChoice("onednn", {})
     kernels = candidates(shape, mode)
     if len(kernels) == 1:

@@ -23,6 +23,7 @@ from tvm import relax, tirx
 
 from ...errors import UnsupportedOpError
 from ...ir.meta import dtype_name
+from ...runtime.kernels import tvm_dispatch
 from .convert import to_relax
 from .fusion import FUSED
 from .pipeline import stage
@@ -88,6 +89,10 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
     library = timed("export", _export, executable)
 
     outputs = [n.meta["val"] for n in _output_nodes(gm)]
+    # bf16 weights the runtime packs once at load for its bf16 linears (tvm_dispatch.pack_bf16_weights)
+    packed = sorted({args[1].name for rule, args in plan.values()
+                     if rule.function in tvm_dispatch.PACKED_BF16_FUNCTIONS and args[1] in weight_nodes
+                     and args[1].meta["val"].dtype == torch.bfloat16})
     spec = {
         "format": FORMAT,
         "entry": ENTRY,
@@ -99,6 +104,7 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
         "weights": [n.name for n in weight_nodes],
         "weight_types": [_tensor_spec(n.meta["val"]) for n in weight_nodes],  # checked against the weights on load
         "outputs": [_tensor_spec(v) for v in outputs],
+        **({"packed_bf16_weights": packed} if packed else {}),
         "report": {
             "nodes": node_report,
             "dispatched": dict(Counter(r["function"] for r in node_report if r["how"] == "dispatch")),
