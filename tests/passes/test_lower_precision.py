@@ -100,9 +100,12 @@ def test_gemms_and_attention_in_bf16_the_rest_fp32():
     # every fp32 weight read only by linears went: the artifact stores them once, in bf16; the norm's stay fp32
     kept = {graph.weight_sources.get(k, k) for k, w in graph.weights.items() if w.dtype == torch.float32}
     assert kept == {"norm.weight", "norm.bias"}
-    assert sum(w.dtype == torch.bfloat16 for w in graph.weights.values()) == 10
+    # up, out, and q/k/v as one linear on their concatenated weights: a weight and a bias each
+    assert sum(w.dtype == torch.bfloat16 for w in graph.weights.values()) == 6
     stats = next(r.stats for r in c.records if r.name == "lower_precision")
     assert stats["linear"] == 5 and stats["sdpa"] == 1 and stats["fp32_weights_dropped"] == 10
+    assert stats["merged_linears"] == 3 and stats["bf16_weights"] == 6
+    assert sum(n.target is aten.linear.default for n in graph.compute_nodes()) == 3
     # q, k, v read one cast of h; attention reads their bf16 results through view/transpose (no casts),
     # and the output projection reads attention's through transpose/reshape (casts only around fp32 ops)
     assert stats["casts_to_bf16"] == 3 and stats["kept_bf16_between"] == 3
