@@ -144,6 +144,9 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
                         "with their activation outlier channels in float beside them (extract_outliers); optional "
                         "kiln.Int8Quantization fields, e.g. threshold=6,max_fraction=0.01,float_path=all "
                         "(float_path: auto, all, none or layer names joined by +; exclude: names joined by +)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: GEMMs and attention in bf16 where the CPU has bf16 units (AMX / AVX512-BF16), norms, "
+                        "softmax and the rest in fp32 (lower_precision); fp32 (default): the model's own dtype")
     p.add_argument("--gemm-kernels", choices=("measure", "mkl", "onednn"), default="measure",
                    help="cpu target: each GEMM's kernel; measure (default): the fastest of MKL, MKL in column "
                         "blocks and oneDNN, timed per shape here; mkl: eager's kernel only (bitwise eager GEMMs); "
@@ -329,7 +332,7 @@ def _compilation(args):
     quantization = api.NestedQuantization(plans=args.quantize) if args.quantize else None
     int8 = api.Int8Quantization(**args.int8) if args.int8 is not None else None
     options = api.CompileOptions(pipeline=args.pipeline, skip_passes=tuple(args.skip), backend_options={"cpu": cpu},
-                                 quantization=quantization, int8=int8)
+                                 quantization=quantization, int8=int8, precision=args.precision)
     return api.Compilation(args.target, options=options)
 
 

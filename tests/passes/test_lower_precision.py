@@ -176,3 +176,25 @@ def test_bf16_artifact_saves_loads_and_runs_in_a_fresh_process(tmp_path, fresh_p
         print("ok")
     """)
     assert out.strip() == "ok"
+
+
+@needs_bf16
+def test_command_line_precision_bf16(tmp_path):
+    import contextlib
+    import io
+
+    from kiln.cli import main
+
+    (tmp_path / "models.py").write_text(
+        "import torch\n"
+        "def mlp():\n"
+        "    torch.manual_seed(0)\n"
+        "    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).eval()\n"
+        "    return m, (torch.randn(2, 8),)\n")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = main(["compile", f"{tmp_path / 'models.py'}:mlp", "--precision", "bf16", "-o", str(tmp_path / "a")])
+    assert code == 0, out.getvalue()
+    cm = kiln.load(tmp_path / "a")
+    assert _stats(cm)["precision"] == "bf16"
+    assert {w.dtype for w in cm.artifact.weights.values()} == {torch.bfloat16}
