@@ -72,8 +72,8 @@ def main() -> None:
         with torch.no_grad():
             model(*inputs)
             built, failed = peers.build(names, model, inputs)
-            contenders = {"eager": lambda: model(*inputs), "kiln": lambda: cm(*inputs),
-                          "kiln adaptive": lambda: adaptive(*inputs), **{p: b.run for p, b in built.items()}}
+            contenders = {"eager": lambda m=model, x=inputs: m(*x), "kiln": lambda m=cm, x=inputs: m(*x),
+                          "kiln adaptive": lambda m=adaptive, x=inputs: m(*x), **{p: b.run for p, b in built.items()}}
             settle = {p: s for p, s in peers.SETTLE_S.items() if p in contenders}
             quiet = rounds_ms(contenders, args.repeat, settle_s=settle)
             h = hog(cores[-1])
