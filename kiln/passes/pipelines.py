@@ -23,7 +23,7 @@ PIPELINES: dict[str, list[str]] = {
     "cpu": ["cleanup", "optimize", "analysis", "quantize", "precision", "placement"],
     "torch": ["cleanup", "optimize", "analysis", "quantize", "precision", "placement"],
     # the emulated NPU (kiln/backends/npu): ExtractOutliers in "quantize", ScheduleBlocks after placement
-    "npu": ["cleanup", "optimize", "analysis", "quantize", "placement", "schedule"],
+    "npu": ["cleanup", "optimize", "analysis", "quantize", "precision", "placement", "schedule"],
     "none": [],
 }
 
