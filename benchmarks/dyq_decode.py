@@ -105,6 +105,9 @@ def main() -> None:
     ap.add_argument("--cache", type=int, default=64, help="KV positions attended to")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--target", default="cpu")
+    ap.add_argument("--intra-op-threads", default="measure",
+                    help="CompileOptions.intra_op_threads: 'measure' (default: each plan's program timed at one "
+                         "PyTorch thread and at all, the faster kept), a count, or 'none'")
     args = ap.parse_args()
     print(machine())
     torch.manual_seed(0)
@@ -123,8 +126,10 @@ def main() -> None:
     plans = {"w8": {"default": 8}, "w4": {"default": 4}, "w2": {"default": 2}, "dyq-hi": 4.3, "dyq-lo": 3.2}
     start = time.perf_counter()
     q = kiln.NestedQuantization(plans=plans, default_plan="w4")
+    threads = {"none": None, "measure": "measure"}.get(args.intra_op_threads) or int(args.intra_op_threads)
     cm = kiln.compile(model, (x, kc, vc), target=args.target,
-                      options=kiln.CompileOptions(quantization=q, calibration=calibration))
+                      options=kiln.CompileOptions(quantization=q, calibration=calibration,
+                                                  intra_op_threads=threads))
     print(f"kiln compile ({len(plans)} plans): {time.perf_counter() - start:.1f} s")
     report = cm.manifest["quantization"]
     model_bf16 = DecoderStep(args.hidden, args.layers, args.ffn).eval()

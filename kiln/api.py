@@ -62,6 +62,11 @@ class CompileOptions:
     # "bf16": GEMMs and attention in bf16 where the CPU has bf16 units, norms/softmax/the rest in fp32
     # (kiln/passes/lower_precision.py); "fp32" (default): everything in the model's own dtype.
     precision: str = "fp32"
+    # PyTorch intra-op threads each call of a program runs with (the calling thread's, restored after): None
+    # (default) leaves them; an int fixes them; "measure" times every program at one thread and at the caller's
+    # count at compile time and keeps the faster (a decode step of TVM kernels runs faster when PyTorch's
+    # OpenMP threads do not spin beside TVM's pool). Recorded in the artifact.
+    intra_op_threads: int | str | None = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -85,6 +90,11 @@ class CompileOptions:
         if self.int8 is not None and self.quantization is not None:
             raise KilnError("CompileOptions.int8 and CompileOptions.quantization both quantize the linears: "
                             "set one of them")
+        if self.intra_op_threads is not None and self.intra_op_threads != "measure" and not (
+                isinstance(self.intra_op_threads, int) and not isinstance(self.intra_op_threads, bool)
+                and self.intra_op_threads >= 1):
+            raise KilnError("CompileOptions.intra_op_threads must be None, a positive int or 'measure'; got "
+                            f"{self.intra_op_threads!r}")
         if self.precision not in PRECISIONS:
             raise UnknownNameError("value for CompileOptions.precision", self.precision, PRECISIONS)
         if self.precision != "fp32" and (self.int8 is not None or self.quantization is not None):
@@ -183,7 +193,10 @@ class Compilation:
                                                 "default": graph.default_plan},
                                       quantization=graph.quantization)
             artifact.example_inputs = parts[graph.default_plan].example_inputs
-        return CompiledModel(artifact)
+        model = CompiledModel(artifact)
+        if self.options.intra_op_threads is not None:
+            _choose_intra_op_threads(model, self.flat_inputs, self.options.intra_op_threads)
+        return model
 
     def _lower_program(self, graph: Graph, name: str) -> Artifact:
         partitions, self.lowered, outputs, fallbacks = place_and_lower(graph, self.target, self.backends)
@@ -225,6 +238,35 @@ class Compilation:
         if self.graph is None:
             raise KilnError(f"Compilation.{stage}() needs trace() first")
         return self.graph
+
+
+def _choose_intra_op_threads(model: CompiledModel, flat_inputs: list, choice, rounds: int = 7) -> None:
+    """Set each program's ``intra_op_threads``: ``choice`` itself, or (``"measure"``) the faster of one thread and
+    the caller's count over interleaved timed calls on the example inputs (one thread only when 5% faster)."""
+    import statistics
+    import time
+
+    full = torch.get_num_threads()
+    for program in model.programs.values():
+        if choice != "measure":
+            program.entry["intra_op_threads"] = int(choice)
+            continue
+        if full == 1:
+            program.entry["intra_op_threads"] = 1
+            continue
+        times: dict[int, list[float]] = {1: [], full: []}
+        for r in range(rounds + 2):
+            for n in times:
+                program.entry["intra_op_threads"] = n
+                start = time.perf_counter()
+                program.run(list(flat_inputs), ask_policy=False)
+                if r >= 2:  # two warm-up rounds
+                    times[n].append(time.perf_counter() - start)
+        ms = {n: statistics.median(t) * 1e3 for n, t in times.items()}
+        program.entry["intra_op_threads"] = 1 if ms[1] < 0.95 * ms[full] else full
+        program.entry["intra_op_threads_measured_ms"] = {str(n): round(v, 3) for n, v in ms.items()}
+        log.debug("kiln: program %s: %.2f ms on 1 thread, %.2f ms on %d: runs on %d", program.name, ms[1],
+                  ms[full], full, program.entry["intra_op_threads"])
 
 
 def _record_json(r: PassRecord) -> dict:

@@ -146,6 +146,9 @@ _PROGRAM = {
         # chained runs of this program (kiln/runtime/chain.py): the carried state and the out-of-order
         # task orders per chain length, written by ScheduleBlocks (kiln/passes/schedule_blocks.py)
         "chain": _CHAIN,
+        # the PyTorch intra-op threads a call runs with (CompileOptions.intra_op_threads); what was measured
+        "intra_op_threads": {"type": "integer", "minimum": 1},
+        "intra_op_threads_measured_ms": {"type": "object"},
         # room for multi-process programs: the worker group that runs this program, and its rank in it
         "group": {"type": "object", "required": ["name", "rank", "size"], "properties": {
             "name": _NAME, "rank": {"type": "integer", "minimum": 0}, "size": {"type": "integer", "minimum": 1}}},
