@@ -43,6 +43,7 @@ import torch
 from ..api import compile as kiln_compile
 from ..backends import target_backends
 from ..errors import KilnError
+from ..ir.meta import dtype_from_name
 from ..passes import get_pipeline
 from ..passes.chunk_prefill import ChunkPrefill, cache_input_names, output_names
 from ..passes.schedule_blocks import schedule_chain
@@ -150,15 +151,10 @@ def _measured_costs(artifact, chunk: dict, carry: dict, queue_cores: dict | None
     runner = Chain(program, queue_cores=queue_cores, carry=carry)
     size = chunk["size"]
     batch = program.signature.inputs[0].type.shape[0]
-    caches = [torch.zeros(i.type.shape, dtype=_dtype(i.type.dtype)) for i in program.signature.inputs[1:]]
+    caches = [torch.zeros(i.type.shape, dtype=dtype_from_name(i.type.dtype)) for i in program.signature.inputs[1:]]
     steps = [[torch.zeros(batch, size, dtype=torch.int64), *caches],
              [torch.zeros(batch, size, dtype=torch.int64), *[None] * len(caches)]]
     return measure_tasks(runner, steps, [{START_POS: 0}, {START_POS: size}])
-
-
-def _dtype(name: str) -> torch.dtype:
-    from ..ir.meta import dtype_from_name
-    return dtype_from_name(name)
 
 
 def _calibration(model, prompts, batch: int, capacity: int, chunk_size: int | None, buckets: list[int]):

@@ -222,17 +222,19 @@ class CompiledLLM:
             steps = [[ids, *(state if i == 0 else [None] * len(state))] for i, ids in enumerate(chunks)]
             order = self.prefill_order if len(starts) <= self.chain.max_steps else IN_ORDER
             outputs = self.chain.run(steps, [{START_POS: s} for s in starts], order=order)
-            for out, inp in self.carry.items():
-                state[inp] = outputs[out]
-            layers = self.cache_shape[0]
-            return outputs[0][:, -1], torch.stack(state[:layers]), torch.stack(state[layers:])
-        for i, start in enumerate(starts):
-            ids = padded[:, i * size:(i + 1) * size].contiguous()
-            outputs = self.chunk_graph.run([ids, *state], controls={START_POS: start})
-            for out, inp in self.carry.items():
-                state[inp] = outputs[out]
+            self._take_carry(state, outputs)
+        else:
+            for i, start in enumerate(starts):
+                ids = padded[:, i * size:(i + 1) * size].contiguous()
+                outputs = self.chunk_graph.run([ids, *state], controls={START_POS: start})
+                self._take_carry(state, outputs)
         layers = self.cache_shape[0]
         return outputs[0][:, -1], torch.stack(state[:layers]), torch.stack(state[layers:])
+
+    def _take_carry(self, state: list, outputs: list) -> None:
+        """The carried outputs of a chunk into ``state``, the next chunk's cache inputs."""
+        for out, inp in self.carry.items():
+            state[inp] = outputs[out]
 
     def decode(self, token_ids: torch.Tensor, pos: int, k_cache: torch.Tensor,
                v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -43,6 +43,7 @@ from ..ir.signature import Signature
 from .artifact import Artifact, write_artifact
 from .manifest import control_allows, describe_allowed, topological_order
 from .kernels import load_kernel
+from .threads import intra_op_threads
 
 
 class _ArtifactFiles:
@@ -228,18 +229,11 @@ class Program:
         trace = trace if trace is not None else self._owner._trace
         env = dict(zip((i.name for i in self.signature.inputs), flat_inputs))
         env.update((n, self.controls[n].tensor(v)) for n, v in values.items())
-        threads = self.entry.get("intra_op_threads")  # CompileOptions.intra_op_threads: this call's torch threads
-        previous = torch.get_num_threads()
-        if threads is not None and threads != previous:
-            torch.set_num_threads(threads)
-        try:
+        with intra_op_threads(self.entry.get("intra_op_threads")):  # CompileOptions.intra_op_threads
             if len(self.queues) == 1:
                 self._run_queue(self._tasks, env, trace, None)
             else:
                 self._run_queues(env, trace)
-        finally:
-            if threads is not None and threads != previous:
-                torch.set_num_threads(previous)
         weights = self._weights
         return [(env[o["value"]] if o["value"] in env else weights[o["value"]]) if "value" in o else o["literal"]
                 for o in self._outputs]

@@ -32,6 +32,21 @@ import torch
 from ..errors import KilnError
 
 
+@contextlib.contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """The calling thread's PyTorch intra-op threads set to ``n`` inside the block (None: as they are), restored
+    after."""
+    previous = torch.get_num_threads()
+    if n is None or n == previous:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class AdaptiveThreads:
     """Full intra-op threads while calls run at their best time; one while another process takes a core."""
 
@@ -74,19 +89,14 @@ class AdaptiveThreads:
     @contextlib.contextmanager
     def call(self) -> Iterator[int]:
         """Run the block (one call) at the chosen thread count; the calling thread's count is restored after."""
-        previous = torch.get_num_threads()
-        full = self.threads or previous
+        full = self.threads or torch.get_num_threads()
         n = self.choose(full)
-        if n != previous:
-            torch.set_num_threads(n)
         start = time.perf_counter()
         try:
-            yield n
+            with intra_op_threads(n):
+                yield n
         finally:
-            elapsed = time.perf_counter() - start
-            if n != previous:
-                torch.set_num_threads(previous)
-            self.record(n, full, elapsed)
+            self.record(n, full, time.perf_counter() - start)
 
     def __repr__(self) -> str:
         state = "backed off to 1 thread" if self.backed_off else "full width"
