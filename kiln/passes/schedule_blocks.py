@@ -20,8 +20,9 @@ order, chunk *i+1* waits for the whole of chunk *i*; but chunk *i+1*'s
 first NPU linears need only its own input and chunk *i*'s layer-0 KV, so
 they can run while the CPU still does chunk *i*'s float attention. This
 pass builds the DAG of every ``(step, task)`` of ``k`` steps with its true
-dependencies (a task's ``after`` within its step; a carried input of step
-*i* on the task of step *i-1* that produced it) on networkx, and schedules
+dependencies (:func:`kiln.ir.chain.chain_dependencies`: a task's ``after``
+within its step; a carried input of step *i* on the task of step *i-1* that
+produced it) on networkx, and schedules
 it with a critical-path list scheduler: a task's priority is its upward rank
 (its cost plus the longest path to the end, hand-offs between queues
 included), each step the ready task of highest rank goes to its queue at
@@ -53,7 +54,7 @@ import networkx as nx
 
 from ..errors import KilnError
 from ..ir import Graph
-from ..ir.chain import carried_tasks
+from ..ir.chain import chain_dependencies
 from ..ir.collectives import has_side_effects
 from .base import Pass, PassContext, PassResult, register_pass
 
@@ -163,23 +164,16 @@ def chain_dag(program: dict, carry: Mapping[int, str], steps: int, costs: Mappin
     """The DAG of ``steps`` chained runs: nodes ``(step, task)`` with ``queue`` and ``cost``; edges are dependencies."""
     if steps < 1:
         raise KilnError(f"a chain has at least one step; got {steps}")
-    producers = carried_producers(program, carry)
+    carried_producers(program, carry)  # refuses a carry chain_dependencies cannot follow
     missing = [t["name"] for t in program["tasks"] if t["name"] not in costs]
     if missing:
         raise KilnError(f"ScheduleBlocks needs a cost for every task; none for {', '.join(missing)}")
+    queue = {t["name"]: t["queue"] for t in program["tasks"]}
     dag = nx.DiGraph()
-    carried = set(carried_tasks(program["tasks"], program["outputs"], carry))
-    for i in range(steps):
-        for t in program["tasks"]:
-            if i < steps - 1 and t["name"] not in carried:
-                continue  # a step before the last computes only what the next step reads
-            dag.add_node((i, t["name"]), queue=t["queue"], cost=float(costs[t["name"]]))
-            for dep in t["after"]:
-                dag.add_edge((i, dep), (i, t["name"]))
-            if i:
-                for name in t["inputs"]:
-                    if name in producers:
-                        dag.add_edge((i - 1, producers[name]), (i, t["name"]))
+    for n, deps in chain_dependencies(program["tasks"], program["outputs"], carry.items(), steps).items():
+        dag.add_node(n, queue=queue[n[1]], cost=float(costs[n[1]]))
+        for d in deps:
+            dag.add_edge(d, n)
     return dag
 
 

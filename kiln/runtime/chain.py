@@ -16,7 +16,7 @@ the next step) and, per chain length, one task order per queue. A
 - ``"scheduled"``: the stored out-of-order orders, one worker per queue,
   each task waiting only for its own dependencies (its ``after`` within its
   step, and for a carried input the task of the step before that produced
-  it).
+  it: :func:`kiln.ir.chain.chain_dependencies`).
 
 Every task reads only values its dependencies wrote, each step in its own
 environment, so both orders give bitwise the same results (as long as each
@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..errors import ArtifactError, InputMismatchError
-from ..ir.chain import carried_tasks
+from ..ir.chain import chain_dependencies
 from .executor import Program, Trace, join_workers
 
 _pinned = threading.local()  # the cores this worker thread was last pinned to
@@ -68,8 +68,7 @@ class Chain:
                                          "computes")
             if name not in {i.name for i in program.signature.inputs}:
                 raise InputMismatchError(f"carry: {name!r} is not an input of program {program.name!r}")
-        self._carried_from = {name: producer[outputs[index]["value"]] for name, index in self.carry.items()}
-        self._carried_tasks = carried_tasks(program.entry["tasks"], outputs, self.carry.values())
+        self._deps: dict[int, dict[tuple[int, str], list[tuple[int, str]]]] = {}  # per chain length
         self.queue_cores = self._check_cores(queue_cores or {})
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._lock = threading.Lock()
@@ -122,27 +121,35 @@ class Chain:
                 raise InputMismatchError(f"step {i} lacks inputs {missing or [n for n, v in env.items() if v is None]}")
             env.update((n, program.controls[n].tensor(v)) for n, v in program.control_values(values).items())
             envs.append(env)
-        orders, extra = self._orders(k, order)
-        deps = {(i, name): [(i, d) for d in self._by_name[name][5]]
-                + [(i - 1, self._carried_from[n]) for n in self._by_name[name][2] if i and n in self.carry]
-                + extra.get((i, name), [])
-                for i in range(k) for name in self._step_tasks(i, k)}
+        orders, deps = self._orders(k, order)
         self._run(orders, deps, envs, trace or program._owner._trace)
         env, weights = envs[-1], program._weights
         return [(env[o["value"]] if o["value"] in env else weights[o["value"]]) if "value" in o else o["literal"]
                 for o in program._outputs]
 
-    def _step_tasks(self, i: int, k: int) -> list[str]:
-        return [t[0] for t in self.program._tasks] if i == k - 1 else self._carried_tasks
+    def _dependencies(self, k: int) -> dict[tuple[int, str], list[tuple[int, str]]]:
+        """The dependencies of a ``k``-step chain, computed once per ``k`` (a prefill runs the same ``k`` again and
+        again); the caller must not change them."""
+        deps = self._deps.get(k)
+        if deps is None:
+            entry = self.program.entry
+            by_name = {t["name"]: t for t in entry["tasks"]}
+            tasks = [by_name[t[0]] for t in self.program._tasks]  # the order a step runs them in order
+            carry = [(index, name) for name, index in self.carry.items()]
+            deps = self._deps[k] = chain_dependencies(tasks, entry["outputs"], carry, k)
+        return deps
 
     def _orders(self, k: int, order: str) -> tuple[dict[str, list[tuple[int, str]]], dict]:
+        """The per-queue orders of a ``k``-step chain and what each of its tasks waits for."""
+        deps = self._dependencies(k)
         if order == SCHEDULED:
-            return self.orders[k], {}
-        sequence = [(i, name) for i in range(k) for name in self._step_tasks(i, k)]
+            return self.orders[k], deps
+        sequence = list(deps)  # step by step, each step in program order
         per_queue: dict[str, list[tuple[int, str]]] = {}
         for n in sequence:
             per_queue.setdefault(self._by_name[n[1]][1], []).append(n)
-        return per_queue, {b: [a] for a, b in zip(sequence, sequence[1:])}  # each waits for the one before
+        before = dict(zip(sequence[1:], sequence))  # in order, each also waits for the one before
+        return per_queue, {n: deps[n] + [before[n]] if n in before else deps[n] for n in sequence}
 
     def _run(self, orders, deps, envs, trace: Trace | None) -> None:
         events = {n: threading.Event() for n in deps}

@@ -18,7 +18,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
 from ..errors import ArtifactError
-from ..ir.chain import carried_tasks
+from ..ir.chain import chain_dependencies
 from ..ir.meta import DTYPES_BY_NAME, dtype_from_name
 from ..ir.serialize import check_graph_ops
 from ..ir.signature import _load_treespec
@@ -358,11 +358,11 @@ def _check_chain(program: dict, producer: dict, where: str) -> None:
             raise ArtifactError(f"{at}.carry: {name!r} is not an input of the program, or is carried twice")
         carried[name] = producer[outputs[index]["value"]]
     tasks = {t["name"]: t for t in program["tasks"]}
-    carried_set = carried_tasks(program["tasks"], outputs, [index for index, _ in chain["carry"]])
     for k, per_queue in chain["orders"].items():
         steps = int(k)
         where_k = f"{at}.orders[{k!r}]"
-        want = {(i, name) for i in range(steps) for name in (tasks if i == steps - 1 else carried_set)}
+        deps = chain_dependencies(program["tasks"], outputs, chain["carry"], steps)
+        want = set(deps)
         seen = set()
         for queue, order in per_queue.items():
             for i, name in order:
@@ -383,9 +383,7 @@ def _check_chain(program: dict, producer: dict, where: str) -> None:
             for q, order in per_queue.items():
                 while heads[q] < len(order):
                     i, name = order[heads[q]]
-                    deps = [(i, a) for a in tasks[name]["after"]] + [
-                        (i - 1, carried[x]) for x in tasks[name]["inputs"] if i and x in carried]
-                    if not all(d in done for d in deps):
+                    if not all(d in done for d in deps[(i, name)]):
                         break
                     done.add((i, name))
                     heads[q] += 1
