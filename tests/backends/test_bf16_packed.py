@@ -29,8 +29,8 @@ def test_bf16_linears_run_on_packed_weights_within_bf16_tolerance(monkeypatch):
     assert len(part["spec"]["packed_bf16_weights"]) == 2
     assert {g["kernel"] for g in part["report"]["gemm_kernels"]} == {"onednn"}
     calls = []
-    real = tvm_dispatch._packed_bf16
-    monkeypatch.setattr(tvm_dispatch, "_packed_bf16", lambda w: calls.append(real(w)) or calls[-1])
+    real = tvm_dispatch._packed
+    monkeypatch.setattr(tvm_dispatch, "_packed", lambda w, rows: calls.append(real(w, rows)) or calls[-1])
     got = cm(x)
     assert len(calls) == 2 and all(c is not None for c in calls)
     with torch.no_grad():

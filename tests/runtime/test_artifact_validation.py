@@ -46,6 +46,12 @@ def _drop(key):
     (lambda m: _part(m).update(format="onnx"), "has kernel format 'onnx', which this runtime cannot load"),
     (lambda m: _part(m)["spec"].update(weights=_part(m)["spec"]["weights"][::-1]),
      "spec.weights does not list the partition's weights in order"),
+    (lambda m: _part(m)["spec"].update(packed_f32_weights=[["ghost", 4]]),
+     "spec.packed_f32_weights names 'ghost', which is not one of the partition's weights"),
+    (lambda m: _part(m)["spec"].update(packed_f32_weights=[[_part(m)["spec"]["weights"][0], 0]]),
+     r"spec.packed_f32_weights\[0\]\[1\]: 0 is less than the minimum of 1"),
+    (lambda m: _part(m)["spec"].update(packed_bf16_weights=["ghost"]),
+     "spec.packed_bf16_weights names 'ghost', which is not one of the partition's weights"),
 ])
 def test_malformed_manifests_are_refused_naming_the_field(saved, no_kernel_loads, rewrite_manifest, edit, message):
     rewrite_manifest(saved, edit)

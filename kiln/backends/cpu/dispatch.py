@@ -189,7 +189,15 @@ ONEDNN_RULES: dict[str, DispatchRule] = {
                                 returns=True),
     "addmm": DispatchRule("addmm_onednn", aten.addmm.default, "kiln.addmm_onednn", _addmm, returns=True),
 }
-ALL_RULES = RULES + list(ONEDNN_RULES.values())
+# f32 linears on weights the runtime packs once at load for MKL's sgemm at the program's row count
+# (``tvm_dispatch.pack_f32_weights``); swapped in by ``gemm.select_gemm_kernels`` where measured faster.
+MKL_PACKED_RULES: dict[str, DispatchRule] = {
+    "linear": DispatchRule("linear_mkl_packed", aten.linear.default, "kiln.linear_mkl_packed", _linear_nobias,
+                           returns=True),
+    "linear_bias": DispatchRule("linear_bias_mkl_packed", aten.linear.default, "kiln.linear_bias_mkl_packed",
+                                _linear_bias, returns=True),
+}
+ALL_RULES = RULES + list(ONEDNN_RULES.values()) + list(MKL_PACKED_RULES.values())
 
 # Rules whose output is written [B, S, H, D] (the FX node's value is its transpose(1, 2)).
 BSHD_OUTPUT = {"sdpa_bshd", "sdpa_mask_bshd"}

@@ -7,6 +7,11 @@ sends to the library can run three ways, all PyTorch's own kernels:
     mkl_cols   the same call per block of ``COLUMN_BLOCK`` output columns: every
                output element is the same dot product, so bitwise the same; the
                block's output stays in cache (wide LM heads)
+    mkl_packed f32 linears whose weight is a constant: MKL's sgemm on the weight packed once at load
+               for the program's row count (``tvm_dispatch.pack_f32_weights``): the same kernel
+               without packing B on every call, 8-22% faster at 128 rows here; not promised
+               bitwise eager's (MKL may take another path for a packed B), held to fp32 tolerance.
+               The packed copy costs ~1.2x the weight's memory while loaded
     onednn     oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``):
                another accumulation order, so not bitwise eager (its error
                against a float64 reference is of eager's order; tests hold it
@@ -26,7 +31,7 @@ load into oneDNN's blocked layout (``tvm_dispatch.pack_bf16_weights``), 1.3-1.6x
 which reorders the plain weight every call; an input that is not all finite runs eager's ``mm`` there
 (oneDNN's bf16 inner product spread a NaN into the row before: tests/fuzz FINDINGS F2).
 
-Modes (``CompileOptions.gemm_kernels``): ``measure`` (the default: all three),
+Modes (``CompileOptions.gemm_kernels``): ``measure`` (the default: all of them),
 ``mkl`` (only eager's kernel, blocked where that measured faster: GEMM
 results bitwise eager's) and ``onednn`` (oneDNN wherever it applies, not
 measured; for tests and for comparing).
@@ -46,7 +51,7 @@ from ...errors import UnknownNameError
 from ...ir.meta import dtype_from_name, dtype_name
 from ...runtime.kernels import tvm_dispatch
 from ..tvm.dispatch import Args, DispatchRule
-from .dispatch import ONEDNN_RULES
+from .dispatch import MKL_PACKED_RULES, ONEDNN_RULES
 
 MODES = ("measure", "mkl", "onednn")
 COLUMN_BLOCK = 1024  # measured on LM heads here: 512-2048 within 4% of each other, 256 slower
@@ -64,6 +69,7 @@ class GemmShape:
     k: int
     n: int
     dtype: str = "f32"  # kiln's dtype name (kiln.ir.meta.DTYPE_NAMES)
+    constant_weight: bool = False  # the weight is one of the partition's weights (packable once at load)
 
     def label(self) -> str:
         dtype = "" if self.dtype == "f32" else f" {self.dtype}"
@@ -83,15 +89,15 @@ class GemmChoice:
 _MEMO: dict[tuple[str, GemmShape], GemmChoice] = {}
 
 
-def gemm_shape(rule: DispatchRule, args: Args) -> GemmShape | None:
-    """The GEMM a planned node computes, if it is one whose kernel is selectable."""
+def gemm_shape(rule: DispatchRule, args: Args, constants: frozenset[fx.Node] = frozenset()) -> GemmShape | None:
+    """The GEMM a planned node computes, if it is one whose kernel is selectable (``constants``: the weights)."""
     if rule.name not in ONEDNN_RULES:
         return None
     x, w = (args[1], args[2]) if rule.name == "addmm" else (args[0], args[1])
     xs, ws = x.meta["val"].shape, w.meta["val"].shape
     n = ws[1] if rule.name == "addmm" else ws[0]
     dtype = dtype_name(x.meta["val"].dtype)
-    return GemmShape(rule.name, math.prod(xs[:-1]), xs[-1], n, dtype)
+    return GemmShape(rule.name, math.prod(xs[:-1]), xs[-1], n, dtype, w in constants)
 
 
 def candidates(shape: GemmShape, mode: str) -> list[str]:
@@ -99,6 +105,9 @@ def candidates(shape: GemmShape, mode: str) -> list[str]:
     names = ["mkl"]
     if shape.n >= 2 * COLUMN_BLOCK:
         names.append("mkl_cols")
+    if (mode == "measure" and shape.dtype == "f32" and shape.constant_weight and shape.rule in MKL_PACKED_RULES
+            and torch.backends.mkl.is_available()):
+        names.append("mkl_packed")
     if mode == "measure" and shape.dtype == "f32":
         # bf16 linears: oneDNN on packed weights, not measured (_choice); bf16 addmm: not on oneDNN, whose
         # bf16 inner product spread a NaN of one input row into the output row before it (M=32, K=5;
@@ -118,8 +127,10 @@ def _callables(shape: GemmShape, kernels: list[str]) -> dict[str, Callable[[], o
     out = torch.empty(m, n, dtype=dtype)
 
     def call(kernel: str) -> Callable[[], object]:
-        if kernel == "onednn":
-            fn = tvm_dispatch.FUNCTIONS[ONEDNN_RULES[shape.rule].function]
+        if kernel in ("onednn", "mkl_packed"):
+            if kernel == "mkl_packed":
+                tvm_dispatch.pack_f32_weights([(w, m)])  # unpacked again when w dies
+            fn = tvm_dispatch.FUNCTIONS[(ONEDNN_RULES if kernel == "onednn" else MKL_PACKED_RULES)[shape.rule].function]
             return lambda: fn(*tensors)
         fn = tvm_dispatch.FUNCTIONS[f"kiln.{shape.rule}"]
         block = COLUMN_BLOCK if kernel == "mkl_cols" else 0
@@ -160,9 +171,11 @@ def choose(us: dict[str, float]) -> str:
 
 def select_gemm_kernels(plan: dict[fx.Node, tuple[DispatchRule, Args]], mode: str = "measure",
                         timer: Callable[[GemmShape, list[str]], dict[str, float]] = measure,
+                        constants: frozenset[fx.Node] = frozenset(),
                         ) -> tuple[dict[fx.Node, tuple[DispatchRule, Args]], list[dict]]:
     """``plan`` with each selectable GEMM on its chosen kernel, and a report entry per distinct shape.
 
+    ``constants``: the partition's weight nodes (a GEMM on one may run on a packed copy of it).
     ``timer`` measures candidates (tests pass a fake one).
     """
     if mode not in MODES:
@@ -170,7 +183,7 @@ def select_gemm_kernels(plan: dict[fx.Node, tuple[DispatchRule, Args]], mode: st
     chosen: dict[fx.Node, tuple[DispatchRule, Args]] = {}
     shapes: dict[GemmShape, list[fx.Node]] = {}
     for node, (rule, args) in plan.items():
-        shape = gemm_shape(rule, args)
+        shape = gemm_shape(rule, args, constants)
         if shape is None:
             chosen[node] = (rule, args)
         else:
@@ -180,8 +193,9 @@ def select_gemm_kernels(plan: dict[fx.Node, tuple[DispatchRule, Args]], mode: st
         choice = _choice(shape, mode, timer)
         for node in nodes:
             rule, args = plan[node]
-            if choice.kernel == "onednn":
-                chosen[node] = (ONEDNN_RULES[rule.name], args[:-1])
+            if choice.kernel in ("onednn", "mkl_packed"):
+                rules = ONEDNN_RULES if choice.kernel == "onednn" else MKL_PACKED_RULES
+                chosen[node] = (rules[rule.name], args[:-1])
             else:
                 chosen[node] = (rule, args[:-1] + [COLUMN_BLOCK if choice.kernel == "mkl_cols" else 0])
         report.append(choice.to_json(shape, len(nodes)))

@@ -61,7 +61,8 @@ class CpuTarget(TvmTarget):
         return {lowbit.NESTED_LINEAR: functools.partial(lowbit.convert_nested_linear, target=target)}
 
     def plan_stages(self) -> list[PlanStage]:
-        return [PlanStage("select_gemm", "gemm_kernels", lambda plan: select_gemm_kernels(plan, self.gemm_kernels))]
+        return [PlanStage("select_gemm", "gemm_kernels", lambda plan, weights: select_gemm_kernels(
+            plan, self.gemm_kernels, constants=weights))]
 
     def schedule_rules(self) -> list:
         return default_rules()

@@ -9,6 +9,7 @@ between ``fuse`` and ``schedule``; its rules then schedule only the rest.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -69,7 +70,8 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
     plan = timed("library_dispatch", target.dispatch.plan, gm)
     plan_reports = {}
     for plan_stage in target.plan_stages():
-        plan, plan_reports[plan_stage.report_key] = timed(plan_stage.name, plan_stage.run, plan)
+        plan, plan_reports[plan_stage.report_key] = timed(plan_stage.name, plan_stage.run, plan,
+                                                          frozenset(weight_nodes))
     mod, node_report = timed("convert", to_relax, gm, target.dispatch, plan, ENTRY, weights, target.converters())
     tvm_target = tvm.target.Target(target_json)
     with tvm_target:
@@ -93,6 +95,9 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
     packed = sorted({args[1].name for rule, args in plan.values()
                      if rule.function in tvm_dispatch.PACKED_BF16_FUNCTIONS and args[1] in weight_nodes
                      and args[1].meta["val"].dtype == torch.bfloat16})
+    # f32 weights it packs once at load for MKL's sgemm at the GEMM's row count (tvm_dispatch.pack_f32_weights)
+    packed_f32 = sorted({(args[1].name, math.prod(args[0].meta["val"].shape[:-1])) for rule, args in plan.values()
+                         if rule.function in tvm_dispatch.PACKED_F32_FUNCTIONS and args[1] in weight_nodes})
     spec = {
         "format": FORMAT,
         "entry": ENTRY,
@@ -105,6 +110,7 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
         "weight_types": [_tensor_spec(n.meta["val"]) for n in weight_nodes],  # checked against the weights on load
         "outputs": [_tensor_spec(v) for v in outputs],
         **({"packed_bf16_weights": packed} if packed else {}),
+        **({"packed_f32_weights": [list(p) for p in packed_f32]} if packed_f32 else {}),
         "report": {
             "nodes": node_report,
             "dispatched": dict(Counter(r["function"] for r in node_report if r["how"] == "dispatch")),

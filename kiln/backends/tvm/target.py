@@ -34,7 +34,8 @@ class PlanStage:
 
     name: str  # the stage, in the report's stage_seconds
     report_key: str  # where its report goes in the lowering report
-    run: Callable[[Plan], tuple[Plan, Any]]  # plan -> (new plan, JSON-serialisable report)
+    # (plan, the partition's weight nodes) -> (new plan, JSON-serialisable report)
+    run: Callable[[Plan, frozenset], tuple[Plan, Any]]
 
 
 class TvmTarget(ABC):

@@ -6,8 +6,8 @@ passes tensors as ``tvm.runtime.Tensor``; DLPack views them (``_t``)
 without a copy (0.5-2.6 us a call), and each function writes its result into
 the destination tensor TVM allocated (destination-passing style), with
 ``out=`` where PyTorch has it and one ``copy_`` where it does not; the
-attention (``*_bshd``) and oneDNN GEMM (``*_onednn``) functions instead return
-PyTorch's result to TVM.
+attention (``*_bshd``), oneDNN GEMM (``*_onednn``) and packed-weight GEMM
+(``*_mkl_packed``) functions instead return PyTorch's result to TVM.
 Scalar attributes arrive as Python ints/floats before the destination.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def embedding(w, idx, out):
 
 # The calling convention of the functions below (names, argument order). A library
 # records the ABI it was built against; the runtime refuses another (tvm_vm.check_compatible).
-ABI = 3
+ABI = 4
 
 
 def _gemm(x, w_t, block, out, bias=None):
@@ -97,17 +97,43 @@ def index(x, dims, *indices_and_out):
     _t(out).copy_(torch.ops.aten.index.Tensor(_t(x), indices))
 
 
-# bf16 linears on weights packed once at load into oneDNN's blocked layout (``pack_bf16_weights``; the
-# compiler lists them in the spec's ``packed_bf16_weights``): 1.3-1.6x faster than ``mm``/``addmm``, which
-# reorder the plain weight on every call (measured here, AMX: BERT's 24 GEMMs 8.0 -> 4.9 ms). Keyed by the
-# weight's data pointer and shape, each entry holding a weak reference to the tensor that owns the memory
-# (so the address cannot be another live tensor's) and its version counter (an in-place change of the
-# weight makes the packed copy stale: the plain kernel runs then). oneDNN's bf16 inner product spread a
-# NaN/Inf of input row r+1 into output row r (tests/fuzz FINDINGS F2): an input that is not all finite
-# runs the plain kernel.
+# Linears on weights packed once at load (the compiler lists them in the spec: ``packed_bf16_weights``,
+# ``packed_f32_weights``), so no call reorders the plain weight again:
+#   bf16: oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``), for any number of rows;
+#     1.3-1.6x faster than ``mm``/``addmm`` (measured here, AMX: BERT's 24 GEMMs 8.0 -> 4.9 ms).
+#   f32: MKL's packed B (``torch.ops.mkl._mkl_reorder_linear_weight``, cblas_sgemm_pack) for one number of
+#     rows M, the one the static program runs (a weight two programs use at two M is packed twice); the
+#     same sgemm on a pre-packed B, 8-22% faster than ``addmm`` at M=128 here (benchmarks/gemm_kernels.py).
+#     MKL allocates it ~1.2x the weight.
+# Keyed by the weight's data pointer, shape, dtype and M (None for bf16), each entry holding a weak
+# reference to the tensor that owns the memory (so the address cannot be another live tensor's) and its
+# version counter (an in-place change of the weight makes the packed copy stale: the plain kernel runs
+# then). oneDNN's bf16 inner product spread a NaN/Inf of input row r+1 into output row r (tests/fuzz
+# FINDINGS F2): an input that is not all finite runs the plain kernel there.
 PACKED_BF16_FUNCTIONS = ("kiln.linear", "kiln.linear_bias", "kiln.linear_onednn", "kiln.linear_bias_onednn")
-_PACKED_BF16: dict[tuple[int, tuple[int, ...]], tuple[weakref.ref, int, torch.Tensor]] = {}
+PACKED_F32_FUNCTIONS = ("kiln.linear_mkl_packed", "kiln.linear_bias_mkl_packed")
+_PACKED: dict[tuple, tuple[weakref.ref, int, torch.Tensor]] = {}
 _pack_lock = threading.Lock()
+
+
+def _packable(w: torch.Tensor, dtype: torch.dtype) -> bool:
+    return (w.dtype == dtype and w.dim() == 2 and w.is_contiguous() and w.device.type == "cpu" and w.numel() > 0
+            and not w.is_inference())
+
+
+def _pack(pairs, pack) -> int:
+    """Pack each ``(weight, rows)`` with ``pack(weight, rows)`` unless it is packed already; how many are packed."""
+    count = 0
+    with _pack_lock:
+        for w, rows in pairs:
+            key = (w.data_ptr(), tuple(w.shape), w.dtype, rows)
+            if _packed(w, rows) is None:
+                def forget(ref, key=key):
+                    if _PACKED.get(key, (None,))[0] is ref:
+                        _PACKED.pop(key, None)
+                _PACKED[key] = (weakref.ref(w, forget), w._version, pack(w, rows))
+            count += 1
+    return count
 
 
 def pack_bf16_weights(weights) -> int:
@@ -115,26 +141,23 @@ def pack_bf16_weights(weights) -> int:
     as it); returns how many are packed. Thread-safe; weights already packed are skipped."""
     if not torch.backends.mkldnn.is_available():
         return 0
-    count = 0
-    with _pack_lock:
-        for w in weights:
-            if not (w.dtype == torch.bfloat16 and w.dim() == 2 and w.is_contiguous() and w.device.type == "cpu"
-                    and w.numel() > 0 and not w.is_inference()):
-                continue
-            key = (w.data_ptr(), tuple(w.shape))
-            if _packed_bf16(w) is None:
-                def forget(ref, key=key):
-                    if _PACKED_BF16.get(key, (None,))[0] is ref:
-                        _PACKED_BF16.pop(key, None)
-                _PACKED_BF16[key] = (weakref.ref(w, forget), w._version,
-                                     torch.ops.mkldnn._reorder_linear_weight(w, None))
-            count += 1
-    return count
+    return _pack(((w, None) for w in weights if _packable(w, torch.bfloat16)),
+                 lambda w, rows: torch.ops.mkldnn._reorder_linear_weight(w, None))
 
 
-def _packed_bf16(w: torch.Tensor):
-    """The packed copy of the weight ``w`` views, if one was packed and its owner is alive and unmodified."""
-    entry = _PACKED_BF16.get((w.data_ptr(), tuple(w.shape)))
+def pack_f32_weights(weights_and_rows) -> int:
+    """Pack each f32 ``[N, K]`` weight for MKL's sgemm at its number of rows ``M`` (pairs ``(weight, M)``), once;
+    returns how many are packed. Thread-safe; without MKL nothing is packed (the linears run ``addmm``)."""
+    if not torch.backends.mkl.is_available():
+        return 0
+    return _pack(((w, int(m)) for w, m in weights_and_rows if _packable(w, torch.float32) and m >= 1),
+                 lambda w, rows: torch.ops.mkl._mkl_reorder_linear_weight(w, rows))
+
+
+def _packed(w: torch.Tensor, rows: int | None):
+    """The packed copy of the weight ``w`` views (for ``rows`` rows; None: bf16's), if one was packed and its owner
+    is alive and unmodified."""
+    entry = _PACKED.get((w.data_ptr(), tuple(w.shape), w.dtype, rows))
     if entry is None:
         return None
     owner = entry[0]()
@@ -152,7 +175,7 @@ def _finite(x: torch.Tensor) -> bool:
 def _linear(x, w, b, block, out):
     x, w, out = _t(x), _t(w), _t(out)
     if x.dtype == torch.bfloat16 and x.numel() > 0:
-        packed = _packed_bf16(w)
+        packed = _packed(w, None)
         if packed is not None and _finite(x):
             res = torch.ops.mkldnn._linear_pointwise(_rows(x), packed, b, "none", [], "")
             _rows(out).copy_(res)
@@ -188,7 +211,7 @@ def _linear_onednn(x, w, b=None):
         if x.numel() == 0 or not _finite(x):
             res = torch.mm(rows, w.t()) if b is None else torch.addmm(b, rows, w.t())
         else:
-            packed = _packed_bf16(w)
+            packed = _packed(w, None)
             res = torch.ops.mkldnn._linear_pointwise(rows, w if packed is None else packed, b, "none", [], "")
         return _to_tvm(res.view(*x.shape[:-1], w.shape[0]))
     return _onednn(x, w, b)
@@ -204,6 +227,26 @@ def linear_bias_onednn(x, w, b):
 
 def addmm_onednn(b, x, w):
     return _onednn(_t(x), _t(w).t(), _t(b))  # w is [K, N]: its transpose is the [N, K] weight (a view)
+
+
+def _linear_mkl_packed(x, w, b=None):
+    """A f32 linear on its MKL-packed weight for this many rows (``pack_f32_weights``), returned to TVM; when there
+    is none (a weight changed in place since loading, or no MKL), eager's ``mm``/``addmm``."""
+    rows = _rows(x)
+    packed = _packed(w, rows.shape[0])
+    if packed is not None:
+        res = torch.ops.mkl._mkl_linear(rows, packed, w, b, rows.shape[0])
+    else:
+        res = torch.mm(rows, w.t()) if b is None else torch.addmm(b, rows, w.t())
+    return _to_tvm(res.view(*x.shape[:-1], w.shape[0]))
+
+
+def linear_mkl_packed(x, w):
+    return _linear_mkl_packed(_t(x), _t(w))
+
+
+def linear_bias_mkl_packed(x, w, b):
+    return _linear_mkl_packed(_t(x), _t(w), _t(b))
 
 
 def mm(a, b, out):
@@ -280,7 +323,8 @@ def conv2d_bias(x, w, b, s0, s1, p0, p1, d0, d1, groups, out):
 
 FUNCTIONS = {f"kiln.{f.__name__}": f for f in (
     embedding, index_select, gather, index,
-    linear, linear_bias, addmm, linear_onednn, linear_bias_onednn, addmm_onednn, mm, bmm, matmul,
+    linear, linear_bias, addmm, linear_onednn, linear_bias_onednn, addmm_onednn,
+    linear_mkl_packed, linear_bias_mkl_packed, mm, bmm, matmul,
     sdpa, sdpa_mask, sdpa_bshd, sdpa_mask_bshd,
     conv2d, conv2d_bias)}
 
