@@ -172,6 +172,13 @@ class RowReduction(CPUScheduleRule):
         if not reductions or not all(re.fullmatch("S+R?", b.dom_kind()) for b in blocks):
             return None
         lead = min(len(b.dom_kind().rstrip("R")) for b in blocks)
+        # The rows: a reduction's spatial extent. The last block's first ``lead`` loops must be those rows to
+        # compute every block per row; with one row, normalization leaves the reductions a unit spatial axis but
+        # the elementwise blocks none, so their first loop runs over the row's elements instead.
+        rows = _elements(sch, sch.get_loops(reductions[0].block_rv)[:-1])
+        one_row = _elements(sch, sch.get_loops(blocks[-1].block_rv)[:lead]) != rows
+        if one_row and rows != 1:
+            return None
         lanes = _vector_lanes(target, _output_bits(sch, blocks[-1].block_rv))
         factored = {}  # reduction block name -> its rfactor block
         for block in reductions:
@@ -184,6 +191,16 @@ class RowReduction(CPUScheduleRule):
             ndim = len(sch.get(block.block_rv).writes[0].source.shape)
             factored[block.name] = sch.rfactor(lane, factor_axis=ndim)
         last = blocks[-1].block_rv
+        if one_row:
+            # A decode step's [1, 1, d] norm: there is no row loop to compute the blocks under (computing the
+            # reduction under the last block's loop over the row's elements summed the whole row once per
+            # element: 0.34 ms for d = 2048). Each block keeps its own loop.
+            for rf in factored.values():
+                sch.vectorize(sch.get_loops(rf)[-1])  # the lanes, innermost as split
+            for block in blocks:
+                if block.is_injective():
+                    _vectorize_innermost(sch, block.block_rv, lanes)
+            return sch
         loops = sch.get_loops(last)
         large = _elements(sch, loops) >= PARALLEL_MIN_ELEMENTS
         row = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]

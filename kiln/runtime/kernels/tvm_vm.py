@@ -17,9 +17,23 @@ So each calling thread gets its own VM, made from the one loaded library (the
 executable, its constants and the compiled kernels are shared and read-only;
 a VM costs ~15 us to make). The weights stay bound once, as shared views.
 TVM's own thread pool for parallel loops is already one per calling thread.
+
+TVM's pool against PyTorch's: the library's parallel loops run on TVM's
+pool, its dispatched GEMMs and attention on PyTorch's OpenMP threads. Both
+spin while they wait for work, so when both are multi-threaded they take
+each other's cores (measured here, 2 cores: a 4-bit decode step 42 ms with
+both at 2 threads, BERT 50 ms against 35). So each call sizes the calling
+thread's TVM pool by PyTorch's intra-op threads at that moment
+(``_size_tvm_pool``): all the process's cores when PyTorch runs one thread
+(``CompileOptions.intra_op_threads=1``, or ``"measure"`` choosing it: a decode
+step of TVM's nested low-bit kernels went 24.9 -> 18.0 ms), one thread
+otherwise (what TVM's default gives anyway on a 2-core x86 machine, where it
+halves the core count for hyper-threads). Set ``TVM_NUM_THREADS`` to size it
+yourself: kiln then leaves it alone.
 """
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
@@ -49,6 +63,22 @@ def check_compatible(spec: dict) -> None:
     if problems:
         raise ArtifactError("TVM library was built for " + " and ".join(problems)
                             + "; recompile the model on this machine")
+
+
+_pool = threading.local()  # .threads: what this thread's TVM pool was last sized to (TVM's pools are per thread)
+_SHARE_ALL_CORES = -3  # TVM's AffinityMode kSpecifyThreadShareAllCore: its threads float over the given cores
+
+
+def _size_tvm_pool() -> None:
+    """The calling thread's TVM pool: every core of the process while PyTorch runs one intra-op thread, else one
+    thread (see the module docstring); nothing when ``TVM_NUM_THREADS`` is set. Resizing costs ~2-7 us."""
+    if "TVM_NUM_THREADS" in os.environ:
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    want = len(cores) if torch.get_num_threads() == 1 else 1
+    if getattr(_pool, "threads", None) != want:
+        tvm.get_global_func("runtime.config_threadpool")(_SHARE_ALL_CORES, want, [str(c) for c in cores])
+        _pool.threads = want
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -96,6 +126,7 @@ class TvmVmKernel:
             if x.shape != shape or x.dtype != dtype:
                 raise InputMismatchError(f"input {i}: expected {dtype} {list(shape)}, got {x.dtype} {list(x.shape)}")
             args.append(tvm.runtime.from_dlpack(_aligned(x)))
+        _size_tvm_pool()
         outs = self._main()(*args, *self._bound)
         return [torch.from_dlpack(o) for o in outs]
 
