@@ -128,3 +128,18 @@ assert torch.equal(out, io["got"]), (out - io["got"]).abs().max()
 print("ok")
 """)
     assert out.strip() == "ok"
+
+
+def test_pack_weights_false_never_packs_and_a_bad_value_is_refused(always_packed):
+    from kiln.backends.cpu import CpuOptions
+    from kiln.errors import KilnError
+
+    m, x = _model(), torch.randn(2, 8, 48)
+    cm = kiln.compile(m, (x,), options=kiln.CompileOptions(backend_options={"cpu": CpuOptions(pack_weights=False)}))
+    (part,) = cm.manifest["partitions"]
+    assert "packed_f32_weights" not in part["spec"]
+    assert "mkl_packed" not in {g["kernel"] for g in part["report"]["gemm_kernels"]}
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), m(x))
+    with pytest.raises(KilnError, match="CpuOptions.pack_weights must be True or False, not 'no'"):
+        CpuOptions(pack_weights="no")

@@ -72,7 +72,8 @@ class CpuBackend(Backend):
         return self._tuning
 
     def lower(self, partition: Partition) -> LoweredPartition:
-        target = CpuTarget(gemm_kernels=self.options.gemm_kernels.value, tuning=self.tuning())
+        target = CpuTarget(gemm_kernels=self.options.gemm_kernels.value, tuning=self.tuning(),
+                           pack_weights=self.options.pack_weights)
         lowered = lower_partition(partition.gm, len(partition.inputs), partition.weights, target)
         spec = dict(lowered.spec)
         report = spec.pop("report")

@@ -11,7 +11,8 @@ sends to the library can run three ways, all PyTorch's own kernels:
                for the program's row count (``tvm_dispatch.pack_f32_weights``): the same kernel
                without packing B on every call, 8-22% faster at 128 rows here; not promised
                bitwise eager's (MKL may take another path for a packed B), held to fp32 tolerance.
-               The packed copy costs ~1.2x the weight's memory while loaded
+               The packed copy holds about the weight's size again in memory while loaded, per
+               row count (``CpuOptions(pack_weights=False)``: never packed)
     onednn     oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``):
                another accumulation order, so not bitwise eager (its error
                against a float64 reference is of eager's order; tests hold it

@@ -11,13 +11,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import TuningError, UnknownNameError
+from ...errors import KilnError, TuningError, UnknownNameError
 
 
 class GemmKernels(str, enum.Enum):
     """How the ``cpu`` backend picks each GEMM's kernel (``gemm.py``)."""
 
-    MEASURE = "measure"  # time MKL, MKL in column blocks and oneDNN per shape on this machine; run the fastest
+    MEASURE = "measure"  # time MKL, MKL in column blocks, MKL on packed weights and oneDNN per shape; run the fastest
     MKL = "mkl"  # eager's kernel only (column blocks where faster): GEMM results bitwise eager's
     ONEDNN = "onednn"  # oneDNN wherever it applies, unmeasured (comparisons, tests)
 
@@ -35,6 +35,10 @@ class CpuOptions:
     # are not tuned again. Works with tune_trials=0 (apply only).
     tuning_database: str | None = None
     gemm_kernels: GemmKernels = GemmKernels.MEASURE
+    # f32 linears on constant weights may run on a copy packed once at load for MKL's sgemm (``mkl_packed``,
+    # where measured faster): it holds a second copy of each such weight in memory (about its size) for each
+    # row count a program runs it at. False: never (the loaded weights take what they take in eager).
+    pack_weights: bool = True
 
     def __post_init__(self):
         if not isinstance(self.gemm_kernels, GemmKernels):
@@ -43,6 +47,8 @@ class CpuOptions:
             except ValueError:
                 raise UnknownNameError("value for CpuOptions.gemm_kernels", self.gemm_kernels,
                                        [m.value for m in GemmKernels]) from None
+        if not isinstance(self.pack_weights, bool):
+            raise KilnError(f"CpuOptions.pack_weights must be True or False, not {self.pack_weights!r}")
         if isinstance(self.tune_trials, bool) or not isinstance(self.tune_trials, int) or self.tune_trials < 0:
             raise TuningError(f"CpuOptions.tune_trials must be a whole number of trials >= 0 (0: no tuning), "
                               f"not {self.tune_trials!r}")

@@ -40,7 +40,8 @@ class CpuTarget(TvmTarget):
     ``gemm_kernels``: how each dispatched GEMM's kernel is chosen (``gemm.MODES``;
     by default measured on this machine). ``tuning``: MetaSchedule trials and
     starting databases (None, or 0 trials and no database: no tune stage).
-    ``target``: a TVM JSON target dict (None: this host, ``host_target()``).
+    ``target``: a TVM JSON target dict (None: this host, ``host_target()``). ``pack_weights``: whether
+    f32 linears on the partition's weights may run on copies packed at load (``gemm.py``'s ``mkl_packed``).
     """
 
     name: ClassVar[str] = "cpu"
@@ -48,6 +49,7 @@ class CpuTarget(TvmTarget):
 
     gemm_kernels: str = "measure"
     tuning: Tuning | None = None
+    pack_weights: bool = True  # CpuOptions.pack_weights: f32 linears may run on weights packed at load
     target: dict | None = None
 
     def target_json(self) -> dict:
@@ -62,7 +64,7 @@ class CpuTarget(TvmTarget):
 
     def plan_stages(self) -> list[PlanStage]:
         return [PlanStage("select_gemm", "gemm_kernels", lambda plan, weights: select_gemm_kernels(
-            plan, self.gemm_kernels, constants=weights))]
+            plan, self.gemm_kernels, constants=weights if self.pack_weights else frozenset()))]
 
     def schedule_rules(self) -> list:
         return default_rules()
