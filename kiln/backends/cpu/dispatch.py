@@ -75,15 +75,30 @@ def _binary_f32(node):
     return list(node.args[:2]) if _library_dtype(*node.args[:2]) else None
 
 
+def _eager_strides(q, k, v) -> list[int] | None:
+    """The strides eager's q, k and v have (from the traced values): ``[ndim, *q, *k, *v]``, or None when one is
+    not known as ints. The runtime lays non-finite inputs out so before PyTorch's fused attention, whose
+    NaN handling depends on the layout (``tvm_dispatch._attention``)."""
+    vals = [n.meta["val"] for n in (q, k, v)]
+    if len({t.dim() for t in vals}) != 1:
+        return None
+    strides = [s for t in vals for s in t.stride()]
+    return [vals[0].dim(), *strides] if all(isinstance(s, int) for s in strides) else None
+
+
 def _sdpa(node, masked: bool):
+    """``[q, k, v, (mask), causal, scale, gqa]`` then eager's strides (``_eager_strides``)."""
     q, k, v = node.args[:3]
     mask = _arg(node, 3, "attn_mask")
     if (mask is not None) != masked or not _library_dtype(q, k, v) or _arg(node, 4, "dropout_p", 0.0) != 0.0:
         return None
+    strides = _eager_strides(q, k, v)
+    if strides is None:
+        return None
     scale = node.kwargs.get("scale")
     flags = [int(bool(_arg(node, 5, "is_causal", False))), 0.0 if scale is None else float(scale),
              int(bool(node.kwargs.get("enable_gqa", False)))]
-    return [q, k, v] + ([mask] if masked else []) + flags
+    return [q, k, v] + ([mask] if masked else []) + flags + strides
 
 
 def _sdpa_bshd(node, masked: bool):
@@ -106,7 +121,8 @@ def _sdpa_bshd(node, masked: bool):
         if src is not None:
             args[i] = src
             layout |= 1 << i
-    return args + [layout]
+    flags = 7 if masked else 6  # the index after q, k, v, (mask), causal, scale, gqa
+    return args[:flags] + [layout] + args[flags:]
 
 
 def _embedding(node):
@@ -229,7 +245,7 @@ def specialize(rule: DispatchRule, args: Args, constants: dict[fx.Node, torch.Te
             if bool(value.all()):
                 return _BY_NAME[_UNMASKED[rule.name]], args[:3] + args[4:]
             q_shape = args[0].meta["val"].shape
-            q_len = q_shape[1] if rule.name == "sdpa_mask_bshd" and args[-1] & 1 else q_shape[-2]
+            q_len = q_shape[1] if rule.name == "sdpa_mask_bshd" and args[7] & 1 else q_shape[-2]
             if args[4] == 0 and value.shape[-1] == q_len and _is_causal_mask(value):
                 return _BY_NAME[_UNMASKED[rule.name]], args[:3] + [1] + args[5:]
     return rule, args

@@ -104,7 +104,7 @@ def index(x, dims, *indices_and_out):
 #   f32: MKL's packed B (``torch.ops.mkl._mkl_reorder_linear_weight``, cblas_sgemm_pack) for one number of
 #     rows M, the one the static program runs (a weight two programs use at two M is packed twice); the
 #     same sgemm on a pre-packed B, 8-22% faster than ``addmm`` at M=128 here (benchmarks/gemm_kernels.py).
-#     MKL allocates it ~1.2x the weight.
+#     Resident, it is about the weight's size again (MKL's allocation is larger; the rest is never touched).
 # Keyed by the weight's data pointer, shape, dtype and M (None for bf16), each entry holding a weak
 # reference to the tensor that owns the memory (so the address cannot be another live tensor's) and its
 # version counter (an in-place change of the weight makes the packed copy stale: the plain kernel runs
@@ -268,49 +268,75 @@ def _sum(x: torch.Tensor) -> float:
             else x.sum(dtype=torch.float32)).item()
 
 
-def _attention(q, k, v, mask, causal, scale, gqa):
-    """PyTorch's attention; with a NaN or inf in q, k or v, its math path. The fused CPU kernel drops NaN from
-    some rows when its inputs are contiguous (as TVM's buffers are), where fp64 and eager on a strided view
-    keep it (fuzz seed 9800272). The check is one sum per input: a NaN or inf makes it non-finite (a finite
-    sum overflowing only sends a call down the math path, still right)."""
+def _laid_out(x: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor | None:
+    """``x``'s values in a tensor with strides ``stride`` (a dimension of stride 0 expanded from one slice), or
+    None when that layout overlaps itself in another way (no tensor can be written so)."""
+    if tuple(x.stride()) == stride:
+        return x
+    base = [1 if s == 0 else n for n, s in zip(x.shape, stride)]
+    dims = sorted((s, n) for n, s in zip(base, stride) if n > 1)
+    if any(s2 < s1 * n1 for (s1, n1), (s2, _) in zip(dims, dims[1:])):
+        return None
+    size = 1 + sum((n - 1) * s for n, s in zip(base, stride))
+    out = torch.empty(size, dtype=x.dtype).as_strided(base, stride)
+    out.copy_(x[tuple(slice(0, 1) if s == 0 else slice(None) for s in stride)])
+    return out.expand(x.shape)
+
+
+def _attention(q, k, v, mask, causal, scale, gqa, strides):
+    """PyTorch's attention, called as eager calls it.
+
+    With a NaN or inf in q, k or v, PyTorch's fused CPU kernel gives results that depend on its inputs'
+    layout (it drops NaN from some rows of contiguous inputs where a strided view keeps it, fuzz seed 9800272;
+    it gives 0 where the math path gives NaN for others, seed 9980011), so there q, k and v are first laid out
+    with the strides eager's had (``strides``: ``[ndim, *q, *k, *v]``, from the traced values), which gives
+    eager's result; a layout no tensor can be written in runs the math path. The check is one sum per input:
+    a NaN or inf makes it non-finite (a finite sum overflowing only costs a copy)."""
     kwargs = dict(attn_mask=mask, is_causal=bool(causal), scale=scale or None, enable_gqa=bool(gqa))
     if not math.isfinite(_sum(q) + _sum(k) + _sum(v)):
-        return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, **kwargs)[0]
+        nd = strides[0]
+        laid = [_laid_out(x, tuple(strides[1 + i * nd:1 + (i + 1) * nd])) for i, x in enumerate((q, k, v))]
+        if any(x is None for x in laid):
+            return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, **kwargs)[0]
+        q, k, v = laid
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def _sdpa(q, k, v, mask, causal, scale, gqa, out):
-    _t(out).copy_(_attention(_t(q), _t(k), _t(v), mask, causal, scale, gqa))
+def _sdpa(q, k, v, mask, causal, scale, gqa, rest):
+    *strides, out = rest
+    _t(out).copy_(_attention(_t(q), _t(k), _t(v), mask, causal, scale, gqa, strides))
 
 
-def sdpa(q, k, v, causal, scale, gqa, out):
-    _sdpa(q, k, v, None, causal, scale, gqa, out)
+# The attention functions' trailing arguments: eager's strides of q, k and v (``[ndim, *q, *k, *v]``, see
+# ``_attention``), then the destination (where the function writes one).
+def sdpa(q, k, v, causal, scale, gqa, *rest):
+    _sdpa(q, k, v, None, causal, scale, gqa, rest)
 
 
-def sdpa_mask(q, k, v, mask, causal, scale, gqa, out):
-    _sdpa(q, k, v, _t(mask), causal, scale, gqa, out)
+def sdpa_mask(q, k, v, mask, causal, scale, gqa, *rest):
+    _sdpa(q, k, v, _t(mask), causal, scale, gqa, rest)
 
 
-def _sdpa_bshd(q, k, v, mask, causal, scale, gqa, layout):
+def _sdpa_bshd(q, k, v, mask, causal, scale, gqa, layout, strides):
     # Bit i of ``layout``: q/k/v (i = 0/1/2) is given [B, S, H, D]; view it [B, H, S, D] (no copy).
     q, k, v = (_t(x).transpose(1, 2) if layout >> i & 1 else _t(x) for i, x in enumerate((q, k, v)))
-    res = _attention(q, k, v, mask, causal, scale, gqa)
+    res = _attention(q, k, v, mask, causal, scale, gqa, strides)
     # Returned [B, S, H, D]: PyTorch's CPU attention already lays its output out so (a view,
     # no copy); TVM takes the tensor itself.
     return _to_tvm(res.transpose(1, 2).contiguous())
 
 
-def sdpa_bshd(q, k, v, causal, scale, gqa, layout):
-    return _sdpa_bshd(q, k, v, None, causal, scale, gqa, layout)
+def sdpa_bshd(q, k, v, causal, scale, gqa, layout, *strides):
+    return _sdpa_bshd(q, k, v, None, causal, scale, gqa, layout, strides)
 
 
-def sdpa_mask_bshd(q, k, v, mask, causal, scale, gqa, layout):
+def sdpa_mask_bshd(q, k, v, mask, causal, scale, gqa, layout, *strides):
     mask = _t(mask)
     # A padding mask with no padding (HF encoders given all-ones attention masks) masks
     # nothing: eager HF then passes no mask at all; checking costs ~6 us, masking ~50 us.
     if mask.dtype == torch.bool and mask.numpy().all():
         mask = None
-    return _sdpa_bshd(q, k, v, mask, causal, scale, gqa, layout)
+    return _sdpa_bshd(q, k, v, mask, causal, scale, gqa, layout, strides)
 
 
 def conv2d(x, w, s0, s1, p0, p1, d0, d1, groups, out):
