@@ -32,19 +32,35 @@ import torch
 from ..errors import KilnError
 
 
+_outside = threading.local()  # .threads: the calling thread's PyTorch threads outside kiln's intra_op_threads
+
+
+def caller_threads() -> int:
+    """The threads the calling thread's work may use: its PyTorch intra-op threads outside kiln's
+    :func:`intra_op_threads` blocks (what its user gave it), unless the outermost block did not lend them. Inside
+    a block that dropped PyTorch to one thread, the TVM kernels take this many (``tvm_vm``)."""
+    return getattr(_outside, "threads", None) or torch.get_num_threads()
+
+
 @contextlib.contextmanager
-def intra_op_threads(n: int | None) -> Iterator[None]:
+def intra_op_threads(n: int | None, lend: bool = True) -> Iterator[None]:
     """The calling thread's PyTorch intra-op threads set to ``n`` inside the block (None: as they are), restored
-    after."""
+    after. ``lend``: the threads PyTorch gives up may run TVM's kernels instead (a program's own
+    ``intra_op_threads``); False when they were given up because the cores are busy (:class:`AdaptiveThreads`)."""
     previous = torch.get_num_threads()
     if n is None or n == previous:
         yield
         return
+    outermost = getattr(_outside, "threads", None) is None
+    if outermost:
+        _outside.threads = previous if lend else n
     torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(previous)
+        if outermost:
+            _outside.threads = None
 
 
 class AdaptiveThreads:
@@ -93,7 +109,7 @@ class AdaptiveThreads:
         n = self.choose(full)
         start = time.perf_counter()
         try:
-            with intra_op_threads(n):
+            with intra_op_threads(n, lend=False):  # backed off: the other cores are taken, TVM's kernels too
                 yield n
         finally:
             self.record(n, full, time.perf_counter() - start)

@@ -23,13 +23,14 @@ pool, its dispatched GEMMs and attention on PyTorch's OpenMP threads. Both
 spin while they wait for work, so when both are multi-threaded they take
 each other's cores (measured here, 2 cores: a 4-bit decode step 42 ms with
 both at 2 threads, BERT 50 ms against 35). So each call sizes the calling
-thread's TVM pool by PyTorch's intra-op threads at that moment
-(``_size_tvm_pool``): all the process's cores when PyTorch runs one thread
-(``CompileOptions.intra_op_threads=1``, or ``"measure"`` choosing it: a decode
-step of TVM's nested low-bit kernels went 24.9 -> 18.0 ms), one thread
-otherwise (what TVM's default gives anyway on a 2-core x86 machine, where it
-halves the core count for hyper-threads). Set ``TVM_NUM_THREADS`` to size it
-yourself: kiln then leaves it alone.
+thread's TVM pool (``_size_tvm_pool``): when the program runs PyTorch on one
+thread of a caller that has more (``CompileOptions.intra_op_threads=1``, or
+``"measure"`` choosing it), TVM takes the caller's count (a decode step of
+TVM's nested low-bit kernels went 24.9 -> 18.0 ms); otherwise one thread (what
+TVM's default gives anyway on a 2-core x86 machine, where it halves the core
+count for hyper-threads), so a caller that set PyTorch to one thread gets one
+thread in all. Set ``TVM_NUM_THREADS`` to size it yourself: kiln then leaves
+it alone.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from tvm.target import codegen
 
 from ...errors import ArtifactError, InputMismatchError
 from ...ir.meta import dtype_from_name
+from ..threads import caller_threads
 from . import tvm_dispatch
 
 FORMAT = "tvm-vm"
@@ -70,12 +72,13 @@ _SHARE_ALL_CORES = -3  # TVM's AffinityMode kSpecifyThreadShareAllCore: its thre
 
 
 def _size_tvm_pool() -> None:
-    """The calling thread's TVM pool: every core of the process while PyTorch runs one intra-op thread, else one
-    thread (see the module docstring); nothing when ``TVM_NUM_THREADS`` is set. Resizing costs ~2-7 us."""
+    """The calling thread's TVM pool: the caller's PyTorch thread count (``threads.caller_threads``, at most the
+    process's cores) while the program runs PyTorch on one thread, else one thread (see the module docstring);
+    nothing when ``TVM_NUM_THREADS`` is set. Resizing costs ~2-7 us."""
     if "TVM_NUM_THREADS" in os.environ:
         return
     cores = sorted(os.sched_getaffinity(0))
-    want = len(cores) if torch.get_num_threads() == 1 else 1
+    want = min(caller_threads(), len(cores)) if torch.get_num_threads() == 1 else 1
     if getattr(_pool, "threads", None) != want:
         tvm.get_global_func("runtime.config_threadpool")(_SHARE_ALL_CORES, want, [str(c) for c in cores])
         _pool.threads = want
