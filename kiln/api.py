@@ -63,10 +63,12 @@ class CompileOptions:
     # (kiln/passes/lower_precision.py); "fp32" (default): everything in the model's own dtype.
     precision: str = "fp32"
     # PyTorch intra-op threads each call of a program runs with (the calling thread's, restored after): None
-    # (default) leaves them; an int fixes them; "measure" times every program at one thread and at the caller's
-    # count at compile time and keeps the faster (a decode step of TVM kernels runs faster when PyTorch's
-    # OpenMP threads do not spin beside TVM's pool). Recorded in the artifact.
-    intra_op_threads: int | str | None = None
+    # leaves them; an int fixes them; "measure" times every program at one thread and at the caller's count at
+    # compile time and keeps the faster (a decode step of TVM kernels runs faster when PyTorch's OpenMP threads
+    # do not spin beside TVM's pool, which then takes the caller's threads: kiln/runtime/kernels/tvm_vm.py);
+    # "auto" (default): "measure" when `quantization` is set (its low-bit kernels are TVM's), else None.
+    # Recorded in the artifact.
+    intra_op_threads: int | str | None = "auto"
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -90,10 +92,10 @@ class CompileOptions:
         if self.int8 is not None and self.quantization is not None:
             raise KilnError("CompileOptions.int8 and CompileOptions.quantization both quantize the linears: "
                             "set one of them")
-        if self.intra_op_threads is not None and self.intra_op_threads != "measure" and not (
+        if self.intra_op_threads is not None and self.intra_op_threads not in ("measure", "auto") and not (
                 isinstance(self.intra_op_threads, int) and not isinstance(self.intra_op_threads, bool)
                 and self.intra_op_threads >= 1):
-            raise KilnError("CompileOptions.intra_op_threads must be None, a positive int or 'measure'; got "
+            raise KilnError("CompileOptions.intra_op_threads must be None, a positive int, 'measure' or 'auto'; got "
                             f"{self.intra_op_threads!r}")
         if self.precision not in PRECISIONS:
             raise UnknownNameError("value for CompileOptions.precision", self.precision, PRECISIONS)
@@ -194,8 +196,11 @@ class Compilation:
                                       quantization=graph.quantization)
             artifact.example_inputs = parts[graph.default_plan].example_inputs
         model = CompiledModel(artifact)
-        if self.options.intra_op_threads is not None:
-            _choose_intra_op_threads(model, self.flat_inputs, self.options.intra_op_threads)
+        threads = self.options.intra_op_threads
+        if threads == "auto":
+            threads = "measure" if self.options.quantization is not None else None
+        if threads is not None:
+            _choose_intra_op_threads(model, self.flat_inputs, threads)
         return model
 
     def _lower_program(self, graph: Graph, name: str) -> Artifact:

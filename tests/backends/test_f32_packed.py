@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="P
 
 def _model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 40, bias=False)).eval()
+    return nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128, bias=False)).eval()
 
 
 def _packed_calls(monkeypatch) -> list:
@@ -44,7 +44,7 @@ def always_packed(monkeypatch):
 
 def test_packed_kernel_is_a_candidate_only_for_linears_on_constant_weights():
     torch.manual_seed(0)
-    gm, n, _ = export_partition(_model(), (torch.randn(4, 48),))
+    gm, n, _ = export_partition(_model(), (torch.randn(128, 128),))
     plan = DISPATCH.plan(gm)
     weights = frozenset(p for p in gm.graph.nodes if p.op == "placeholder")
     asked = []
@@ -58,14 +58,17 @@ def test_packed_kernel_is_a_candidate_only_for_linears_on_constant_weights():
         "linear_bias_mkl_packed", "linear_mkl_packed"}
     assert {r["kernel"] for r in report} == {"mkl_packed"}
     # Not on a weight computed at run time, not in the bitwise-eager mode, not for bf16.
-    assert "mkl_packed" not in gemm.candidates(gemm.GemmShape("linear", 4, 48, 96, "f32", False), "measure")
-    assert "mkl_packed" not in gemm.candidates(gemm.GemmShape("linear", 4, 48, 96, "f32", True), "mkl")
-    assert "mkl_packed" not in gemm.candidates(gemm.GemmShape("linear", 4, 48, 96, "bf16", True), "measure")
-    assert "mkl_packed" not in gemm.candidates(gemm.GemmShape("addmm", 4, 48, 96, "f32", True), "measure")
+    assert "mkl_packed" not in gemm.candidates(gemm.GemmShape("linear", 128, 512, 512, "f32", False), "measure")
+    assert "mkl_packed" not in gemm.candidates(gemm.GemmShape("linear", 128, 512, 512, "f32", True), "mkl")
+    assert "mkl_packed" not in gemm.candidates(gemm.GemmShape("linear", 128, 512, 512, "bf16", True), "measure")
+    assert "mkl_packed" not in gemm.candidates(gemm.GemmShape("addmm", 128, 512, 512, "f32", True), "measure")
+    # Not below PACK_MIN_MACS (nothing to save, and MKL's packed sgemm still runs its threads).
+    assert "mkl_packed" not in gemm.candidates(gemm.GemmShape("linear", 16, 64, 64, "f32", True), "measure")
+    assert "mkl_packed" in gemm.candidates(gemm.GemmShape("linear", 128, 128, 128, "f32", True), "measure")
 
 
 def test_real_measurement_times_the_packed_kernel():
-    shape = gemm.GemmShape("linear_bias", 16, 64, 128, "f32", True)
+    shape = gemm.GemmShape("linear_bias", 128, 128, 128, "f32", True)
     us = gemm.measure(shape, gemm.candidates(shape, "measure"))
     assert list(us) == ["mkl", "mkl_packed", "onednn"] and all(t > 0 for t in us.values())
 
@@ -101,10 +104,10 @@ def test_a_nan_stays_in_its_row():
 
 def test_a_compiled_model_packs_its_weights_and_they_survive_save_and_load_in_a_fresh_process(
         always_packed, monkeypatch, tmp_path, fresh_python):
-    m, x = _model(), torch.randn(2, 8, 48)
+    m, x = _model(), torch.randn(2, 64, 128)
     cm = kiln.compile(m, (x,))
     (part,) = cm.manifest["partitions"]
-    assert sorted(rows for _, rows in part["spec"]["packed_f32_weights"]) == [16, 16]
+    assert sorted(rows for _, rows in part["spec"]["packed_f32_weights"]) == [128, 128]
     assert {g["kernel"] for g in part["report"]["gemm_kernels"]} == {"mkl_packed"}
     calls = _packed_calls(monkeypatch)
     got = cm(x)
@@ -134,7 +137,7 @@ def test_pack_weights_false_never_packs_and_a_bad_value_is_refused(always_packed
     from kiln.backends.cpu import CpuOptions
     from kiln.errors import KilnError
 
-    m, x = _model(), torch.randn(2, 8, 48)
+    m, x = _model(), torch.randn(2, 64, 128)
     cm = kiln.compile(m, (x,), options=kiln.CompileOptions(backend_options={"cpu": CpuOptions(pack_weights=False)}))
     (part,) = cm.manifest["partitions"]
     assert "packed_f32_weights" not in part["spec"]

@@ -64,3 +64,17 @@ def test_without_the_option_nothing_is_set_and_bad_values_are_refused():
     for bad in (0, -1, "fast", 1.5, True):
         with pytest.raises(KilnError, match="intra_op_threads"):
             kiln.CompileOptions(intra_op_threads=bad)
+
+
+def test_auto_measures_only_a_quantized_compile():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4))  # nested quantization: K % 128 == 0
+    x = torch.randn(1, 128)
+    q = kiln.NestedQuantization(plans={"w4": {"default": 4}})
+    cm = kiln.compile(m, (x,), options=kiln.CompileOptions(quantization=q, calibration=[(x,)]))
+    for entry in cm.manifest["programs"].values():
+        assert "intra_op_threads" in entry
+        if torch.get_num_threads() > 1:
+            assert "intra_op_threads_measured_ms" in entry
+    plain = kiln.compile(m, (x,), options=kiln.CompileOptions(intra_op_threads="auto"))
+    assert "intra_op_threads" not in plain.manifest["programs"]["main"]

@@ -57,6 +57,9 @@ from .dispatch import MKL_PACKED_RULES, ONEDNN_RULES
 MODES = ("measure", "mkl", "onednn")
 COLUMN_BLOCK = 1024  # measured on LM heads here: 512-2048 within 4% of each other, 256 slower
 MARGIN = 0.05  # a kernel replaces the one before it only when this much faster
+# mkl_packed only from this many multiply-adds: below it packing saves nothing, and MKL's packed sgemm still
+# runs its threads (on a machine with a core taken by another job a 16x64x64 call took 6.6 ms, addmm 29 us)
+PACK_MIN_MACS = 1 << 21
 BUDGET_S = 0.1  # measuring time per candidate and shape (at least MIN_ROUNDS rounds)
 MIN_ROUNDS, MAX_ROUNDS = 3, 15
 
@@ -107,7 +110,7 @@ def candidates(shape: GemmShape, mode: str) -> list[str]:
     if shape.n >= 2 * COLUMN_BLOCK:
         names.append("mkl_cols")
     if (mode == "measure" and shape.dtype == "f32" and shape.constant_weight and shape.rule in MKL_PACKED_RULES
-            and torch.backends.mkl.is_available()):
+            and shape.m * shape.k * shape.n >= PACK_MIN_MACS and torch.backends.mkl.is_available()):
         names.append("mkl_packed")
     if mode == "measure" and shape.dtype == "f32":
         # bf16 linears: oneDNN on packed weights, not measured (_choice); bf16 addmm: not on oneDNN, whose
