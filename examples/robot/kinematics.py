@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 META_WORLD_DT = 0.0125   # frame_skip 5 x 2.5 ms
+GRIPPER_DEADBAND = 0.25  # |gripper command| at or below this is no open / close command (the experts: 0, 0.6, 1)
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,8 @@ class Kinematics:
     accel: float                    # |a| (m/s^2)
     jerk: float                     # |j| (m/s^3)
     obj_dist: float                 # |ee - obj| (m); inf where the task has no object (obs[4:7] all zero)
-    gripper_cmd: float              # the previous step's gripper command: +1 close, -1 open (-1 before any)
+    gripper_cmd: float              # the previous step's gripper command: +1 close, -1 open (-1 before any;
+    #                                 a command within GRIPPER_DEADBAND of 0 keeps the previous one)
     gripper_event: str | None       # "close" / "open" when the commanded gripper changed sign at the previous step
 
     def to_json(self) -> dict:
@@ -81,5 +83,11 @@ class KinematicSignals:
         return k
 
     def commanded(self, action) -> None:
-        """Record the action the policy sent (its last entry is Meta-World's gripper command: > 0 closes)."""
-        self._cmd = 1.0 if float(np.asarray(action)[-1]) > 0 else -1.0
+        """Record the action the policy sent (its last entry is Meta-World's gripper command: > 0 closes).
+
+        A command within ``GRIPPER_DEADBAND`` of 0 keeps the previous state: the learned policy's "leave the
+        gripper open" is the bin nearest 0 (+0.004), which a bare sign test read as a close at every
+        episode's first step (and then missed the real grasp)."""
+        a = float(np.asarray(action)[-1])
+        if abs(a) > GRIPPER_DEADBAND:
+            self._cmd = 1.0 if a > 0 else -1.0

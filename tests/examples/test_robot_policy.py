@@ -182,6 +182,16 @@ def test_kinematic_signals_on_a_synthetic_trajectory():
     assert sig.now is None
 
 
+def test_a_gripper_command_near_zero_is_no_event():
+    """The learned policy's "leave it open" is the bin nearest 0 (+0.004): not a close; 0.6 (push's grasp) is."""
+    sig = KinematicSignals()
+    for cmd in [0.004, 0.004, -0.1, 0.25, 0.6, 0.6, 0.1, -0.6]:
+        sig.update(np.zeros(39))
+        sig.commanded([0, 0, 0, cmd])
+    sig.update(np.zeros(39))
+    assert [(k.step, k.gripper_event) for k in sig.history if k.gripper_event] == [(5, "close"), (8, "open")]
+
+
 def test_closed_loop_on_meta_world(tmp_path):
     pytest.importorskip("metaworld")
     from examples.robot import sim
