@@ -14,6 +14,8 @@ import kiln
 from kiln.passes import lower_precision
 from kiln.runtime.kernels import tvm_dispatch
 
+from packed_weights import check_packed_after_fresh_load
+
 pytestmark = pytest.mark.skipif(not lower_precision.bf16_units()[0], reason="no bf16 units")
 
 
@@ -59,25 +61,8 @@ def test_a_weight_changed_in_place_after_loading_is_read_as_it_is_now():
 
 
 def test_packed_bf16_weights_survive_save_and_load_in_a_fresh_process(tmp_path, fresh_python):
-    from safetensors.torch import save_file
-
+    
     m, x = _model(), torch.randn(1, 32, 24, dtype=torch.bfloat16)
     cm = kiln.compile(m, (x,))
     got = cm(x)
-    path = cm.save(tmp_path / "art")
-    save_file({"x": x, "got": got}, tmp_path / "io.safetensors")
-    out = fresh_python(f"""
-import torch, kiln
-from safetensors.torch import load_file
-from kiln.runtime.kernels import tvm_dispatch
-io = load_file({str(tmp_path / 'io.safetensors')!r})
-model = kiln.load({str(path)!r})
-used = []
-real = tvm_dispatch._packed
-tvm_dispatch._packed = lambda w, rows: used.append(real(w, rows)) or used[-1]
-out = model(io["x"])
-assert len(used) == 2 and all(u is not None for u in used), used
-assert torch.equal(out, io["got"]), (out - io["got"]).abs().max()
-print("ok")
-""")
-    assert out.strip() == "ok"
+    check_packed_after_fresh_load(fresh_python, cm, x, got, tmp_path, count=2)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 import kiln
 from kiln.backends.cpu import gemm
 from kiln.backends.cpu.dispatch import DISPATCH
 from kiln.runtime.kernels import tvm_dispatch
+
+from packed_weights import check_packed_after_fresh_load
 
 from test_tvm_lowering import export_partition
 
@@ -114,23 +115,7 @@ def test_a_compiled_model_packs_its_weights_and_they_survive_save_and_load_in_a_
     assert len(calls) == 2 and all(c is not None for c in calls)
     with torch.no_grad():
         torch.testing.assert_close(got, m(x))
-    path = cm.save(tmp_path / "art")
-    save_file({"x": x, "got": got}, tmp_path / "io.safetensors")
-    out = fresh_python(f"""
-import torch, kiln
-from safetensors.torch import load_file
-from kiln.runtime.kernels import tvm_dispatch
-io = load_file({str(tmp_path / 'io.safetensors')!r})
-model = kiln.load({str(path)!r})
-used = []
-real = tvm_dispatch._packed
-tvm_dispatch._packed = lambda w, rows: used.append(real(w, rows)) or used[-1]
-out = model(io["x"])
-assert len(used) == 2 and all(u is not None for u in used), used
-assert torch.equal(out, io["got"]), (out - io["got"]).abs().max()
-print("ok")
-""")
-    assert out.strip() == "ok"
+    check_packed_after_fresh_load(fresh_python, cm, x, got, tmp_path, count=2)
 
 
 def test_pack_weights_false_never_packs_and_a_bad_value_is_refused(always_packed):
