@@ -60,6 +60,8 @@ MARGIN = 0.05  # a kernel replaces the one before it only when this much faster
 # mkl_packed only from this many multiply-adds: below it packing saves nothing, and MKL's packed sgemm still
 # runs its threads (on a machine with a core taken by another job a 16x64x64 call took 6.6 ms, addmm 29 us)
 PACK_MIN_MACS = 1 << 21
+# The kernels whose runtime functions return their result: their rules, keyed by the rule each replaces.
+RETURNING = {"onednn": ONEDNN_RULES, "mkl_packed": MKL_PACKED_RULES}
 BUDGET_S = 0.1  # measuring time per candidate and shape (at least MIN_ROUNDS rounds)
 MIN_ROUNDS, MAX_ROUNDS = 3, 15
 
@@ -131,10 +133,10 @@ def _callables(shape: GemmShape, kernels: list[str]) -> dict[str, Callable[[], o
     out = torch.empty(m, n, dtype=dtype)
 
     def call(kernel: str) -> Callable[[], object]:
-        if kernel in ("onednn", "mkl_packed"):
-            if kernel == "mkl_packed":
-                tvm_dispatch.pack_f32_weights([(w, m)])  # unpacked again when w dies
-            fn = tvm_dispatch.FUNCTIONS[(ONEDNN_RULES if kernel == "onednn" else MKL_PACKED_RULES)[shape.rule].function]
+        if kernel == "mkl_packed":
+            tvm_dispatch.pack_f32_weights([(w, m)])  # unpacked again when w dies
+        if kernel in RETURNING:
+            fn = tvm_dispatch.FUNCTIONS[RETURNING[kernel][shape.rule].function]
             return lambda: fn(*tensors)
         fn = tvm_dispatch.FUNCTIONS[f"kiln.{shape.rule}"]
         block = COLUMN_BLOCK if kernel == "mkl_cols" else 0
@@ -197,9 +199,8 @@ def select_gemm_kernels(plan: dict[fx.Node, tuple[DispatchRule, Args]], mode: st
         choice = _choice(shape, mode, timer)
         for node in nodes:
             rule, args = plan[node]
-            if choice.kernel in ("onednn", "mkl_packed"):
-                rules = ONEDNN_RULES if choice.kernel == "onednn" else MKL_PACKED_RULES
-                chosen[node] = (rules[rule.name], args[:-1])
+            if choice.kernel in RETURNING:
+                chosen[node] = (RETURNING[choice.kernel][rule.name], args[:-1])
             else:
                 chosen[node] = (rule, args[:-1] + [COLUMN_BLOCK if choice.kernel == "mkl_cols" else 0])
         report.append(choice.to_json(shape, len(nodes)))

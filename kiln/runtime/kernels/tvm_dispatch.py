@@ -203,13 +203,18 @@ def _onednn(x, w, b=None):
     return _to_tvm(torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""))
 
 
+def _eager_linear(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``rows @ w.T (+ b)`` on eager's kernel (MKL through ``mm``/``addmm``), as a new tensor."""
+    return torch.mm(rows, w.t()) if b is None else torch.addmm(b, rows, w.t())
+
+
 def _linear_onednn(x, w, b=None):
     """A linear on oneDNN: for bf16, on its packed weight when there is one, and on eager's kernel (``mm``/``addmm``)
     when the input is not all finite (oneDNN's bf16 inner product spreads a NaN into the row before: F2)."""
     if x.dtype == torch.bfloat16:
         rows = _rows(x)
         if x.numel() == 0 or not _finite(x):
-            res = torch.mm(rows, w.t()) if b is None else torch.addmm(b, rows, w.t())
+            res = _eager_linear(rows, w, b)
         else:
             packed = _packed(w, None)
             res = torch.ops.mkldnn._linear_pointwise(rows, w if packed is None else packed, b, "none", [], "")
@@ -237,7 +242,7 @@ def _linear_mkl_packed(x, w, b=None):
     if packed is not None:
         res = torch.ops.mkl._mkl_linear(rows, packed, w, b, rows.shape[0])
     else:
-        res = torch.mm(rows, w.t()) if b is None else torch.addmm(b, rows, w.t())
+        res = _eager_linear(rows, w, b)
     return _to_tvm(res.view(*x.shape[:-1], w.shape[0]))
 
 
