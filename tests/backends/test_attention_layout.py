@@ -51,3 +51,24 @@ def test_non_finite_attention_gives_eagers_result(dtype, case):
     strides = [v.dim(), *eager_v.stride() * 3]
     got = tvm_dispatch._attention(v, v, v, None, 1, 0.0, 0, strides)
     assert _same(got, want)
+
+
+@pytest.mark.parametrize("finite", [True, False], ids=["finite", "NaN"])
+def test_inputs_in_eagers_layout_skip_the_finiteness_check(monkeypatch, finite):
+    """q, k and v already with eager's strides (a decode step's) run the fused kernel as eager did, with no sums
+    over them; in another layout the sums run (and, on a NaN, the inputs are laid out as eager's)."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 1, 4, 16).transpose(1, 2)  # eager's q: a transposed view of the projection
+    k, v = torch.randn(1, 4, 9, 16), torch.randn(1, 4, 9, 16)
+    if not finite:
+        k[0, 1, 3, 2] = float("nan")
+    want = F.scaled_dot_product_attention(q, k, v)
+    strides = [4, *q.stride(), *k.stride(), *v.stride()]
+    sums = []
+    real_sum = tvm_dispatch._sum
+    monkeypatch.setattr(tvm_dispatch, "_sum", lambda x: sums.append(x.shape) or real_sum(x))
+    assert _same(tvm_dispatch._attention(q, k, v, None, 0, 0.0, 0, strides), want) and sums == []
+    other = k.mT.contiguous().mT  # k in another layout
+    got = tvm_dispatch._attention(q, other, v, None, 0, 0.0, 0, strides)
+    assert len(sums) == 3  # finite: the fused kernel on this layout (rounding may differ); NaN: eager's layout
+    assert torch.allclose(got, want, atol=1e-6) if finite else _same(got, want)

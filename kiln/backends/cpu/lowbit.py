@@ -21,18 +21,21 @@ Kernels, each a TIR PrimFunc generated for one shape and compiled with LLVM for 
   of 64 across the cores, the row two ahead software-prefetched. Schedules:
 
   - ``vnni512`` (the default with AVX-512 VNNI): x is written once per call, per 128-input
-    block, as a fixed-point integer relative to the block's largest ``|x|`` (23 bits for fp32 x,
-    15 for bf16) in balanced base-256 digits (int8). A row's 32-byte plane slice is broadcast to
+    block, as a fixed-point integer relative to the block's largest ``|x|`` in ``X_DIGITS`` = 2
+    balanced base-256 digits (int8; ``x_digits`` 1 or 3 for 7 or 23 bits), with 16-lane vector
+    code. A row's 32-byte plane slice is broadcast to
     both halves of a 512-bit register; one ``vgf2p8affineqb`` per plane moves two fields' bits
     into place (its matrix differs per half), so 64 codes (uint8) come from 1-3 instructions, and
     ``vpdpbusd`` multiplies them with the digits (64 u8 x s8 products, exact int32 sums). The
     digits' sums are combined in int32 (x256 between digits, top first) where a lane's sum fits
-    (every view for bf16 x, 2 and 4 bits for fp32), else in fp32; each block's sum is scaled by
-    ``scale[n, g] * x_step`` (precomputed per row) into two fp32 accumulators. The offsets use
+    (every view with two digits), else in fp32; each block's sum is scaled by
+    ``scale[n, g] * x_step`` (precomputed per row) into two fp32 accumulators, summed at the row's
+    end as a tree over the lanes. The offsets use
     the exact fp32 sums of x per group (``sum_k x_k W[n,k] = sum_g scale[n,g] sum_{k in g} x_k
-    c[n,k] + offset[n,g] sum_{k in g} x_k``). Error: each x is rounded by at most ``2**-23``
-    (fp32) / ``2**-15`` (bf16) of its block's ``max |x|``, at or below fp32's (bf16's) rounding
-    of the dot product itself (``tests/backends/test_lowbit.py`` states the bounds it checks). A
+    c[n,k] + offset[n,g] sum_{k in g} x_k``). Error: each x is rounded by at most half a step,
+    ``2**-16`` of its block's ``max |x|`` with two digits (three: about ``2**-23``, fp32's own
+    rounding of the scaled x), far below the view's own weight error
+    (``tests/backends/test_lowbit.py`` states the bounds it checks). A
     NaN or inf in a row of x makes that row's outputs NaN.
   - ``vnni``: the same with 256-bit ``vpdpbusd`` on one field (32 codes) at a time.
   - ``fma``: each code converted to fp32 and multiplied in fp32 FMAs (no VNNI needed).
@@ -72,7 +75,12 @@ PLANES_OF = {2: ("hi",), 4: ("hi", "mid"), 8: ("hi", "mid", "lo")}
 AFFINES = ("offset", "zero")
 SCHEDULES = ("vnni512", "vnni", "fma")
 _W = 32  # codes per vector: one 32-byte load of a plane row
-_DIGITS = {"float32": 3, "bfloat16": 2}  # base-256 digits of the fixed-point x: 23 / 15 bits
+DTYPES = ("float32", "bfloat16")  # of x (and y)
+# Base-256 digits of the fixed-point x (``decode_func``'s ``x_digits``): x / (its block's max |x|) times
+# 127 * 256**(P - 1), rounded, so each x is off by at most 2**-(8P - 1) of its block's max |x|. Two digits (the
+# default: 2**-15) for both dtypes: for fp32 x that is a thousandth of the 4-bit view's own weight error and a
+# fiftieth of the 8-bit view's, and against three digits (2**-23) it takes a third of the int8 products away.
+X_DIGITS = 2
 _VNNI = "llvm.x86.avx512.vpdpbusd.256"
 _VNNI512 = "llvm.x86.avx512.vpdpbusd.512"
 
@@ -97,7 +105,7 @@ def _check(n: int, k: int, bits: int, group_size: int, dtype: str, affine: str, 
         raise ValueError(f"bits must be one of {sorted(PLANES_OF)}, not {bits}")
     if group_size % BLOCK or k % group_size:
         raise ValueError(f"the group size must be a multiple of {BLOCK} dividing K={k}; got {group_size}")
-    if dtype not in _DIGITS:
+    if dtype not in DTYPES:
         raise ValueError(f"x must be float32 or bfloat16, not {dtype}")
     if affine not in AFFINES or schedule not in SCHEDULES:
         raise ValueError(f"affine must be one of {AFFINES} and schedule one of {SCHEDULES}")
@@ -179,7 +187,8 @@ def _prefetch(buf, row, col):
 @functools.lru_cache(maxsize=256)  # a model repeats its shapes; a PrimFunc is immutable
 def decode_func(m: int, n: int, k: int, bits: int, *, group_size: int = BLOCK, dtype: str = "float32",
                 bias: bool = False, affine: str = "offset", schedule: str | None = None,
-                rows_per_task: int = 64, m_tile: int = 4, prefetch_rows: int = 2) -> tvm.tirx.PrimFunc:
+                rows_per_task: int = 64, m_tile: int = 4, prefetch_rows: int = 2,
+                x_digits: int | None = None) -> tvm.tirx.PrimFunc:
     """The fused unpack-dequantize GEMM ``y = x @ W_b^T (+ bias)`` for small ``m`` (see the module docstring).
 
     Arguments, in order: ``x [m, k]`` (dtype), the view's planes (``hi [n, k/4]``, ``mid [n, k/4]``,
@@ -189,7 +198,10 @@ def decode_func(m: int, n: int, k: int, bits: int, *, group_size: int = BLOCK, d
     schedule = schedule or default_schedule()
     _check(n, k, bits, group_size, dtype, affine, schedule)
     kb, ng, bpg = k // BLOCK, k // group_size, group_size // BLOCK
-    P = _DIGITS[dtype]
+    P = X_DIGITS if x_digits is None else x_digits
+    if P not in (1, 2, 3):
+        raise ValueError(f"x_digits must be 1, 2 or 3, not {x_digits}")
+    R = 127 * 256 ** (P - 1)  # x / max|x| of its block, times R, rounded: P balanced base-256 digits (int8)
     step_b = float(1 << (8 - bits))
     mid_b = (step_b - 1) / 2
     gl = _lanes(ng)
@@ -199,9 +211,10 @@ def decode_func(m: int, n: int, k: int, bits: int, *, group_size: int = BLOCK, d
     # vnni512: one 512-bit vpdpbusd takes 64 codes (two fields of a block); vnni: 256-bit, 32 codes (one field)
     vl, cw = (16, 64) if wide else (8, 32)  # int32 lanes of an accumulator, codes per instruction
     intrin, codes = (_VNNI512, _codes64) if wide else (_VNNI, _codes)
-    # Horner in int32 when a lane's whole sum fits: (products per lane) x (largest code) x 2**(8P - 2)
-    horner = (BLOCK // vl) * ((1 << bits) - 1) * 2 ** (8 * P - 2) < 2 ** 31
+    # Horner in int32 when a lane's whole sum fits: (products per lane) x (largest code) x (largest |X|)
+    horner = (BLOCK // vl) * ((1 << bits) - 1) * (R + 1) < 2 ** 31
     acc_n = MT if horner else MT * P
+    yl = 16 if wide else 8  # fp32 lanes of a yacc accumulator in use
     NY = 2 if kb % 2 == 0 else 1
 
     @T.macro
@@ -210,33 +223,41 @@ def decode_func(m: int, n: int, k: int, bits: int, *, group_size: int = BLOCK, d
         sx = T.alloc_buffer((m, kb), "float32")  # fixed-point step of x per block
         xd = T.alloc_buffer((m, P, k), "int8")  # base-256 digits of x / sx, least significant first
         xf = T.alloc_buffer((m, k), "float32")  # x in fp32 (the fma schedule)
-        for mg in T.parallel(m * ng):
-            amax = T.alloc_buffer((1,), "float32", scope="local")
+        for mg in T.parallel(m * ng):  # x's digits, 16 lanes at a time (a block is 8 vectors)
+            va = T.alloc_buffer((16,), "float32", scope="local")  # lane-wise max |x|, then its tree
+            vs = T.alloc_buffer((16,), "float32", scope="local")  # lane-wise sums of x over the group, then its tree
             xb = T.alloc_buffer((1,), "float32", scope="local")
-            xi = T.alloc_buffer((2,), "int32", scope="local")
-            xs[mg // ng, mg % ng] = T.float32(0)
+            xi = T.alloc_buffer((16,), "int32", scope="local")
+            vs[_ramp(0, 16)] = T.broadcast(T.float32(0), 16)
             for bb in range(bpg):
-                amax[0] = T.float32(0)
-                for t in range(BLOCK):
-                    v = T.Cast("float32", x[mg // ng, (mg % ng) * group_size + bb * BLOCK + t])
-                    amax[0] = T.max(amax[0], T.abs(v))
-                    xs[mg // ng, mg % ng] = xs[mg // ng, mg % ng] + v
-                sx[mg // ng, (mg % ng) * bpg + bb] = amax[0] * T.float32(2.0 ** (2 - 8 * P))
-                xb[0] = T.if_then_else(amax[0] > T.float32(0), T.float32(2.0 ** (8 * P - 2)) / amax[0], T.float32(0))
-                for t in range(BLOCK):
-                    kk = (mg % ng) * group_size + bb * BLOCK + t
+                va[_ramp(0, 16)] = T.broadcast(T.float32(0), 16)
+                for c in T.unroll(BLOCK // 16):
+                    v = T.Cast("float32x16", x[mg // ng, _ramp((mg % ng) * group_size + bb * BLOCK + c * 16, 16)])
+                    va[_ramp(0, 16)] = T.max(va[_ramp(0, 16)], T.abs(v))
+                    vs[_ramp(0, 16)] = vs[_ramp(0, 16)] + v
+                va[_ramp(0, 8)] = T.max(va[_ramp(0, 8)], va[_ramp(8, 8)])
+                va[_ramp(0, 4)] = T.max(va[_ramp(0, 4)], va[_ramp(4, 4)])
+                va[_ramp(0, 2)] = T.max(va[_ramp(0, 2)], va[_ramp(2, 2)])
+                va[0] = T.max(va[0], va[1])
+                sx[mg // ng, (mg % ng) * bpg + bb] = va[0] * T.float32(1 / R)
+                xb[0] = T.if_then_else(va[0] > T.float32(0), T.float32(R) / va[0], T.float32(0))
+                for c in T.unroll(BLOCK // 16):
+                    kk = (mg % ng) * group_size + bb * BLOCK + c * 16
                     if vnni:  # balanced base-256 digits, least significant first: X = sum_p d_p 256^p
-                        xi[0] = T.Cast("int32", T.nearbyint(T.Cast("float32", x[mg // ng, kk]) * xb[0]))
-                        xd[mg // ng, 0, kk] = T.Cast("int8", T.bitwise_and(xi[0] + 128, 255) - 128)
-                        xi[1] = T.shift_right(xi[0] - T.Cast("int32", xd[mg // ng, 0, kk]), 8)
-                        if P == 3:
-                            xd[mg // ng, 1, kk] = T.Cast("int8", T.bitwise_and(xi[1] + 128, 255) - 128)
-                            xd[mg // ng, 2, kk] = T.Cast(
-                                "int8", T.shift_right(xi[1] - T.Cast("int32", xd[mg // ng, 1, kk]), 8))
-                        else:
-                            xd[mg // ng, 1, kk] = T.Cast("int8", xi[1])
+                        xi[_ramp(0, 16)] = T.Cast("int32x16", T.nearbyint(
+                            T.Cast("float32x16", x[mg // ng, _ramp(kk, 16)]) * T.broadcast(xb[0], 16)))
+                        for p in T.unroll(P - 1):
+                            xd[mg // ng, p, _ramp(kk, 16)] = T.Cast("int8x16", T.bitwise_and(
+                                xi[_ramp(0, 16)] + T.broadcast(128, 16), T.broadcast(255, 16)) - T.broadcast(128, 16))
+                            xi[_ramp(0, 16)] = T.shift_right(
+                                xi[_ramp(0, 16)] - T.Cast("int32x16", xd[mg // ng, p, _ramp(kk, 16)]), T.broadcast(8, 16))
+                        xd[mg // ng, P - 1, _ramp(kk, 16)] = T.Cast("int8x16", xi[_ramp(0, 16)])
                     else:
-                        xf[mg // ng, kk] = T.Cast("float32", x[mg // ng, kk])
+                        xf[mg // ng, _ramp(kk, 16)] = T.Cast("float32x16", x[mg // ng, _ramp(kk, 16)])
+            vs[_ramp(0, 8)] = vs[_ramp(0, 8)] + vs[_ramp(8, 8)]
+            vs[_ramp(0, 4)] = vs[_ramp(0, 4)] + vs[_ramp(4, 4)]
+            vs[_ramp(0, 2)] = vs[_ramp(0, 2)] + vs[_ramp(2, 2)]
+            xs[mg // ng, mg % ng] = vs[0] + vs[1]
         for task in T.parallel(n // rpt):  # rows in chunks of rpt: a task's scratch is allocated once
             yacc = T.alloc_buffer((MT * NY * 16,), "float32", scope="local")
             acc = T.alloc_buffer((acc_n * vl,), "int32", scope="local")
@@ -324,12 +345,17 @@ def decode_func(m: int, n: int, k: int, bits: int, *, group_size: int = BLOCK, d
                                     _vt("float32", gl), scale[row, _ramp(g * gl, gl)]) * ((T.Cast(
                                         _vt("float32", gl), offset[row, _ramp(g * gl, gl)]) - _bc(T.float32(mid_b), gl))
                                         * _bc(T.float32(1 / step_b), gl)) * xs[mt * MT + i, _ramp(g * gl, gl)]
-                        tot[0] = T.float32(0)
-                        for u in range(NY):
-                            for l in range(16 if wide else 8):
-                                tot[0] = tot[0] + yacc[(i * NY + u) * 16 + l]
-                        for l in range(gl):
-                            tot[0] = tot[0] + gacc[i * gl + l]
+                        # the row's sum as a tree over the accumulators' lanes (a serial sum is a ~30-add chain)
+                        if NY == 2:
+                            yacc[_ramp(i * NY * 16, yl)] = yacc[_ramp(i * NY * 16, yl)] + yacc[_ramp(i * NY * 16 + 16, yl)]
+                        for c in T.unroll(gl // min(gl, yl)):
+                            yacc[_ramp(i * NY * 16, min(gl, yl))] = yacc[_ramp(i * NY * 16, min(gl, yl))] + gacc[
+                                _ramp(i * gl + c * min(gl, yl), min(gl, yl))]
+                        if yl == 16:
+                            yacc[_ramp(i * NY * 16, 8)] = yacc[_ramp(i * NY * 16, 8)] + yacc[_ramp(i * NY * 16 + 8, 8)]
+                        yacc[_ramp(i * NY * 16, 4)] = yacc[_ramp(i * NY * 16, 4)] + yacc[_ramp(i * NY * 16 + 4, 4)]
+                        yacc[_ramp(i * NY * 16, 2)] = yacc[_ramp(i * NY * 16, 2)] + yacc[_ramp(i * NY * 16 + 2, 2)]
+                        tot[0] = yacc[i * NY * 16] + yacc[i * NY * 16 + 1]
                         if bias:
                             tot[0] = tot[0] + T.Cast("float32", bias_b[row])
                         y[mt * MT + i, row] = T.Cast(dtype, tot[0])

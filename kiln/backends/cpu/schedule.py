@@ -30,10 +30,12 @@ from tvm.target.codegen import llvm_get_vector_width
 
 from ..tvm.schedule import NamedRule
 
-# Below this many output elements (1 MiB of fp32) an element-wise kernel runs on
-# one core: waking TVM's thread pool, while PyTorch's OpenMP threads still spin
-# after the GEMM before it, costs more than the memory-bound work it would split.
-PARALLEL_MIN_ELEMENTS = 1 << 18
+# Below this many output elements (128 KiB of fp32) a kernel runs on one core: a parallel launch costs
+# ~2-3 us. TVM's pool has more than one thread only while the program runs PyTorch on one
+# (``kiln.runtime.kernels.tvm_vm``), so its threads never spin against PyTorch's OpenMP team. A DyQ decode
+# step's KV-cache concatenations ([1, 16, 65, 128]) split across two cores: 10.4 -> 9.8 ms per step (was
+# 2**18 elements, from before the pool was sized).
+PARALLEL_MIN_ELEMENTS = 1 << 15
 
 
 def _vector_lanes(target: Target, dtype_bits: int) -> int:

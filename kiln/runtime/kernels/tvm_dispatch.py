@@ -296,11 +296,15 @@ def _attention(q, k, v, mask, causal, scale, gqa, strides):
     it gives 0 where the math path gives NaN for others, seed 9980011), so there q, k and v are first laid out
     with the strides eager's had (``strides``: ``[ndim, *q, *k, *v]``, from the traced values), which gives
     eager's result; a layout no tensor can be written in runs the math path. The check is one sum per input:
-    a NaN or inf makes it non-finite (a finite sum overflowing only costs a copy)."""
+    a NaN or inf makes it non-finite (a finite sum overflowing only costs a copy). Inputs that already have
+    eager's strides skip it: the fused kernel on them is what eager ran (a decode step's q/k/v, where the sums
+    cost more than the attention)."""
     kwargs = dict(attn_mask=mask, is_causal=bool(causal), scale=scale or None, enable_gqa=bool(gqa))
-    if not math.isfinite(_sum(q) + _sum(k) + _sum(v)):
-        nd = strides[0]
-        laid = [_laid_out(x, tuple(strides[1 + i * nd:1 + (i + 1) * nd])) for i, x in enumerate((q, k, v))]
+    nd = strides[0]
+    eager = [tuple(strides[1 + i * nd:1 + (i + 1) * nd]) for i in range(3)]
+    if any(tuple(x.stride()) != s for x, s in zip((q, k, v), eager)) and not math.isfinite(
+            _sum(q) + _sum(k) + _sum(v)):
+        laid = [_laid_out(x, s) for x, s in zip((q, k, v), eager)]
         if any(x is None for x in laid):
             return torch.ops.aten._scaled_dot_product_attention_math(q, k, v, **kwargs)[0]
         q, k, v = laid
