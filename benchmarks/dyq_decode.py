@@ -7,15 +7,23 @@ step reads every weight once and the step time is DRAM bandwidth.
 
 Printed, in one run, every contender's median step time over rounds that each
 run every contender once (ratios are medians of per-round ratios, with
-quartiles):
+quartiles; after each eager call the loop waits 30 ms, untimed, for PyTorch's
+OpenMP workers to stop spinning: a w4 step right after a two-thread PyTorch op
+took 13.4 ms against 9.5 after a w4 step, and with ``OMP_WAIT_POLICY=PASSIVE``
+the same), and each contender's step run back to back (a decode loop's steady
+state) against a read of the same number of bytes run back to back (this
+machine's L3 holds part of a 4-bit model's weights from one step to the next,
+and a plain read gets the same help):
 
 - fp32 eager, bf16 eager (the model cast), and kiln's cpu target at each plan
   of one compiled artifact: ``w8``, ``w4``, ``w2`` and the DyQ configuration's
   plans (``dyq-hi``: a 4.3-bit budget, 8 bits in the layers measured most
   sensitive and 4 elsewhere; ``w4``; ``dyq-lo``: a 3.2-bit budget, 2 bits in
   the least sensitive and 4 elsewhere);
-- each step's bytes of weights read and the DRAM roofline time (bytes over the
-  read bandwidth this script measures: the median of summing a 1 GiB tensor);
+- each step's bytes of weights read, the DRAM roofline time (bytes over the
+  read bandwidth this script measures: the median of summing a 1 GiB tensor),
+  and the time of summing a tensor of that many bytes back to back (the
+  roofline at the step's working-set size);
 - the bytes held for the DyQ configuration (every view any of its plans
   reads) against the bf16 model's;
 - the cost of switching the plan between calls: ``set_controls`` alone, and a
@@ -97,6 +105,29 @@ def read_bandwidth(gib: float = 1.0, repeat: int = 7) -> float:
     return t.numel() * 4 / statistics.median(times)
 
 
+def same_size_read_ms(nbytes: int, repeat: int = 9) -> float:
+    """Milliseconds of a sum over ``nbytes`` run back to back (median): a read at that working-set size."""
+    t = torch.ones(nbytes // 4)
+    t.sum()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        t.sum()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def back_to_back_ms(fn, steps: int = 12) -> float:
+    """A contender's step run ``steps`` times in a row (median), after one untimed step."""
+    fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hidden", type=int, default=2048)
@@ -148,17 +179,27 @@ def main() -> None:
     for plan in plans:
         contenders[f"kiln {plan}"] = (lambda p: lambda: cm.run([x, kc, vc], controls={"plan": p}))(plan)
     with torch.no_grad():
-        times = rounds_ms(contenders, repeat=args.rounds, warmup=2)
+        times = rounds_ms(contenders, repeat=args.rounds, warmup=2, settle_s={"fp32 eager": 0.03, "bf16 eager": 0.03})
+        steady = {}
+        for name, fn in contenders.items():
+            steady[name] = back_to_back_ms(fn)
+            time.sleep(0.03)
     weight_bytes = {"fp32 eager": linear_weights * 4, "bf16 eager": linear_weights * 2,
                     **{f"kiln {p}": bytes_read(p) for p in plans}}
-    print(f"\n{'contender':<14} {'ms/step':>9} {'vs fp32':>18} {'vs bf16':>18} {'weight MB read':>15} "
-          f"{'roofline ms':>12} {'x roofline':>10}")
+    read_ms = {name: same_size_read_ms(b) for name, b in weight_bytes.items()}
+    print("\nms/step: interleaved rounds; x DRAM: over the DRAM roofline; back to back: the step run in a row, and "
+          "a sum over as many bytes run in a row")
+    print(f"{'contender':<14} {'ms/step':>9} {'vs fp32':>18} {'vs bf16':>18} {'weight MB':>10} "
+          f"{'DRAM roof ms':>12} {'x DRAM':>7} {'back to back':>13} {'same-size read':>15} {'x read':>7}")
     for name, ts in times.items():
         ratios = ["{:.2f}x [{:.2f}-{:.2f}]".format(*paired_speedup(times[ref], ts)) for ref in ("fp32 eager", "bf16 eager")]
         ms = statistics.median(ts)
         roof = weight_bytes[name] / bandwidth * 1e3
-        print(f"{name:<14} {ms:9.2f} {ratios[0]:>18} {ratios[1]:>18} "
-              f"{weight_bytes[name] / 1e6:15.1f} {roof:12.2f} {ms / roof:10.2f}")
+        print(f"{name:<14} {ms:9.2f} {ratios[0]:>18} {ratios[1]:>18} {weight_bytes[name] / 1e6:10.1f} "
+              f"{roof:12.2f} {ms / roof:7.2f} {steady[name]:13.2f} {read_ms[name]:15.2f} "
+              f"{steady[name] / read_ms[name]:7.2f}")
+    w2, w4 = (statistics.median(times[f"kiln {p}"]) for p in ("w2", "w4"))
+    print(f"w2 step / w4 step: {w2 / w4:.2f} interleaved, {steady['kiln w2'] / steady['kiln w4']:.2f} back to back")
 
     dyq = ("dyq-hi", "w4", "dyq-lo")  # the DyQ configuration: most to least precise
     for name, among in (("every plan above", tuple(plans)), ("the DyQ configuration (" + ", ".join(dyq) + ")", dyq)):
