@@ -6,24 +6,24 @@ head, run one token at a time (a decode step, M = 1), the regime where every
 step reads every weight once and the step time is DRAM bandwidth.
 
 Printed, in one run, every contender's median step time over rounds that each
-run every contender once (ratios are medians of per-round ratios, with
-quartiles; after each eager call the loop waits 30 ms, untimed, for PyTorch's
-OpenMP workers to stop spinning: a w4 step right after a two-thread PyTorch op
-took 13.4 ms against 9.5 after a w4 step, and with ``OMP_WAIT_POLICY=PASSIVE``
-the same), and each contender's step run back to back (a decode loop's steady
-state) against a read of the same number of bytes run back to back (this
-machine's L3 holds part of a 4-bit model's weights from one step to the next,
-and a plain read gets the same help):
+run every contender once, and a sum over as many bytes as each contender's
+weights (the roofline, measured in the same rounds: ratios are medians of
+per-round ratios, with quartiles; after each eager call the loop waits 30 ms,
+untimed, for PyTorch's OpenMP workers to stop spinning: a w4 step right after a
+two-thread PyTorch op took 13.4 ms against 9.5 after a w4 step, and with
+``OMP_WAIT_POLICY=PASSIVE`` the same); and each contender's step run back to
+back (a decode loop's steady state) against the same-size sum run back to back
+(this machine's L3 holds part of a 4-bit model's weights from one step to the
+next, and a plain read gets the same help):
 
 - fp32 eager, bf16 eager (the model cast), and kiln's cpu target at each plan
   of one compiled artifact: ``w8``, ``w4``, ``w2`` and the DyQ configuration's
   plans (``dyq-hi``: a 4.3-bit budget, 8 bits in the layers measured most
   sensitive and 4 elsewhere; ``w4``; ``dyq-lo``: a 3.2-bit budget, 2 bits in
   the least sensitive and 4 elsewhere);
-- each step's bytes of weights read, the DRAM roofline time (bytes over the
-  read bandwidth this script measures: the median of summing a 1 GiB tensor),
-  and the time of summing a tensor of that many bytes back to back (the
-  roofline at the step's working-set size);
+- each step's bytes of weights read, the time of summing that many bytes (in
+  the rounds, and back to back), and the step over the DRAM roofline (bytes
+  over the bandwidth of summing a 1 GiB tensor, measured once);
 - the bytes held for the DyQ configuration (every view any of its plans
   reads) against the bf16 model's;
 - the cost of switching the plan between calls: ``set_controls`` alone, and a
@@ -175,29 +175,38 @@ def main() -> None:
         bits = report["plans"][plan]["bits"]
         return sum(layer["bytes_read"][str(bits[layer["group"]])] for layer in report["layers"].values())
 
+    weight_bytes = {"fp32 eager": linear_weights * 4, "bf16 eager": linear_weights * 2,
+                    **{f"kiln {p}": bytes_read(p) for p in plans}}
     contenders = {"fp32 eager": lambda: model(x, kc, vc), "bf16 eager": lambda: model_bf16(xb, kcb, vcb)}
     for plan in plans:
         contenders[f"kiln {plan}"] = (lambda p: lambda: cm.run([x, kc, vc], controls={"plan": p}))(plan)
+    # The roofline in the same rounds: a sum over as many bytes as each contender's weights (drift between runs on
+    # a shared machine moves the bandwidth by a third; a per-round ratio cancels it).
+    buffers = {name: torch.ones(b // 4) for name, b in weight_bytes.items()}
+    reads = {f"read {name}": t.sum for name, t in buffers.items()}
     with torch.no_grad():
-        times = rounds_ms(contenders, repeat=args.rounds, warmup=2, settle_s={"fp32 eager": 0.03, "bf16 eager": 0.03})
+        times = rounds_ms({**contenders, **reads}, repeat=args.rounds, warmup=2,
+                          settle_s={"fp32 eager": 0.03, "bf16 eager": 0.03})
         steady = {}
         for name, fn in contenders.items():
             steady[name] = back_to_back_ms(fn)
             time.sleep(0.03)
-    weight_bytes = {"fp32 eager": linear_weights * 4, "bf16 eager": linear_weights * 2,
-                    **{f"kiln {p}": bytes_read(p) for p in plans}}
     read_ms = {name: same_size_read_ms(b) for name, b in weight_bytes.items()}
-    print("\nms/step: interleaved rounds; x DRAM: over the DRAM roofline; back to back: the step run in a row, and "
-          "a sum over as many bytes run in a row")
-    print(f"{'contender':<14} {'ms/step':>9} {'vs fp32':>18} {'vs bf16':>18} {'weight MB':>10} "
-          f"{'DRAM roof ms':>12} {'x DRAM':>7} {'back to back':>13} {'same-size read':>15} {'x read':>7}")
-    for name, ts in times.items():
+    del buffers, reads
+    print("\nms/step: interleaved rounds; read: a sum over as many bytes as the step's weights, in the same rounds, "
+          "and x read the step over it (median of per-round ratios); x DRAM: over bytes / the 1 GiB bandwidth; back "
+          "to back: the step run in a row, and the same-size sum run in a row")
+    print(f"{'contender':<14} {'ms/step':>9} {'vs fp32':>18} {'vs bf16':>18} {'weight MB':>10} {'read ms':>8} "
+          f"{'x read':>18} {'x DRAM':>7} {'back to back':>13} {'read':>6} {'x read':>7}")
+    for name in contenders:
+        ts = times[name]
         ratios = ["{:.2f}x [{:.2f}-{:.2f}]".format(*paired_speedup(times[ref], ts)) for ref in ("fp32 eager", "bf16 eager")]
         ms = statistics.median(ts)
-        roof = weight_bytes[name] / bandwidth * 1e3
+        roof = "{:.2f}x [{:.2f}-{:.2f}]".format(*paired_speedup(ts, times[f"read {name}"]))
+        dram = ms / (weight_bytes[name] / bandwidth * 1e3)
         print(f"{name:<14} {ms:9.2f} {ratios[0]:>18} {ratios[1]:>18} {weight_bytes[name] / 1e6:10.1f} "
-              f"{roof:12.2f} {ms / roof:7.2f} {steady[name]:13.2f} {read_ms[name]:15.2f} "
-              f"{steady[name] / read_ms[name]:7.2f}")
+              f"{statistics.median(times[f'read {name}']):8.2f} {roof:>18} {dram:7.2f} {steady[name]:13.2f} "
+              f"{read_ms[name]:6.2f} {steady[name] / read_ms[name]:7.2f}")
     w2, w4 = (statistics.median(times[f"kiln {p}"]) for p in ("w2", "w4"))
     print(f"w2 step / w4 step: {w2 / w4:.2f} interleaved, {steady['kiln w2'] / steady['kiln w4']:.2f} back to back")
 

@@ -202,9 +202,11 @@ def measure(m: int, n: int, k: int, cycle: int, rounds: int, bandwidth: float, o
         base_t, cont_t = [], []
         for _ in range(2):  # warm-up passes
             base.run_pass(), contender.run_pass()
-        for _ in range(rounds):
+        for _ in range(rounds):  # 30 ms apart: PyTorch's OpenMP workers spin after a call and slow TVM's pool
             base_t.append(base.run_pass())
+            time.sleep(0.03)
             cont_t.append(contender.run_pass())
+            time.sleep(0.03)
         base_all += base_t
         ratio, q1, q3 = timing.paired_speedup(base_t, cont_t)
         ms = statistics.median(cont_t) * 1e3
@@ -231,13 +233,14 @@ def main() -> None:
                         "that are not this CPU's default (vnni, fma)")
     parser.add_argument("--threads", type=int, default=None, help="threads for torch and TVM (default: all cores)")
     args = parser.parse_args()
-    if args.threads:  # before TVM's thread pool starts (at the first kernel call)
-        os.environ["TVM_NUM_THREADS"] = str(args.threads)
-        torch.set_num_threads(args.threads)
+    # Before TVM's thread pool starts (at the first kernel call); unset, TVM would halve an x86 core count.
+    threads = args.threads or len(os.sched_getaffinity(0))
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)
     cycle = (args.cycle_mb << 20) if args.cycle_mb else 4 * l3_bytes()
     print(f"machine: {timing.machine()}")
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), TVM {L.tvm.__version__} "
-          f"({os.environ.get('TVM_NUM_THREADS', 'all cores')} threads) "
+          f"({os.environ['TVM_NUM_THREADS']} threads) "
           f"(target {L.host_target()}), decode schedule {L.default_schedule()}; load average "
           f"{os.getloadavg()[0]:.2f}")
     bandwidth = read_bandwidth(cycle)
