@@ -18,38 +18,28 @@ schedules (``vnni``: 256-bit, ``fma``: codes converted to fp32).
     .venv/bin/python benchmarks/lowbit_kernels.py [--shapes 4096x4096,2048x8192,8192x2048] [--rows 1,64,128]
         [--rounds 10] [--schedules] [--cycle-mb MB] [--threads T]
 
-Measured with ``--rows 1,64,128 --schedules`` (Intel Xeon, AVX-512 VNNI / BF16 / AMX, 2 cores, 480 MiB
-L3; NOT quiet: other sessions' training, evaluation and fuzzing held the load average at 2.7-2.8, so
-every time here carries contention; read bandwidth 21.7 GB/s). 4096x4096, M = 1 (ms per call; x fp32:
-median of paired per-round time ratios, noisy under this load; x roof: time over bytes / 21.7 GB/s):
+Measured with ``--rows 1`` (Intel Xeon, AVX-512 VNNI / BF16 / AMX, 2 cores, LLVM target "rocketlake";
+TVM and PyTorch on 2 threads; read bandwidth 21.3 GB/s; the kernels with their row-end tree sums, vector
+x digits and two digits of x). 4096x4096, M = 1 (ms per call; x fp32: median of paired per-round time
+ratios; x roof: time over bytes / 21.3 GB/s):
 
-    contender                ms/call  reads MB  x roof      contender                ms/call  x roof
-    fp32 F.linear              2.459     67.11    0.80      bf16 F.linear              1.662    1.08
-    int8pack_mm bf16           0.851     16.79    1.10      int4pack_mm bf16 g128      0.761    1.86
-    kiln 8-bit fp32            1.574     17.30    1.98      kiln 8-bit bf16            1.484    1.86
-    kiln 4-bit fp32            0.866      8.91    2.11      kiln 4-bit bf16            0.802    1.95
-    kiln 2-bit fp32            0.641      4.72    2.95      kiln 2-bit bf16            0.631    2.90
-    kiln 4-bit fp32 [vnni]     1.033      8.91    2.52      kiln 4-bit bf16 [vnni]     0.846    2.06
-    kiln 4-bit fp32 [fma]      2.528      8.91    6.16      kiln 4-bit bf16 [fma]      2.487    6.06
+    contender                ms/call  x fp32  reads MB  x roof      contender             ms/call  x roof
+    fp32 F.linear              2.467    1.00     67.11    0.78      bf16 F.linear           1.679    1.07
+    int8pack_mm bf16           0.842    0.33     16.79    1.07      int4pack_mm bf16 g128   0.734    1.75
+    kiln 8-bit fp32            0.777    0.27     17.30    0.96      kiln 8-bit bf16         0.781    0.96
+    kiln 4-bit fp32            0.411    0.13      8.91    0.98      kiln 4-bit bf16         0.403    0.96
+    kiln 2-bit fp32            0.297    0.10      4.72    1.34      kiln 2-bit bf16         0.259    1.17
 
-Against fp32 F.linear: 4-bit 0.35x (fp32 x) / 0.33x (bf16 x), 2-bit 0.26x; against bf16 F.linear:
-4-bit bf16 0.48x. Not reached here: 4-bit within 1.5x of the roofline (1.95x) and 2-bit <= 0.7x the
-4-bit time (0.79x): from cache the kernels take 0.28 (4-bit bf16) / 0.22 ms (2-bit), and DRAM time
-adds to compute rather than hiding it, and with a core shared with another job a 2-thread kernel waits
-for its slower half. On one thread (``--threads 1 --rows 1``, the other core busy with another job,
-read bandwidth 11.2 GB/s on one core):
-
-    contender                ms/call  x roof      contender                ms/call  x roof
-    fp32 F.linear              4.925    0.83      bf16 F.linear              3.117    1.04
-    int8pack_mm bf16           1.580    1.06      int4pack_mm bf16 g128      1.320    1.67
-    kiln 8-bit fp32            1.580    1.03      kiln 8-bit bf16            1.421    0.92
-    kiln 4-bit fp32            0.852    1.07      kiln 4-bit bf16            0.772    0.97
-    kiln 2-bit fp32            0.608    1.45      kiln 2-bit bf16            0.532    1.27
-
-There the targets hold: 4-bit at 0.97x / 1.07x the roofline, 2-bit at 0.69x (bf16) / 0.71x (fp32) the
-4-bit time, 4-bit bf16 0.16x fp32 F.linear and 0.25x bf16 F.linear, 1.7x faster than int4pack_mm.
-Prefill, ms per call (M = 64 / 128): fp32 F.linear 28.5 / 45.2,
-bf16 F.linear 8.8 / 14.0, int8pack 32.2 / 57.5, int4pack 32.4 / 28.7, kiln 4-bit dequantize +
+The 4-bit kernel reads at the bandwidth of a ``torch.sum`` (0.98x its roofline), 1.8x faster than
+``torch._weight_int4pack_mm_for_cpu``, at 0.13x fp32 ``F.linear``'s time; the 2-bit kernel takes
+0.72x (fp32 x) / 0.64x (bf16 x) the 4-bit time. (Before this version TVM ran on one thread here, as it
+halves an x86 core count unless told, and a row's 32 lanes were summed one by one: 4-bit fp32 0.87 ms,
+2.1x the roofline.) What changed it, one row of x at a time (1024x2048 weights, one thread, from L2):
+the tree sum 0.112 -> 0.079 ms, two digits of fp32 x instead of three 0.079 -> 0.065 (2-bit: 0.054 ->
+0.045), the vector x digits ~3 us of ~7 us fixed cost per call. Removing the plane unpacking altogether
+(wrong results, timing only) gains 9% on 5632x2048 from DRAM: the decode kernel is bound by memory,
+not its instructions. Earlier prefill measurements (M = 64 / 128, ms per call): fp32 F.linear 28.5 /
+45.2, bf16 F.linear 8.8 / 14.0, int8pack 32.2 / 57.5, int4pack 32.4 / 28.7, kiln 4-bit dequantize +
 F.linear fp32 30.9 / 53.6, bf16 15.3 / 17.2, kiln fused (8-row x tiles) fp32 41.4 / 88.9, bf16
 25.5 / 51.7.
 """

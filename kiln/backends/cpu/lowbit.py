@@ -45,17 +45,11 @@ Kernels, each a TIR PrimFunc generated for one shape and compiled with LLVM for 
   dispatch's ``kiln.linear`` (PyTorch's GEMM), the PrimFuncs marked ``tirx.is_scheduled``.
 
 Measured (``benchmarks/lowbit_kernels.py``; its docstring has the table; Xeon with AVX-512 VNNI and
-AMX, 2 cores, a machine shared with other jobs, load 1.7-2.8): 4096x4096, one row, weights from
-DRAM: fp32 ``F.linear`` 2.46 ms; kiln 4-bit 0.87 (fp32 x) / 0.80 ms (bf16 x), 2-bit 0.64 / 0.63,
-8-bit 1.57 / 1.48; ``torch._weight_int4pack_mm_for_cpu`` 0.76, ``_weight_int8pack_mm`` 0.85 (bf16
-x only). From cache (best of 300, same load) 4-bit bf16 0.28 ms, 2-bit 0.22: the DRAM-bound time is
-about compute + transfer, not their maximum (the row-ahead prefetch took 1.6 -> 1.0 ms on one
-thread). Schedules at 4-bit: vnni512 0.80-0.87, vnni (256-bit) 0.85-1.03, fma 2.5 ms (it spends ~10
-instructions per 32 weights widening and converting codes; vpdpbusd takes the bytes as they are).
-On one thread (the other core busy with another job): 4-bit bf16 0.77 ms, 0.97x the one-core
-roofline (fp32 x 1.07x), 2-bit 0.69x the 4-bit time, against fp32 ``F.linear``'s 4.9 ms and
-int4pack's 1.32 ms. Prefill (64 / 128 rows): dequantize to bf16 + ``F.linear`` 15 / 17 ms against bf16 ``F.linear``'s 9 /
-14 and fp32's 29 / 45; the fused kernel with 8-row x tiles is slower (26 / 52 ms), so
+AMX, 2 cores, TVM and PyTorch on both): 4096x4096, one row, weights from DRAM: fp32 ``F.linear``
+2.47 ms; kiln 4-bit 0.41 ms (fp32 or bf16 x), 0.98x the time of reading its bytes with ``torch.sum``;
+2-bit 0.30 / 0.26 ms, 8-bit 0.78; ``torch._weight_int4pack_mm_for_cpu`` 0.73, ``_weight_int8pack_mm``
+0.84 (bf16 x only). Prefill (64 / 128 rows): dequantize to bf16 + ``F.linear`` 15 / 17 ms against bf16
+``F.linear``'s 9 / 14 and fp32's 29 / 45; the fused kernel with 8-row x tiles is slower (26 / 52 ms), so
 ``convert_nested_linear`` dequantizes above ``DECODE_MAX_ROWS``.
 """
 from __future__ import annotations
