@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from ..base import Backend, LoweredPartition, Partition, register_backend
 from ..tvm import convertible, lower_partition
-from . import lowbit
+from . import attention, lowbit
 from .dispatch import DISPATCH
 from .options import CpuOptions, GemmKernels
 from .target import CpuTarget
@@ -57,6 +57,8 @@ class CpuBackend(Backend):
     def supports(self, node: fx.Node) -> bool:
         if node.target is lowbit.NESTED_LINEAR:  # the generated low-bit kernels (lowbit.py)
             return _static(node) and _non_empty(node) and lowbit.supports_nested_linear(node)
+        if attention.decodes(node):  # decode attention's kernel (attention.py)
+            return _non_empty(node) and attention.eager_strides(*node.args[:3]) is not None
         return _static(node) and _non_empty(node) and convertible(node, DISPATCH)
 
     _tuning: Tuning | None = None

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from ...runtime.kernels import tvm_dispatch
+from . import attention
 from ..tvm.dispatch import Args, DispatchRule, LibraryDispatch, heads_last_source
 
 aten = torch.ops.aten
@@ -75,24 +76,15 @@ def _binary_f32(node):
     return list(node.args[:2]) if _library_dtype(*node.args[:2]) else None
 
 
-def _eager_strides(q, k, v) -> list[int] | None:
-    """The strides eager's q, k and v have (from the traced values): ``[ndim, *q, *k, *v]``, or None when one is
-    not known as ints. The runtime lays non-finite inputs out so before PyTorch's fused attention, whose
-    NaN handling depends on the layout (``tvm_dispatch._attention``)."""
-    vals = [n.meta["val"] for n in (q, k, v)]
-    if len({t.dim() for t in vals}) != 1:
-        return None
-    strides = [s for t in vals for s in t.stride()]
-    return [vals[0].dim(), *strides] if all(isinstance(s, int) for s in strides) else None
-
-
 def _sdpa(node, masked: bool):
-    """``[q, k, v, (mask), causal, scale, gqa]`` then eager's strides (``_eager_strides``)."""
+    """``[q, k, v, (mask), causal, scale, gqa]`` then eager's strides (``attention.eager_strides``)."""
     q, k, v = node.args[:3]
     mask = _arg(node, 3, "attn_mask")
     if (mask is not None) != masked or not _library_dtype(q, k, v) or _arg(node, 4, "dropout_p", 0.0) != 0.0:
         return None
-    strides = _eager_strides(q, k, v)
+    if attention.decodes(node):  # one query row: the target's own kernel (attention.py), not the library's
+        return None
+    strides = attention.eager_strides(q, k, v)
     if strides is None:
         return None
     scale = node.kwargs.get("scale")

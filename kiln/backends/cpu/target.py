@@ -18,7 +18,7 @@ from tvm.target import codegen
 from ..tvm.dispatch import LibraryDispatch
 from ..tvm.target import PlanStage, TvmTarget
 from .dispatch import DISPATCH
-from . import lowbit
+from . import attention, lowbit
 from .gemm import select_gemm_kernels
 from .schedule import default_rules
 from .tuning import Tuning, tune_kernels
@@ -60,7 +60,8 @@ class CpuTarget(TvmTarget):
 
     def converters(self) -> dict:
         target = tvm.target.Target(self.target_json())  # the kernels' schedule follows the CPU compiled for
-        return {lowbit.NESTED_LINEAR: functools.partial(lowbit.convert_nested_linear, target=target)}
+        return {lowbit.NESTED_LINEAR: functools.partial(lowbit.convert_nested_linear, target=target),
+                attention.SDPA: attention.convert_decode_attention}
 
     def plan_stages(self) -> list[PlanStage]:
         return [PlanStage("select_gemm", "gemm_kernels", lambda plan, weights: select_gemm_kernels(

@@ -46,7 +46,7 @@ def embedding(w, idx, out):
 
 # The calling convention of the functions below (names, argument order). A library
 # records the ABI it was built against; the runtime refuses another (tvm_vm.check_compatible).
-ABI = 4
+ABI = 5
 
 
 def _gemm(x, w_t, block, out, bias=None):
@@ -348,6 +348,14 @@ def sdpa_mask_bshd(q, k, v, mask, causal, scale, gqa, layout, *strides):
     return _sdpa_bshd(q, k, v, mask, causal, scale, gqa, layout, strides)
 
 
+def sdpa_decode_checked(q, k, v, out, bad, scale, *strides):
+    """The cpu target's decode attention (``kiln.backends.cpu.attention``): its kernel's ``out`` when no head was
+    flagged non-finite in ``bad``, else eager's attention on q, k and v (``_attention``: eager's strides)."""
+    if not _t(bad).numpy().any():
+        return out
+    return _to_tvm(_attention(_t(q), _t(k), _t(v), None, 0, scale, 0, strides).contiguous())
+
+
 def conv2d(x, w, s0, s1, p0, p1, d0, d1, groups, out):
     _t(out).copy_(F.conv2d(_t(x), _t(w), None, (s0, s1), (p0, p1), (d0, d1), groups))
 
@@ -360,7 +368,7 @@ FUNCTIONS = {f"kiln.{f.__name__}": f for f in (
     embedding, index_select, gather, index,
     linear, linear_bias, addmm, linear_onednn, linear_bias_onednn, addmm_onednn,
     linear_mkl_packed, linear_bias_mkl_packed, mm, bmm, matmul,
-    sdpa, sdpa_mask, sdpa_bshd, sdpa_mask_bshd,
+    sdpa, sdpa_mask, sdpa_bshd, sdpa_mask_bshd, sdpa_decode_checked,
     conv2d, conv2d_bias)}
 
 

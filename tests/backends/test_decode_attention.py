@@ -1,0 +1,114 @@
+"""kiln.backends.cpu.attention: decode attention (one query row) as a TVM kernel, with eager's result wherever an
+input or a score is not finite."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kiln
+from kiln.backends.cpu import attention as A
+from kiln.backends.cpu import lowbit
+
+
+def _same(a, b) -> bool:
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(torch.nan_to_num(a, 7.0), torch.nan_to_num(b, 7.0))
+
+
+def _kernel(b, h, s, d, scale):
+    func = A.decode_attention_func(b, h, s, d, scale).with_attr("global_symbol", "main")
+    return lowbit.build(func.with_attr("kiln.lowbit_params", ["q", "k", "v", "out", "bad"]))
+
+
+def _run(q, k, v, scale=None):
+    b, h, s, d = k.shape
+    kernel = _kernel(b, h, s, d, (1 / d ** 0.5) if scale is None else scale)
+    out, bad = torch.empty(b, h, 1, d), torch.empty(b * h, dtype=torch.int32)
+    kernel(q.contiguous(), k.contiguous(), v.contiguous(), out, bad)
+    return out, bad
+
+
+@pytest.mark.parametrize("b, h, s, d, scale", [(1, 16, 65, 128, None), (2, 3, 1, 16, 0.3), (1, 4, 300, 64, None)])
+def test_kernel_matches_eagers_attention_on_finite_inputs(b, h, s, d, scale):
+    torch.manual_seed(s)
+    q, k, v = torch.randn(b, h, 1, d) * 2, torch.randn(b, h, s, d), torch.randn(b, h, s, d)
+    out, bad = _run(q, k, v, scale)
+    want = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    torch.testing.assert_close(out, want, rtol=2e-6, atol=2e-6)  # fp32 rounding of the sums, in another order
+    assert not bad.any()
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_kernel_flags_the_heads_a_non_finite_input_reaches(where, value):
+    torch.manual_seed(0)
+    x = {"q": torch.randn(1, 4, 1, 16), "k": torch.randn(1, 4, 7, 16), "v": torch.randn(1, 4, 7, 16)}
+    x[where][0, 2, 0, 5] = value
+    _, bad = _run(x["q"], x["k"], x["v"])
+    assert bad.tolist() == [0, 0, 1, 0]
+
+
+def test_kernel_flags_scores_that_overflow():
+    q, k, v = torch.full((1, 1, 1, 16), 1e30), torch.full((1, 1, 3, 16), 1e30), torch.randn(1, 1, 3, 16)
+    assert _run(q, k, v)[1].tolist() == [1]
+
+
+class _Step(torch.nn.Module):
+    """A decode step's attention as a model writes it: the new token's q from a [B, 1, H, D] projection."""
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k, v).transpose(1, 2).reshape(q.shape[0], 1, -1)
+
+
+def _compiled(example):
+    cm = kiln.compile(_Step(), example)
+    kernels = [k["name"] for p in cm.manifest["programs"].values() for t in p["tasks"] for k in t["report"]["kernels"]]
+    assert any(name.startswith("kiln_decode_attention") for name in kernels), kernels
+    return cm
+
+
+def test_compiled_decode_attention_matches_eager_finite_and_not():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 1, 4, 32), torch.randn(1, 4, 9, 32), torch.randn(1, 4, 9, 32)
+    cm = _compiled((q, k, v))
+    torch.testing.assert_close(cm(q, k, v), _Step()(q, k, v), rtol=2e-6, atol=2e-6)
+    for name, index, value in (("k", (0, 1, 3, 2), float("nan")), ("v", (0, 3, 8, 0), float("inf")),
+                               ("q", (0, 0, 2, 7), float("-inf")), ("k", (0, 0, 0), 1e38)):
+        x = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
+        x[name][index] = value
+        if value == 1e38:  # finite inputs, a score that overflows: eager's result too
+            x["q"][0, 0, 0] = 10.0
+        got, want = cm(x["q"], x["k"], x["v"]), _Step()(x["q"], x["k"], x["v"])
+        assert _same(got, want), (name, value)
+
+
+@pytest.mark.parametrize("case", ["two query rows", "mask", "causal", "gqa", "bf16", "D not a multiple of 16"])
+def test_what_the_kernel_does_not_take(case):
+    q, k, v = torch.randn(1, 4, 1, 32), torch.randn(1, 4, 9, 32), torch.randn(1, 4, 9, 32)
+    kwargs = {}
+    if case == "two query rows":
+        q = torch.randn(1, 4, 2, 32)
+    elif case == "mask":
+        kwargs["attn_mask"] = torch.ones(1, 9, dtype=torch.bool)
+    elif case == "causal":
+        kwargs["is_causal"] = True
+    elif case == "gqa":
+        k, v, kwargs["enable_gqa"] = k[:, :2], v[:, :2], True
+    elif case == "bf16":
+        q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    else:
+        q, k, v = q[..., :24], k[..., :24], v[..., :24]
+
+    class M(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+    gm = torch.export.export(M(), (q, k, v)).graph_module
+    node = next(n for n in gm.graph.nodes if n.target is A.SDPA)
+    assert not A.decodes(node)
+    cm = kiln.compile(M(), (q, k, v))
+    kernels = [k["name"] for p in cm.manifest["programs"].values() for t in p["tasks"]
+               for k in t["report"].get("kernels", [])]
+    assert not any(name.startswith("kiln_decode_attention") for name in kernels)
+    tol = 1e-2 if case == "bf16" else 2e-6
+    torch.testing.assert_close(cm(q, k, v), M()(q, k, v), rtol=tol, atol=tol)
