@@ -12,9 +12,10 @@ online softmax; the two agree to fp32 rounding, ``tests/backends/test_decode_att
 Non-finite inputs: PyTorch's fused kernel gives layout-dependent results for NaN and inf (FINDINGS F7,
 F10), which only eager's own call reproduces. The kernel also writes, per head, whether any score or the
 sum of the head's outputs is non-finite: a NaN or inf in q or k makes a score NaN or inf (``0 * inf`` is
-NaN), one in v makes an output so, and finite inputs whose scores overflow are flagged too. The checked
-call (``kiln.sdpa_decode_checked``, ``kiln.runtime.kernels.tvm_dispatch``) returns the kernel's output
-when no head is flagged, and otherwise eager's attention on q, k and v laid out with eager's strides.
+NaN), one in v makes an output so, and finite inputs whose scores overflow are flagged too. When a head
+is flagged the kernel calls ``kiln.sdpa_decode_fallback`` (``kiln.runtime.kernels.tvm_dispatch``), which
+writes eager's attention on q, k and v, laid out with eager's strides, over the kernel's output; otherwise
+no Python runs (a Python call from the VM cost ~40 us here).
 
 Which calls it takes (``decodes``): fp32 q, k, v of 4 dimensions with static shapes, one query row, the
 same batch and heads (no GQA), D a multiple of 16, no mask, not causal, no dropout.
@@ -70,17 +71,23 @@ def scale_of(node) -> float:
     return 1 / math.sqrt(node.args[0].meta["val"].shape[-1]) if scale is None else float(scale)
 
 
+FALLBACK = "kiln.sdpa_decode_fallback"  # kiln.runtime.kernels.tvm_dispatch: eager's attention into ``out``
+
+
 @functools.lru_cache(maxsize=64)
-def decode_attention_func(b: int, h: int, s: int, d: int, scale: float) -> tvm.tirx.PrimFunc:
-    """``out [b, h, 1, d]`` and ``bad [b * h]`` (int32, 1 where a head's scores or output sum is non-finite)
-    from ``q [b, h, 1, d]``, ``k, v [b, h, s, d]`` (fp32)."""
+def decode_attention_func(b: int, h: int, s: int, d: int, scale: float, eager_scale: float = 0.0,
+                          strides: tuple[int, ...] = ()) -> tvm.tirx.PrimFunc:
+    """``out [b, h, 1, d]`` from ``q [b, h, 1, d]``, ``k, v [b, h, s, d]`` (fp32), with ``scale``; where a head's
+    scores or output sum is not finite, the kernel then calls ``FALLBACK`` with q, k, v, out, ``eager_scale``
+    (eager's ``scale`` argument, None as 0.0) and ``strides`` (eager's, ``eager_strides``)."""
     dc = d // _L
 
     @T.prim_func(private=True)
     def f(q: T.Buffer((b, h, 1, d), "float32"), k: T.Buffer((b, h, s, d), "float32"),
-          v: T.Buffer((b, h, s, d), "float32"), out: T.Buffer((b, h, 1, d), "float32"),
-          bad: T.Buffer((b * h,), "int32")):
+          v: T.Buffer((b, h, s, d), "float32"), out: T.Buffer((b, h, 1, d), "float32")):
         T.func_attr({"tirx.noalias": True})
+        bad = T.alloc_buffer((b * h,), "int32")  # 1 where a head's scores or output sum is not finite
+        any_bad = T.alloc_buffer((1,), "int32")
         for bh in T.parallel(b * h):
             sc = T.alloc_buffer((s,), "float32")  # the head's scores, then their exponentials
             acc = T.alloc_buffer((_L,), "float32", scope="local")
@@ -121,28 +128,28 @@ def decode_attention_func(b: int, h: int, s: int, d: int, scale: float) -> tvm.t
             if not T.isfinite(acc[0] + acc[1]):
                 fl[0] = 1
             bad[bh] = fl[0]
+        any_bad[0] = 0
+        for i in range(b * h):
+            any_bad[0] = T.max(any_bad[0], bad[i])
+        if any_bad[0] > 0:  # eager's attention into out (only then a Python call)
+            T.evaluate(T.call_packed(FALLBACK, q, k, v, out, T.float64(eager_scale), *[T.int64(x) for x in strides]))
 
     return f
 
 
 def convert_decode_attention(bb, node, value_of):
-    """Emit ``node`` into Relax: the kernel, then ``kiln.sdpa_decode_checked`` (its output, or eager's attention
-    where a head was flagged, given eager's strides, ``eager_strides``)."""
+    """Emit ``node`` into Relax: ``R.call_tir`` of the kernel (which calls ``FALLBACK`` itself where a head was
+    flagged)."""
     from tvm import relax
 
     q, k, v = node.args[:3]
     strides = eager_strides(q, k, v)
     b, h, _, d = node.args[0].meta["val"].shape
     s = k.meta["val"].shape[2]
-    func = decode_attention_func(b, h, s, d, scale_of(node)).with_attr("tirx.is_scheduled", True)
+    eager_scale = node.kwargs.get("scale")  # as eager passed it (None: 0.0), for eager's call on non-finite inputs
+    func = decode_attention_func(b, h, s, d, scale_of(node), 0.0 if eager_scale is None else float(eager_scale),
+                                 tuple(strides)).with_attr("tirx.is_scheduled", True)
     name = f"kiln_decode_attention_b{b}_h{h}_s{s}_d{d}"
     gv = bb.add_func(func.with_attr("global_symbol", name), name)
-    args = [value_of(q), value_of(k), value_of(v)]
-    res = bb.emit(relax.call_tir(gv, args, [relax.TensorType([b, h, 1, d], "float32"),
-                                             relax.TensorType([b * h], "int32")]))
-    out, bad = bb.emit(relax.TupleGetItem(res, 0)), bb.emit(relax.TupleGetItem(res, 1))
-    eager_scale = node.kwargs.get("scale")  # as eager passed it (None: 0.0), for eager's call on non-finite inputs
-    flags = [relax.prim_value(tvm.tirx.FloatImm("float64", 0.0 if eager_scale is None else float(eager_scale)))]
-    flags += [relax.prim_value(int(x)) for x in strides]
-    return bb.emit(relax.op.call_pure_packed("kiln.sdpa_decode_checked", *args, out, bad, *flags,
-                                             ty_args=relax.TensorType([b, h, 1, d], "float32")))
+    return bb.emit(relax.call_tir(gv, [value_of(q), value_of(k), value_of(v)],
+                                  relax.TensorType([b, h, 1, d], "float32")))

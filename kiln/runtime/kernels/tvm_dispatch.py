@@ -348,12 +348,13 @@ def sdpa_mask_bshd(q, k, v, mask, causal, scale, gqa, layout, *strides):
     return _sdpa_bshd(q, k, v, mask, causal, scale, gqa, layout, strides)
 
 
-def sdpa_decode_checked(q, k, v, out, bad, scale, *strides):
-    """The cpu target's decode attention (``kiln.backends.cpu.attention``): its kernel's ``out`` when no head was
-    flagged non-finite in ``bad``, else eager's attention on q, k and v (``_attention``: eager's strides)."""
-    if not _t(bad).numpy().any():
-        return out
-    return _to_tvm(_attention(_t(q), _t(k), _t(v), None, 0, scale, 0, strides).contiguous())
+def sdpa_decode_fallback(q, k, v, out, scale, *strides):
+    """Eager's attention into ``out``, called by the cpu target's decode attention kernel
+    (``kiln.backends.cpu.attention``) when an input or a score of the call is not finite. A kernel's
+    ``T.call_packed`` passes its buffers as bare DLTensor views (DLPack export of them crashes): read by copy
+    (a rare path), written with ``copyfrom``."""
+    q, k, v = (torch.from_numpy(x.numpy()) for x in (q, k, v))
+    out.copyfrom(_attention(q, k, v, None, 0, scale, 0, strides).contiguous().numpy())
 
 
 def conv2d(x, w, s0, s1, p0, p1, d0, d1, groups, out):
@@ -368,7 +369,7 @@ FUNCTIONS = {f"kiln.{f.__name__}": f for f in (
     embedding, index_select, gather, index,
     linear, linear_bias, addmm, linear_onednn, linear_bias_onednn, addmm_onednn,
     linear_mkl_packed, linear_bias_mkl_packed, mm, bmm, matmul,
-    sdpa, sdpa_mask, sdpa_bshd, sdpa_mask_bshd, sdpa_decode_checked,
+    sdpa, sdpa_mask, sdpa_bshd, sdpa_mask_bshd, sdpa_decode_fallback,
     conv2d, conv2d_bias)}
 
 
