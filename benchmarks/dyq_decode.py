@@ -8,8 +8,8 @@ step reads every weight once and the step time is DRAM bandwidth.
 Printed, in one run, every contender's median step time over rounds that each
 run every contender once, and a sum over as many bytes as each contender's
 weights (the roofline, measured in the same rounds: ratios are medians of
-per-round ratios, with quartiles; after each eager call the loop waits 30 ms,
-untimed, for PyTorch's OpenMP workers to stop spinning: a w4 step right after a
+per-round ratios, with quartiles; after each call the loop waits 30 ms, untimed, for the threads of
+PyTorch's OpenMP team or TVM's pool to stop spinning: a w4 step right after a
 two-thread PyTorch op took 13.4 ms against 9.5 after a w4 step, and with
 ``OMP_WAIT_POLICY=PASSIVE`` the same); and each contender's step run back to
 back (a decode loop's steady state) against the same-size sum run back to back
@@ -185,8 +185,8 @@ def main() -> None:
     buffers = {name: torch.ones(b // 4) for name, b in weight_bytes.items()}
     reads = {f"read {name}": t.sum for name, t in buffers.items()}
     with torch.no_grad():
-        times = rounds_ms({**contenders, **reads}, repeat=args.rounds, warmup=2,
-                          settle_s={"fp32 eager": 0.03, "bf16 eager": 0.03})
+        timed = {**contenders, **reads}
+        times = rounds_ms(timed, repeat=args.rounds, warmup=2, settle_s={name: 0.03 for name in timed})
         steady = {}
         for name, fn in contenders.items():
             steady[name] = back_to_back_ms(fn)
