@@ -8,10 +8,12 @@ step reads every weight once and the step time is DRAM bandwidth.
 Printed, in one run, every contender's median step time over rounds that each
 run every contender once, and a sum over as many bytes as each contender's
 weights (the roofline, measured in the same rounds: ratios are medians of
-per-round ratios, with quartiles; after each call the loop waits 30 ms, untimed, for the threads of
-PyTorch's OpenMP team or TVM's pool to stop spinning: a w4 step right after a
-two-thread PyTorch op took 13.4 ms against 9.5 after a w4 step, and with
-``OMP_WAIT_POLICY=PASSIVE`` the same); and each contender's step run back to
+per-round ratios, with quartiles; after each eager call the loop waits 30 ms, untimed, for PyTorch's
+OpenMP workers to stop spinning: a w4 step right after a two-thread PyTorch op
+took 13.4 ms against 9.5 after a w4 step, and with ``OMP_WAIT_POLICY=PASSIVE``
+the same. Only there: on this VM the first call after an idle pause pays
+milliseconds to wake the other core, 3-7 ms even for a 0.3 MB sum, which would
+inflate the reads); and each contender's step run back to
 back (a decode loop's steady state) against the same-size sum run back to back
 (this machine's L3 holds part of a 4-bit model's weights from one step to the
 next, and a plain read gets the same help):
@@ -93,32 +95,8 @@ class DecoderStep(nn.Module):
         return self.head(self.norm(x))
 
 
-def read_bandwidth(gib: float = 1.0, repeat: int = 7) -> float:
-    """Bytes per second read by a sum over a tensor far larger than the caches (median of ``repeat``)."""
-    t = torch.ones(int(gib * (1 << 30)) // 4)
-    t.sum()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        t.sum()
-        times.append(time.perf_counter() - start)
-    return t.numel() * 4 / statistics.median(times)
-
-
-def same_size_read_ms(nbytes: int, repeat: int = 9) -> float:
-    """Milliseconds of a sum over ``nbytes`` run back to back (median): a read at that working-set size."""
-    t = torch.ones(nbytes // 4)
-    t.sum()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        t.sum()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def back_to_back_ms(fn, steps: int = 12) -> float:
-    """A contender's step run ``steps`` times in a row (median), after one untimed step."""
+    """``fn`` run ``steps`` times in a row (median milliseconds), after one untimed call."""
     fn()
     times = []
     for _ in range(steps):
@@ -126,6 +104,17 @@ def back_to_back_ms(fn, steps: int = 12) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
+
+
+def read_ms(nbytes: int) -> float:
+    """A sum over ``nbytes`` run back to back (median ms): a read at that working-set size."""
+    return back_to_back_ms(torch.ones(nbytes // 4).sum, steps=9)
+
+
+def read_bandwidth(gib: float = 1.0) -> float:
+    """Bytes per second read by a sum over a tensor far larger than the caches (median of 7)."""
+    nbytes = int(gib * (1 << 30))
+    return nbytes / back_to_back_ms(torch.ones(nbytes // 4).sum, steps=7) * 1e3
 
 
 def main() -> None:
@@ -185,13 +174,14 @@ def main() -> None:
     buffers = {name: torch.ones(b // 4) for name, b in weight_bytes.items()}
     reads = {f"read {name}": t.sum for name, t in buffers.items()}
     with torch.no_grad():
-        timed = {**contenders, **reads}
-        times = rounds_ms(timed, repeat=args.rounds, warmup=2, settle_s={name: 0.03 for name in timed})
+        # Reads first, back to back, so none follows an idle pause; a pause only after each eager call (below).
+        times = rounds_ms({**reads, **contenders}, repeat=args.rounds, warmup=2,
+                          settle_s={"fp32 eager": 0.03, "bf16 eager": 0.03})
         steady = {}
         for name, fn in contenders.items():
             steady[name] = back_to_back_ms(fn)
             time.sleep(0.03)
-    read_ms = {name: same_size_read_ms(b) for name, b in weight_bytes.items()}
+    same_size = {name: read_ms(b) for name, b in weight_bytes.items()}
     del buffers, reads
     print("\nms/step: interleaved rounds; read: a sum over as many bytes as the step's weights, in the same rounds, "
           "and x read the step over it (median of per-round ratios); x DRAM: over bytes / the 1 GiB bandwidth; back "
@@ -206,7 +196,7 @@ def main() -> None:
         dram = ms / (weight_bytes[name] / bandwidth * 1e3)
         print(f"{name:<14} {ms:9.2f} {ratios[0]:>18} {ratios[1]:>18} {weight_bytes[name] / 1e6:10.1f} "
               f"{statistics.median(times[f'read {name}']):8.2f} {roof:>18} {dram:7.2f} {steady[name]:13.2f} "
-              f"{read_ms[name]:6.2f} {steady[name] / read_ms[name]:7.2f}")
+              f"{same_size[name]:6.2f} {steady[name] / same_size[name]:7.2f}")
     w2, w4 = (statistics.median(times[f"kiln {p}"]) for p in ("w2", "w4"))
     print(f"w2 step / w4 step: {w2 / w4:.2f} interleaved, {steady['kiln w2'] / steady['kiln w4']:.2f} back to back")
 
