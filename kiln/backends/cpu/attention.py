@@ -29,13 +29,12 @@ import torch
 import tvm
 from tvm.script import tirx as T
 
+from ..tvm.dispatch import node_arg
+from .lowbit import fold_lanes
+
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 _L = 16  # fp32 lanes of a vector
-
-
-def _arg(node, i, name, default=None):
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
 def decodes(node) -> bool:
@@ -51,8 +50,8 @@ def decodes(node) -> bool:
     (b, h, l, d), (bk, hk, s, dk), (bv, hv, sv, dv) = (tuple(t.shape) for t in vals)
     if l != 1 or (b, h) != (bk, hk) or (b, h) != (bv, hv) or s != sv or d != dk or d != dv or d % _L or s < 1:
         return False
-    return (_arg(node, 3, "attn_mask") is None and _arg(node, 4, "dropout_p", 0.0) == 0.0
-            and not _arg(node, 5, "is_causal", False) and not node.kwargs.get("enable_gqa", False))
+    return (node_arg(node, 3, "attn_mask") is None and node_arg(node, 4, "dropout_p", 0.0) == 0.0
+            and not node_arg(node, 5, "is_causal", False) and not node.kwargs.get("enable_gqa", False))
 
 
 def eager_strides(q, k, v) -> list[int] | None:
@@ -101,9 +100,7 @@ def decode_attention_func(b: int, h: int, s: int, d: int, scale: float, eager_sc
                 for c in range(dc):
                     acc[T.ramp(0, 1, _L)] = acc[T.ramp(0, 1, _L)] + q[bh // h, bh % h, 0, T.ramp(c * _L, 1, _L)] * k[
                         bh // h, bh % h, t, T.ramp(c * _L, 1, _L)]
-                acc[T.ramp(0, 1, 8)] = acc[T.ramp(0, 1, 8)] + acc[T.ramp(8, 1, 8)]
-                acc[T.ramp(0, 1, 4)] = acc[T.ramp(0, 1, 4)] + acc[T.ramp(4, 1, 4)]
-                acc[T.ramp(0, 1, 2)] = acc[T.ramp(0, 1, 2)] + acc[T.ramp(2, 1, 2)]
+                fold_lanes(acc, 0, _L, False)
                 sc[t] = (acc[0] + acc[1]) * T.float32(scale)
                 if not T.isfinite(sc[t]):
                     fl[0] = 1
@@ -122,9 +119,7 @@ def decode_attention_func(b: int, h: int, s: int, d: int, scale: float, eager_sc
             for c in range(dc):
                 out[bh // h, bh % h, 0, T.ramp(c * _L, 1, _L)] = o[T.ramp(c * _L, 1, _L)] / T.broadcast(st[1], _L)
                 acc[T.ramp(0, 1, _L)] = acc[T.ramp(0, 1, _L)] + out[bh // h, bh % h, 0, T.ramp(c * _L, 1, _L)]
-            acc[T.ramp(0, 1, 8)] = acc[T.ramp(0, 1, 8)] + acc[T.ramp(8, 1, 8)]
-            acc[T.ramp(0, 1, 4)] = acc[T.ramp(0, 1, 4)] + acc[T.ramp(4, 1, 4)]
-            acc[T.ramp(0, 1, 2)] = acc[T.ramp(0, 1, 2)] + acc[T.ramp(2, 1, 2)]
+            fold_lanes(acc, 0, _L, False)
             if not T.isfinite(acc[0] + acc[1]):
                 fl[0] = 1
             bad[bh] = fl[0]

@@ -21,13 +21,9 @@ import torch.fx as fx
 
 from ...runtime.kernels import tvm_dispatch
 from . import attention
-from ..tvm.dispatch import Args, DispatchRule, LibraryDispatch, heads_last_source
+from ..tvm.dispatch import Args, DispatchRule, LibraryDispatch, heads_last_source, node_arg
 
 aten = torch.ops.aten
-
-
-def _arg(node: fx.Node, i: int, key: str, default=None):
-    return node.args[i] if len(node.args) > i else node.kwargs.get(key, default)
 
 
 # Dtypes PyTorch's library kernels compute exactly as eager does here (the same call).
@@ -41,7 +37,7 @@ def _library_dtype(*nodes) -> bool:
 
 
 def _linear(node):
-    x, w, b = node.args[0], node.args[1], _arg(node, 2, "bias")
+    x, w, b = node.args[0], node.args[1], node_arg(node, 2, "bias")
     if not _library_dtype(x, w) or w.meta["val"].dim() != 2:
         return None
     return [x, w] if b is None else [x, w, b]
@@ -79,8 +75,8 @@ def _binary_f32(node):
 def _sdpa(node, masked: bool):
     """``[q, k, v, (mask), causal, scale, gqa]`` then eager's strides (``attention.eager_strides``)."""
     q, k, v = node.args[:3]
-    mask = _arg(node, 3, "attn_mask")
-    if (mask is not None) != masked or not _library_dtype(q, k, v) or _arg(node, 4, "dropout_p", 0.0) != 0.0:
+    mask = node_arg(node, 3, "attn_mask")
+    if (mask is not None) != masked or not _library_dtype(q, k, v) or node_arg(node, 4, "dropout_p", 0.0) != 0.0:
         return None
     if attention.decodes(node):  # one query row: the target's own kernel (attention.py), not the library's
         return None
@@ -88,7 +84,7 @@ def _sdpa(node, masked: bool):
     if strides is None:
         return None
     scale = node.kwargs.get("scale")
-    flags = [int(bool(_arg(node, 5, "is_causal", False))), 0.0 if scale is None else float(scale),
+    flags = [int(bool(node_arg(node, 5, "is_causal", False))), 0.0 if scale is None else float(scale),
              int(bool(node.kwargs.get("enable_gqa", False)))]
     return [q, k, v] + ([mask] if masked else []) + flags + strides
 
@@ -145,23 +141,23 @@ def _index(node):
 
 def _conv2d(node):
     x, w = node.args[:2]
-    b = _arg(node, 2, "bias")
+    b = node_arg(node, 2, "bias")
     if not _library_dtype(x, w) or (b is not None and not _library_dtype(b)):
         return None
-    stride, padding, dilation = (list(_arg(node, i, k, d)) for i, k, d in
+    stride, padding, dilation = (list(node_arg(node, i, k, d)) for i, k, d in
                                  ((3, "stride", [1, 1]), (4, "padding", [0, 0]), (5, "dilation", [1, 1])))
     if isinstance(padding[0], str) or len(stride) != 2 or len(padding) != 2 or len(dilation) != 2:
         return None
-    groups = _arg(node, 6, "groups", 1)
+    groups = node_arg(node, 6, "groups", 1)
     return [x, w] + ([b] if b is not None else []) + stride + padding + dilation + [groups]
 
 
 def _conv2d_bias(node):
-    return _conv2d(node) if _arg(node, 2, "bias") is not None else None
+    return _conv2d(node) if node_arg(node, 2, "bias") is not None else None
 
 
 def _conv2d_nobias(node):
-    return _conv2d(node) if _arg(node, 2, "bias") is None else None
+    return _conv2d(node) if node_arg(node, 2, "bias") is None else None
 
 
 RULES: list[DispatchRule] = [

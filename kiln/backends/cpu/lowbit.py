@@ -117,6 +117,21 @@ def _bc(value, lanes):
     return T.broadcast(value, lanes) if lanes > 1 else value
 
 
+def _combine(a, b, use_max: bool):
+    return T.max(a, b) if use_max else a + b
+
+
+@T.macro
+def fold_lanes(buf, base, lanes, use_max):
+    """``buf[base : base + lanes]`` (``lanes`` 16, 8 or 4) folded in halves into ``buf[base : base + 2]``: each
+    step sums (``use_max``: takes the larger of) the lower and the upper half. A tree, not a serial chain."""
+    if lanes >= 16:
+        buf[_ramp(base, 8)] = _combine(buf[_ramp(base, 8)], buf[_ramp(base + 8, 8)], use_max)
+    if lanes >= 8:
+        buf[_ramp(base, 4)] = _combine(buf[_ramp(base, 4)], buf[_ramp(base + 4, 4)], use_max)
+    buf[_ramp(base, 2)] = _combine(buf[_ramp(base, 2)], buf[_ramp(base + 2, 2)], use_max)
+
+
 def _vt(dtype: str, lanes: int) -> str:
     return f"{dtype}x{lanes}" if lanes > 1 else dtype
 
@@ -229,9 +244,7 @@ def decode_func(m: int, n: int, k: int, bits: int, *, group_size: int = BLOCK, d
                     v = T.Cast("float32x16", x[mg // ng, _ramp((mg % ng) * group_size + bb * BLOCK + c * 16, 16)])
                     va[_ramp(0, 16)] = T.max(va[_ramp(0, 16)], T.abs(v))
                     vs[_ramp(0, 16)] = vs[_ramp(0, 16)] + v
-                va[_ramp(0, 8)] = T.max(va[_ramp(0, 8)], va[_ramp(8, 8)])
-                va[_ramp(0, 4)] = T.max(va[_ramp(0, 4)], va[_ramp(4, 4)])
-                va[_ramp(0, 2)] = T.max(va[_ramp(0, 2)], va[_ramp(2, 2)])
+                fold_lanes(va, 0, 16, True)
                 va[0] = T.max(va[0], va[1])
                 sx[mg // ng, (mg % ng) * bpg + bb] = va[0] * T.float32(1 / R)
                 xb[0] = T.if_then_else(va[0] > T.float32(0), T.float32(R) / va[0], T.float32(0))
@@ -248,9 +261,7 @@ def decode_func(m: int, n: int, k: int, bits: int, *, group_size: int = BLOCK, d
                         xd[mg // ng, P - 1, _ramp(kk, 16)] = T.Cast("int8x16", xi[_ramp(0, 16)])
                     else:
                         xf[mg // ng, _ramp(kk, 16)] = T.Cast("float32x16", x[mg // ng, _ramp(kk, 16)])
-            vs[_ramp(0, 8)] = vs[_ramp(0, 8)] + vs[_ramp(8, 8)]
-            vs[_ramp(0, 4)] = vs[_ramp(0, 4)] + vs[_ramp(4, 4)]
-            vs[_ramp(0, 2)] = vs[_ramp(0, 2)] + vs[_ramp(2, 2)]
+            fold_lanes(vs, 0, 16, False)
             xs[mg // ng, mg % ng] = vs[0] + vs[1]
         for task in T.parallel(n // rpt):  # rows in chunks of rpt: a task's scratch is allocated once
             yacc = T.alloc_buffer((MT * NY * 16,), "float32", scope="local")
@@ -345,10 +356,7 @@ def decode_func(m: int, n: int, k: int, bits: int, *, group_size: int = BLOCK, d
                         for c in T.unroll(gl // min(gl, yl)):
                             yacc[_ramp(i * NY * 16, min(gl, yl))] = yacc[_ramp(i * NY * 16, min(gl, yl))] + gacc[
                                 _ramp(i * gl + c * min(gl, yl), min(gl, yl))]
-                        if yl == 16:
-                            yacc[_ramp(i * NY * 16, 8)] = yacc[_ramp(i * NY * 16, 8)] + yacc[_ramp(i * NY * 16 + 8, 8)]
-                        yacc[_ramp(i * NY * 16, 4)] = yacc[_ramp(i * NY * 16, 4)] + yacc[_ramp(i * NY * 16 + 4, 4)]
-                        yacc[_ramp(i * NY * 16, 2)] = yacc[_ramp(i * NY * 16, 2)] + yacc[_ramp(i * NY * 16 + 2, 2)]
+                        fold_lanes(yacc, i * NY * 16, yl, False)
                         tot[0] = yacc[i * NY * 16] + yacc[i * NY * 16 + 1]
                         if bias:
                             tot[0] = tot[0] + T.Cast("float32", bias_b[row])
