@@ -213,11 +213,14 @@ def minilm(*, seq: int = 16, batch: int = 2) -> Example:
 
 
 class Branches(torch.nn.Module):
-    """Two branches, each a GEMM (cpu) then ``frac`` (torch: TVM has no converter), joined by a third GEMM."""
+    """Two branches, each a GEMM (cpu) then ``frac`` (torch: TVM has no converter), joined by a third GEMM.
+    ``b`` has no bias, so ``merge_linears`` keeps the two GEMMs apart (two linears on one input, both with
+    biases, would run as one)."""
 
     def __init__(self):
         super().__init__()
-        self.a, self.b, self.c = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+        self.a, self.c = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+        self.b = torch.nn.Linear(8, 16, bias=False)
 
     def forward(self, x):
         return self.c(torch.frac(self.a(x)) * torch.frac(self.b(x)))

@@ -16,11 +16,8 @@ hint and TensorRT's fp16 mode do:
 - the node's result is cast back to fp32 right after it, so norms, softmax,
   residual adds and every other op still compute and accumulate in fp32.
 
-Linears reading one input (q, k and v; gate and up) become one linear on
-their concatenated bf16 weights, each result a column slice of it
-(``merged_linears`` in the stats): one wider GEMM and one call instead of
-several (measured, interleaved: Llama prefill 15.5 -> 14.7 ms, MiniLM 10.7 ->
-9.9, BERT 13.4 -> 13.2).
+Linears reading one input (q, k and v; gate and up) read one cast of it, so
+the ``merge_linears`` pass after this one runs them as one wider bf16 GEMM.
 
 Consecutive GEMM-class nodes keep the bf16 value between them: when the
 input to cast is, through value-preserving layout ops only
@@ -145,13 +142,11 @@ class LowerPrecision(Pass):
                 continue
             rewriter.lower(node)
             counts[kind] += 1
-        merged = rewriter.merge_siblings()
         dropped = rewriter.drop_unused_weights()
         stats = {"precision": precision, "bf16_units": True, "units": why,
                  **{k: v for k, v in counts.items() if v}, "bf16_weights": len(rewriter.weights),
                  "fp32_weights_dropped": dropped, "casts_to_bf16": rewriter.casts["to_bf16"],
                  "casts_to_fp32": rewriter.casts["to_fp32"], "kept_bf16_between": rewriter.kept,
-                 "merged_linears": merged,
                  **({"left_fp32": skipped} if skipped else {})}
         return PassResult(sum(counts.values()) > 0, stats)
 
@@ -166,7 +161,6 @@ class _Rewriter:
         self.originals: list[fx.Node] = []  # fp32 weights converted
         self.casts = {"to_bf16": 0, "to_fp32": 0}
         self.kept = 0  # inputs read in bf16 straight from another lowered node (two casts fewer)
-        self.linears: list[fx.Node] = []  # the linears lowered, in graph order
 
     def lower(self, node: fx.Node) -> None:
         mask_index = 3 if node.target is SDPA else None
@@ -179,8 +173,6 @@ class _Rewriter:
         node.args = tuple(convert(i, a) for i, a in enumerate(node.args))
         node.kwargs = {k: convert(k, v) for k, v in node.kwargs.items()}
         node.meta["val"] = node.meta["val"].to(torch.bfloat16)
-        if node.target is GEMM_OPS["linear"]:
-            self.linears.append(node)
         users = list(node.users)
         back = insert_node(self.graph.fx, TO_COPY, (node,), {"dtype": torch.float32}, origin=node,
                            before=node.next, val=node.meta["val"].to(torch.float32))
@@ -244,58 +236,6 @@ class _Rewriter:
                     source and f"{source}:bf16")
             self.originals.append(node)
         return self.weights[node.name]
-
-    def merge_siblings(self) -> int:
-        """Linears reading one bf16 input (q, k and v; gate and up), each on a stored weight, as one linear on
-        their weights concatenated (and biases, all or none), each result a column slice of it: one GEMM of
-        N = the sum instead of several (AMX runs a wide N faster), one call and one finiteness check of the
-        input. The same products; oneDNN may block K differently for the wider N, so a result can differ
-        from the unmerged linear's in the last bf16 bit (fp32 accumulation either way). Returns how many
-        linears were merged."""
-        groups: dict[tuple, list[fx.Node]] = {}
-        for node in self.linears:
-            x, w = node.args[0], node.args[1]
-            b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            if not self.graph.is_weight(w) or (b is not None and not self.graph.is_weight(b)):
-                continue
-            groups.setdefault((x, b is not None), []).append(node)
-        merged = 0
-        for (x, has_bias), nodes in groups.items():
-            if len(nodes) < 2:
-                continue
-            ws = [n.args[1] for n in nodes]
-            bs = [n.args[2] if len(n.args) > 2 else n.kwargs["bias"] for n in nodes] if has_bias else []
-            sizes = [self.graph.weights[w.name].shape[0] for w in ws]
-
-            def cat(parts):
-                sources = [self.graph.weight_sources.get(p.name, p.name) for p in parts]
-                return self.graph.add_weight(f"{parts[0].name}_merged", torch.cat(
-                    [self.graph.weights[p.name] for p in parts]), f"cat({', '.join(sources)})")
-            wcat = cat(ws)
-            args = (x, wcat, cat(bs)) if has_bias else (x, wcat)
-            for a in args[1:]:
-                self.weights[a.name] = a
-            val = nodes[0].meta["val"]
-            first = nodes[0]
-            whole = insert_node(self.graph.fx, GEMM_OPS["linear"], args, origin=first, before=first,
-                                val=val.new_empty(*val.shape[:-1], sum(sizes)))
-            start, last = 0, val.dim() - 1
-            for node, size in zip(nodes, sizes):
-                part = insert_node(self.graph.fx, aten.slice.Tensor, (whole, last, start, start + size), origin=node,
-                                   before=node, val=node.meta["val"])
-                # a contiguous copy, as the linear's result was (a later view may need it; TVM fuses it)
-                dense = insert_node(self.graph.fx, aten.clone.default, (part,),
-                                    {"memory_format": torch.contiguous_format}, origin=node, before=node,
-                                    val=node.meta["val"])
-                node.replace_all_uses_with(dense)
-                self.graph.fx.erase_node(node)
-                start += size
-            for p in (*ws, *bs):
-                if not p.users:
-                    self.graph.remove_weight(p)
-                    self.weights = {k: v for k, v in self.weights.items() if v is not p}
-            merged += len(nodes)
-        return merged
 
     def drop_unused_weights(self) -> int:
         dropped = 0

@@ -15,15 +15,17 @@ STAGES: dict[str, list[str]] = {
     "quantize": ["quantize_nested", "extract_outliers"],
     # does nothing unless CompileOptions.precision is "bf16": GEMMs and attention in bf16, the rest fp32
     "precision": ["lower_precision"],
+    # linears on one input as one wider GEMM (after lower_precision, whose bf16 linears read one cast)
+    "merge": ["merge_linears"],
     "placement": ["place"],  # every pass before it may set placements it needs kept
     "schedule": ["schedule_blocks"],  # reads placements: each device's ready work in one run
 }
 
 PIPELINES: dict[str, list[str]] = {
-    "cpu": ["cleanup", "optimize", "analysis", "quantize", "precision", "placement"],
-    "torch": ["cleanup", "optimize", "analysis", "quantize", "precision", "placement"],
+    "cpu": ["cleanup", "optimize", "analysis", "quantize", "precision", "merge", "placement"],
+    "torch": ["cleanup", "optimize", "analysis", "quantize", "precision", "merge", "placement"],
     # the emulated NPU (kiln/backends/npu): ExtractOutliers in "quantize", ScheduleBlocks after placement
-    "npu": ["cleanup", "optimize", "analysis", "quantize", "precision", "placement", "schedule"],
+    "npu": ["cleanup", "optimize", "analysis", "quantize", "precision", "merge", "placement", "schedule"],
     "none": [],
 }
 

@@ -130,8 +130,8 @@ def test_skip_stop_after_snapshot_and_drift(graph):
     records = pm.run(graph, PassContext())
     assert [r.name for r in records] == ["remove_trace_asserts", "eliminate_dead_code", "fold_constants",
                                          "prune_rows", "annotate_regions", "quantize_nested", "extract_outliers",
-                                         "lower_precision", "place"]
-    assert [r.skipped for r in records] == [False, True, False, False, False, False, False, False, False]
+                                         "lower_precision", "merge_linears", "place"]
+    assert [r.skipped for r in records] == [False, True, False, False, False, False, False, False, False, False]
     assert snap.initial.startswith("graph Tiny(")
     assert all(r.extra["drift"] == 0.0 for r in records if not r.skipped)
     assert records[-1].extra["ir"] == graph.text()

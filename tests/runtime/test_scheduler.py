@@ -56,7 +56,7 @@ class SecondBranchOnCpu1(Pass):
     name = "second_branch_on_cpu1"
 
     def run(self, graph, ctx):
-        on_b = {graph.node("p_b_weight"), graph.node("p_b_bias")}
+        on_b = {graph.node("p_b_weight")}
         for node in graph.compute_nodes():
             if node in on_b or any(i in on_b for i in node.all_input_nodes):
                 on_b.add(node)
