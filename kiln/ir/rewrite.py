@@ -31,6 +31,11 @@ CARRIED_FIELDS = ("placement", "queue", "program", "layer", "role", "chunk", "st
 REPLACES_KEY = "kiln_replaces"  # on a replacement until the pass manager stamps its provenance
 
 
+def node_arg(node: fx.Node, i: int, key: str, default=None):
+    """Argument ``i`` of ``node``, given positionally or as ``key`` (``default`` when neither)."""
+    return node.args[i] if len(node.args) > i else node.kwargs.get(key, default)
+
+
 def copy_metadata(new: fx.Node, origin: fx.Node, *, replaces: bool = False) -> None:
     """Give ``new`` the module stack, annotations and (for a replacement) provenance of ``origin``."""
     for key in CARRIED_FX_META:

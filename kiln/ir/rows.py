@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .rewrite import insert_node
+from .rewrite import insert_node, node_arg
 
 aten = torch.ops.aten
 
@@ -139,11 +139,11 @@ def _softmax(node: fx.Node, rows: Rows) -> Narrowed | None:
 
 def _reduction(node: fx.Node, rows: Rows) -> Narrowed | None:
     x = val(node.args[0])
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = node_arg(node, 1, "dim")
     if not dims:
         return None  # a reduction over everything
     reduced = {r % x.dim() for r in dims}
-    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    keepdim = node_arg(node, 2, "keepdim", False)
     kept = list(range(x.dim())) if keepdim else [i for i in range(x.dim()) if i not in reduced]
     axis = kept[rows.dim]
     return None if axis in reduced else Narrowed({0: axis})

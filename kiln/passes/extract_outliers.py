@@ -74,7 +74,7 @@ import torch.fx as fx
 from ..errors import KilnError
 from ..ir import Graph, QuantSpec
 from ..ir.ops import int8_linear
-from ..ir.rewrite import insert_node, replace_node
+from ..ir.rewrite import insert_node, node_arg, replace_node
 from .base import Pass, PassContext, PassResult, register_pass
 
 INT8_LINEAR = torch.ops.kiln.int8_linear.default
@@ -169,7 +169,7 @@ def candidates(graph: Graph) -> tuple[list[fx.Node], list[str]]:
         if node.target is not LINEAR:
             continue
         weight = node.args[1]
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        bias = node_arg(node, 2, "bias")
         if not (isinstance(weight, fx.Node) and graph.is_weight(weight)) or (
                 bias is not None and not (isinstance(bias, fx.Node) and graph.is_weight(bias))):
             left.append(f"{node.name} (its weight or bias is computed, not a stored weight)")
@@ -306,7 +306,7 @@ class ExtractOutliers(Pass):
         """Rewrite one linear; ``shared`` maps (input, channels) to the index_select already made for them
         (q, k and v read one input: one gather of its outlier channels serves the three)."""
         x, weight_node = node.args[0], node.args[1]
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        bias = node_arg(node, 2, "bias")
         weight = graph.weights[weight_node.name]
         codes, scale = quantize_weight(weight, choice.idx)
         base = weight_node.name
@@ -354,7 +354,7 @@ def _measure(graph: Graph, samples: list[list[torch.Tensor]],
             out = super().run_node(node)
             if node in choices:
                 x, weight = self.env[node.args[0]], graph.weights[node.args[1].name]
-                bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+                bias = node_arg(node, 2, "bias")
                 bias = None if bias is None else graph.weights[bias.name]
                 want = out.double()
                 s = sums[node]

@@ -37,15 +37,19 @@ import torch
 import torch.fx as fx
 
 from ..ir import Graph
-from ..ir.rewrite import insert_node
+from ..ir.rewrite import insert_node, node_arg
 from .base import Pass, PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
 LINEAR = aten.linear.default
 
 
+# annotations an earlier pass sets to keep nodes apart; linears differing in one stay apart
+SEPARATING = ("placement", "queue", "program", "chunk", "stage")
+
+
 def _bias(node: fx.Node):
-    return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return node_arg(node, 2, "bias")
 
 
 @register_pass
@@ -63,9 +67,7 @@ class MergeLinears(Pass):
             weight = graph.weights[w.name]
             if weight.dim() != 2 or (b is not None and graph.weights[b.name].dtype != weight.dtype):
                 continue
-            # what earlier passes set apart (placement, queue, program, chunk, stage) stays apart
-            annotations = tuple(sorted(graph.meta(node).annotations().items(), key=lambda kv: kv[0]))
-            annotations = tuple((k, v) for k, v in annotations if k not in ("layer", "role", "quant"))
+            annotations = tuple(getattr(graph.meta(node), field) for field in SEPARATING)
             groups.setdefault((node.args[0], b is not None, weight.dtype, annotations), []).append(node)
         merged = sizes = 0
         for (_, has_bias, _, _), nodes in groups.items():

@@ -40,7 +40,7 @@ import torch.fx as fx
 from ..errors import KilnError
 from ..ir import Graph, QuantSpec
 from ..ir.nested import BLOCK, PLANES_OF, VIEWS, NestedWeight, encode, view_error
-from ..ir.rewrite import replace_node
+from ..ir.rewrite import node_arg, replace_node
 from .base import Pass, PassContext, PassResult, register_pass
 
 NESTED_LINEAR = torch.ops.kiln.nested_linear.default
@@ -103,7 +103,7 @@ def candidates(graph: Graph, group_size: int) -> tuple[list[fx.Node], list[str]]
         if node.target is not torch.ops.aten.linear.default:
             continue
         weight = node.args[1]
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        bias = node_arg(node, 2, "bias")
         if not (isinstance(weight, fx.Node) and graph.is_weight(weight)) or (
                 bias is not None and not (isinstance(bias, fx.Node) and graph.is_weight(bias))):
             left.append(f"{node.name} (its weight is computed, not a stored weight)")
@@ -226,7 +226,7 @@ class QuantizeNested(Pass):
                  config: NestedQuantization, report: dict) -> None:
         group = group_of(graph, node)
         x, weight_node = node.args[0], node.args[1]
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        bias = node_arg(node, 2, "bias")
         weight = graph.weights[weight_node.name]
         held = tuple(sorted({plan[group] for plan in group_plans.values()}, reverse=True))
         nested = full.keeping(held)

@@ -29,7 +29,7 @@ import torch
 import tvm
 from tvm.script import tirx as T
 
-from ..tvm.dispatch import node_arg
+from ...ir.rewrite import node_arg
 from .lowbit import fold_lanes
 
 aten = torch.ops.aten

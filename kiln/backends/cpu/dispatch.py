@@ -21,7 +21,8 @@ import torch.fx as fx
 
 from ...runtime.kernels import tvm_dispatch
 from . import attention
-from ..tvm.dispatch import Args, DispatchRule, LibraryDispatch, heads_last_source, node_arg
+from ...ir.rewrite import node_arg
+from ..tvm.dispatch import Args, DispatchRule, LibraryDispatch, heads_last_source
 
 aten = torch.ops.aten
 

@@ -41,6 +41,7 @@ from tvm import relax, topi
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
 from ...errors import UnsupportedOpError
+from ...ir.rewrite import node_arg
 from .dispatch import Args, DispatchRule, LibraryDispatch, Plan, heads_last_source
 
 aten = torch.ops.aten
@@ -291,7 +292,7 @@ class _Bridge:
         return self.bb.emit(relax.op.cumsum(x, dim))
 
     def _cat(self, node: fx.Node) -> relax.Var:
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        dim = node_arg(node, 1, "dim", 0)
         parts = [t for t in node.args[0] if t.meta["val"].numel() > 0]
         if not parts:
             return self.bb.emit(relax.op.zeros(list(node.meta["val"].shape), self._dtype(node.meta["val"].dtype)))
@@ -340,8 +341,8 @@ class _Bridge:
         return self._clamp_to(node, 0, None)
 
     def _hardtanh(self, node: fx.Node) -> relax.Var:
-        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
-        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+        lo = node_arg(node, 1, "min_val", -1.0)
+        hi = node_arg(node, 2, "max_val", 1.0)
         return self._clamp_to(node, lo, hi)
 
     def _extremum(self, node: fx.Node, op) -> relax.Var:
@@ -428,9 +429,9 @@ class _Bridge:
         """``layer_norm`` with or without its affine weight and bias (the frontend needed both)."""
         x = self.env[node.args[0]]
         shape = list(node.args[1])
-        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
-        bias = node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")
-        eps = node.args[4] if len(node.args) > 4 else node.kwargs.get("eps", 1e-5)
+        weight = node_arg(node, 2, "weight")
+        bias = node_arg(node, 3, "bias")
+        eps = node_arg(node, 4, "eps", 1e-5)
         dtype = str(x.ty.dtype)
         gamma = self.env[weight] if weight is not None else relax.const(torch.ones(shape).numpy().astype(dtype))
         beta = self.env[bias] if bias is not None else relax.const(torch.zeros(shape).numpy().astype(dtype))
@@ -453,10 +454,10 @@ class _Bridge:
             t(*i), tvm.tirx.const(divisor, dtype))), x, primfunc_name_hint="trunc_divide")
 
     def _diff(self, node: fx.Node) -> relax.Var:
-        n = node.args[1] if len(node.args) > 1 else node.kwargs.get("n", 1)
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
-        prepend = node.args[3] if len(node.args) > 3 else node.kwargs.get("prepend")
-        append = node.args[4] if len(node.args) > 4 else node.kwargs.get("append")
+        n = node_arg(node, 1, "n", 1)
+        dim = node_arg(node, 2, "dim", -1)
+        prepend = node_arg(node, 3, "prepend")
+        append = node_arg(node, 4, "append")
         parts = [p for p in (prepend, node.args[0], append) if p is not None]
         x = self.env[parts[0]] if len(parts) == 1 else self.bb.emit(
             relax.op.concat([self.env[p] for p in parts], axis=dim))
@@ -597,12 +598,12 @@ def _variance_args(node: fx.Node) -> tuple[list[int], int, float, bool]:
     """``(dims, elements reduced, correction, keepdim)`` of a ``var``/``std`` node (``.dim``: ``unbiased``;
     ``.correction``); ``dims`` non-negative, all of them when the node gives none."""
     shape = node.args[0].meta["val"].shape
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = node_arg(node, 1, "dim")
     dims = list(range(len(shape))) if dims is None else [d % len(shape) for d in dims]
     count = math.prod(shape[d] for d in dims)
     if node.target.__name__.endswith(".dim"):
-        unbiased = node.args[2] if len(node.args) > 2 else node.kwargs.get("unbiased", True)
-        keepdim = node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False)
+        unbiased = node_arg(node, 2, "unbiased", True)
+        keepdim = node_arg(node, 3, "keepdim", False)
         return dims, count, 1.0 if unbiased else 0.0, keepdim
     correction = node.kwargs.get("correction")
     return dims, count, 1.0 if correction is None else float(correction), node.kwargs.get("keepdim", False)

@@ -93,11 +93,6 @@ class LibraryDispatch:
         return any(rule.op == node.target and rule.args(node) is not None for rule in self.rules)
 
 
-def node_arg(node: fx.Node, i: int, key: str, default=None):
-    """Argument ``i`` of ``node``, given positionally or as ``key`` (``default`` when neither)."""
-    return node.args[i] if len(node.args) > i else node.kwargs.get(key, default)
-
-
 def heads_last_source(node) -> fx.Node | None:
     """``x`` when ``node`` is ``x.transpose(1, 2)`` of a 4-D ``x``: a [B, S, H, D] tensor seen as [B, H, S, D]."""
     if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target == aten.transpose.int):
