@@ -114,6 +114,61 @@ def _sdpa_bshd(node, masked: bool):
     return args[:flags] + [layout] + args[flags:]
 
 
+def _single_user_of(node, target) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target == target and len(node.users) == 1
+
+
+def _gelu_chain(node):
+    """``node`` = ``gelu(linear(x, w, b) as fp32)`` as bf16, each step read only by the next (what ``lower_precision``
+    makes of a bf16 FFN's first linear and its GELU): ``(linear, cast to fp32, gelu)``, else None."""
+    if not (node.op == "call_function" and node.target == aten._to_copy.default
+            and node.kwargs.get("dtype") == torch.bfloat16 and node.meta["val"].dtype == torch.bfloat16):
+        return None
+    gelu = node.args[0]
+    if not _single_user_of(gelu, aten.gelu.default) or gelu.meta["val"].dtype != torch.float32:
+        return None
+    up = gelu.args[0]
+    if not _single_user_of(up, aten._to_copy.default) or up.meta["val"].dtype != torch.float32:
+        return None
+    linear = up.args[0]
+    if not _single_user_of(linear, aten.linear.default) or linear.meta["val"].dtype != torch.bfloat16:
+        return None
+    return linear, up, gelu
+
+
+def _linear_bias_gelu_bf16(node):
+    """``[x, w, b, tanh]`` for ``gelu(linear(x, w, b))`` in bf16 as one oneDNN call (see the rule below)."""
+    chain = _gelu_chain(node)
+    if chain is None or not torch.backends.mkldnn.is_available():
+        return None
+    linear, _, gelu = chain
+    args = _linear_bias(linear)
+    if args is None or any(not isinstance(d, int) for d in args[0].meta["val"].shape):
+        return None
+    approximate = node_arg(gelu, 1, "approximate", "none")
+    return args + [int(approximate == "tanh")]
+
+
+def _gelu_chain_nodes(node):
+    return list(_gelu_chain(node))
+
+
+def _linear_to_output(node):
+    """``node`` = a bf16 linear's result as fp32, read only by the graph's output (an LM head's logits in bf16
+    mode), the linear read by the cast alone: the linear's ``[x, w, (b)]``, else None."""
+    if not (node.op == "call_function" and node.target == aten._to_copy.default
+            and node.kwargs.get("dtype") == torch.float32 and node.meta["val"].dtype == torch.float32
+            and node.users and all(u.op == "output" for u in node.users)):
+        return None
+    linear = node.args[0]
+    if not _single_user_of(linear, aten.linear.default) or linear.meta["val"].dtype != torch.bfloat16:
+        return None
+    args = _linear(linear)
+    if args is None or any(not isinstance(d, int) for d in args[0].meta["val"].shape):
+        return None
+    return args
+
+
 def _embedding(node):
     # PyTorch's kernel checks every index against the table (IndexError, as in eager);
     # TVM's `take` would read out of bounds: garbage, or a crash.
@@ -166,6 +221,18 @@ RULES: list[DispatchRule] = [
     DispatchRule("index_select", aten.index_select.default, "kiln.index_select", _gather_like),
     DispatchRule("gather", aten.gather.default, "kiln.gather", _gather_like),
     DispatchRule("index", aten.index.Tensor, "kiln.index", _index),
+    # A bf16 linear, its GELU and the casts around it (lower_precision's bf16 FFN): one oneDNN call applying the
+    # GELU to the fp32 accumulator of each output block in cache and rounding once to bf16, instead of the GEMM
+    # rounding to bf16, then TVM's cast-GELU-cast kernel on one thread (MiniLM's 128x1536: 120 us a call).
+    # Closer to fp32 than the unfused chain (one rounding instead of two); a non-finite input runs that chain
+    # on eager's kernels (F2), so it gets eager's values there.
+    DispatchRule("linear_bias_gelu_bf16", aten._to_copy.default, "kiln.linear_bias_gelu_bf16", _linear_bias_gelu_bf16,
+                 returns=True, finite_flag=True, absorbs=_gelu_chain_nodes),
+    # A bf16 linear whose fp32 result is a graph output (bf16 mode's LM head): the GEMM, then its conversion into
+    # the output buffer on PyTorch's threads, instead of TVM's cast kernel on one thread (Llama's 128x32000
+    # logits: about 2 ms of 14). PyTorch's CPU GEMMs give no fp32 result from bf16 inputs.
+    DispatchRule("linear_bf16_to_f32", aten._to_copy.default, "kiln.linear_bf16_to_f32",
+                 lambda n: _linear_to_output(n), finite_flag=True, absorbs=lambda n: [n.args[0]]),
     DispatchRule("linear", aten.linear.default, "kiln.linear", _one_call(_linear_nobias)),
     DispatchRule("linear_bias", aten.linear.default, "kiln.linear_bias", _one_call(_linear_bias)),
     DispatchRule("addmm", aten.addmm.default, "kiln.addmm", _one_call(_addmm)),
@@ -186,12 +253,14 @@ RULES: list[DispatchRule] = [
 
 
 # The same GEMMs on oneDNN (no ``out=``: they return their result). Never planned
-# directly: ``gemm.select_gemm_kernels`` swaps one in where it measured faster.
+# directly: ``gemm.select_gemm_kernels`` swaps one in where it measured faster. A bf16 linear also gets its
+# input's non-finite flag from a TVM kernel (``finite_flag``): such an input runs eager's kernel (F2).
 # Keyed by the rule each replaces; their arguments are that rule's without ``block``.
 ONEDNN_RULES: dict[str, DispatchRule] = {
-    "linear": DispatchRule("linear_onednn", aten.linear.default, "kiln.linear_onednn", _linear_nobias, returns=True),
+    "linear": DispatchRule("linear_onednn", aten.linear.default, "kiln.linear_onednn", _linear_nobias, returns=True,
+                           finite_flag=True),
     "linear_bias": DispatchRule("linear_bias_onednn", aten.linear.default, "kiln.linear_bias_onednn", _linear_bias,
-                                returns=True),
+                                returns=True, finite_flag=True),
     "addmm": DispatchRule("addmm_onednn", aten.addmm.default, "kiln.addmm_onednn", _addmm, returns=True),
 }
 # f32 linears on weights the runtime packs once at load for MKL's sgemm at the program's row count

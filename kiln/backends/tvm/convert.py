@@ -42,7 +42,8 @@ from tvm.relax.frontend.torch.exported_program_translator import ExportedProgram
 
 from ...errors import UnsupportedOpError
 from ...ir.rewrite import node_arg
-from .dispatch import Args, DispatchRule, LibraryDispatch, Plan, heads_last_source
+from .dispatch import Args, DispatchRule, LibraryDispatch, Plan, absorbed, heads_last_source
+from .finite import emit_nonfinite_flag
 
 aten = torch.ops.aten
 
@@ -60,6 +61,7 @@ class _Bridge:
         self.converters = converters or {}
         self.dispatch = dispatch
         self.plan = plan
+        self._absorbed = absorbed(plan)  # nodes computed inside a dispatched node's call
         self.weights = weights or {}
         self.imp = ExportedProgramImporter()
         self.bb = relax.BlockBuilder()
@@ -127,6 +129,9 @@ class _Bridge:
             if any(u not in constants for u in node.users):  # skip values only other constants read
                 self.env[node] = relax.const(constants[node].numpy())
             self._note(node, "constant")
+            return
+        if node in self._absorbed:
+            self._note(node, "fused", into=self._absorbed[node].name)
             return
         if node in self.plan:
             rule, args = self.dispatch.specialize(*self.plan[node], self.known)
@@ -247,6 +252,10 @@ class _Bridge:
                 relax_args.append(relax.prim_value(tvm.tirx.FloatImm("float64", a)))
             else:
                 relax_args.append(relax.prim_value(int(a)))
+        first = args[0].meta["val"] if args and isinstance(args[0], fx.Node) else None
+        if (rule.finite_flag and first is not None and first.dtype == torch.bfloat16
+                and all(isinstance(d, int) for d in first.shape)):
+            relax_args.append(emit_nonfinite_flag(self.bb, relax_args[0], first.shape))
         out_type = self._type(node.meta["val"])
         if rule.name in self.dispatch.heads_last_output:
             b, h, s, d = node.meta["val"].shape

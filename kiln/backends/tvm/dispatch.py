@@ -44,6 +44,14 @@ class DispatchRule:
     # True: the function returns its result (a library tensor handed to TVM by DLPack, no copy)
     # instead of writing into a TVM-allocated destination; for ops without ``out=`` (attention).
     returns: bool = False
+    # True: when the first argument is bf16, the converter computes its non-finite flag with a TVM kernel
+    # before the call (``finite.emit_nonfinite_flag``: int32[1], 1 for a NaN or +-inf anywhere) and passes it
+    # last, so the function picks its path for non-finite inputs without reading the input again.
+    finite_flag: bool = False
+    # A rule that computes its node's producers in its own call (a bf16 linear's GELU and the casts around it):
+    # the nodes it takes, which then run in this call only (not planned, not converted). Such a rule's op is
+    # not library-only: a node of it that the rule does not take is lowered as usual.
+    absorbs: Callable[[fx.Node], list[fx.Node]] | None = None
 
 
 def plan_dispatch(gm: fx.GraphModule, rules) -> Plan:
@@ -60,7 +68,14 @@ def plan_dispatch(gm: fx.GraphModule, rules) -> Plan:
             if args is not None:
                 plan[node] = (rule, args)
                 break
+    for node in absorbed(plan):
+        plan.pop(node, None)
     return plan
+
+
+def absorbed(plan: Plan) -> dict[fx.Node, fx.Node]:
+    """The nodes that run inside another node's call (``DispatchRule.absorbs``), each with that node."""
+    return {n: node for node, (rule, _) in plan.items() if rule.absorbs is not None for n in rule.absorbs(node)}
 
 
 def _as_planned(rule: DispatchRule, args: Args, _constants: dict) -> tuple[DispatchRule, Args]:
@@ -86,7 +101,7 @@ class LibraryDispatch:
     def dispatched_ops(self) -> frozenset:
         """Ops that run only as library calls: a node of one of these that no rule takes
         (another dtype, a 1-D embedding table, a string padding) is not lowered to TIR."""
-        return frozenset(rule.op for rule in self.rules)
+        return frozenset(rule.op for rule in self.rules if rule.absorbs is None)
 
     def dispatches(self, node: fx.Node) -> bool:
         """Whether a rule takes ``node``."""

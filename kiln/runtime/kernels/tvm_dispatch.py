@@ -46,7 +46,9 @@ def embedding(w, idx, out):
 
 # The calling convention of the functions below (names, argument order). A library
 # records the ABI it was built against; the runtime refuses another (tvm_vm.check_compatible).
-ABI = 5
+# 6: bf16 oneDNN linears take their input's non-finite flag (kiln.backends.tvm.finite); linear_bias_gelu_bf16,
+# linear_bf16_to_f32
+ABI = 6
 
 
 def _gemm(x, w_t, block, out, bias=None):
@@ -110,7 +112,8 @@ def index(x, dims, *indices_and_out):
 # version counter (an in-place change of the weight makes the packed copy stale: the plain kernel runs
 # then). oneDNN's bf16 inner product spread a NaN/Inf of input row r+1 into output row r (tests/fuzz
 # FINDINGS F2): an input that is not all finite runs the plain kernel there.
-PACKED_BF16_FUNCTIONS = ("kiln.linear", "kiln.linear_bias", "kiln.linear_onednn", "kiln.linear_bias_onednn")
+PACKED_BF16_FUNCTIONS = ("kiln.linear", "kiln.linear_bias", "kiln.linear_onednn", "kiln.linear_bias_onednn",
+                         "kiln.linear_bias_gelu_bf16", "kiln.linear_bf16_to_f32")
 PACKED_F32_FUNCTIONS = ("kiln.linear_mkl_packed", "kiln.linear_bias_mkl_packed")
 _PACKED: dict[tuple, tuple[weakref.ref, int, torch.Tensor]] = {}
 _pack_lock = threading.Lock()
@@ -208,12 +211,14 @@ def _eager_linear(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -
     return torch.mm(rows, w.t()) if b is None else torch.addmm(b, rows, w.t())
 
 
-def _linear_onednn(x, w, b=None):
+def _linear_onednn(x, w, b=None, nonfinite=None):
     """A linear on oneDNN: for bf16, on its packed weight when there is one, and on eager's kernel (``mm``/``addmm``)
-    when the input is not all finite (oneDNN's bf16 inner product spreads a NaN into the row before: F2)."""
+    when the input is not all finite (oneDNN's bf16 inner product spreads a NaN into the row before: F2).
+    ``nonfinite``: the input's flag from the library's own kernel (``int32[1]``, 1: a NaN or inf somewhere), which
+    compiled bf16 linears pass; without it the input is summed here."""
     if x.dtype == torch.bfloat16:
         rows = _rows(x)
-        if x.numel() == 0 or not _finite(x):
+        if x.numel() == 0 or (not _finite(x) if nonfinite is None else bool(_t(nonfinite)[0])):
             res = _eager_linear(rows, w, b)
         else:
             packed = _packed(w, None)
@@ -222,12 +227,37 @@ def _linear_onednn(x, w, b=None):
     return _onednn(x, w, b)
 
 
-def linear_onednn(x, w):
-    return _linear_onednn(_t(x), _t(w))
+def linear_bias_gelu_bf16(x, w, b, tanh, nonfinite):
+    """``gelu(x @ w.T + b)`` in bf16 (erf, or ``tanh`` 1: PyTorch's ``approximate="tanh"``) as one oneDNN inner
+    product that applies the GELU to the fp32 accumulator and rounds once, on the weight packed at load. A
+    non-finite input (``nonfinite``, the library's flag) runs what the graph said instead, on eager's kernels:
+    the bf16 linear, then the GELU in fp32, rounded to bf16."""
+    x, w, b = _t(x), _t(w), _t(b)
+    rows = _rows(x)
+    packed = _packed(w, None)
+    if x.numel() == 0 or bool(_t(nonfinite)[0]) or packed is None:
+        approximate = "tanh" if tanh else "none"
+        res = torch.nn.functional.gelu(_eager_linear(rows, w, b).float(), approximate=approximate).bfloat16()
+    else:
+        res = torch.ops.mkldnn._linear_pointwise(rows, packed, b, "gelu", [], "tanh" if tanh else "none")
+    return _to_tvm(res.view(*x.shape[:-1], w.shape[0]))
 
 
-def linear_bias_onednn(x, w, b):
-    return _linear_onednn(_t(x), _t(w), _t(b))
+def linear_bf16_to_f32(x, w, *rest):
+    """``out = float(x @ w.T (+ b))``: the bf16 linear (oneDNN on the packed weight; eager's kernel for a
+    non-finite input), then its conversion into the fp32 ``out`` on PyTorch's threads. ``rest``: ``(b,)
+    nonfinite, out``."""
+    *bias, nonfinite, out = rest
+    res = _linear_onednn(_t(x), _t(w), _t(bias[0]) if bias else None, nonfinite)
+    _t(out).copy_(_t(res))
+
+
+def linear_onednn(x, w, nonfinite=None):
+    return _linear_onednn(_t(x), _t(w), None, nonfinite)
+
+
+def linear_bias_onednn(x, w, b, nonfinite=None):
+    return _linear_onednn(_t(x), _t(w), _t(b), nonfinite)
 
 
 def addmm_onednn(b, x, w):
@@ -368,7 +398,8 @@ def conv2d_bias(x, w, b, s0, s1, p0, p1, d0, d1, groups, out):
 FUNCTIONS = {f"kiln.{f.__name__}": f for f in (
     embedding, index_select, gather, index,
     linear, linear_bias, addmm, linear_onednn, linear_bias_onednn, addmm_onednn,
-    linear_mkl_packed, linear_bias_mkl_packed, mm, bmm, matmul,
+    linear_mkl_packed, linear_bias_mkl_packed, linear_bias_gelu_bf16, linear_bf16_to_f32,
+    mm, bmm, matmul,
     sdpa, sdpa_mask, sdpa_bshd, sdpa_mask_bshd, sdpa_decode_fallback,
     conv2d, conv2d_bias)}
 
