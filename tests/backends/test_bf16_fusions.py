@@ -20,6 +20,8 @@ import kiln
 from kiln.backends.cpu import dispatch
 from kiln.passes import lower_precision
 
+from packed_weights import check_packed_after_fresh_load
+
 pytestmark = pytest.mark.skipif(not lower_precision.bf16_units()[0] or not torch.backends.mkldnn.is_available(),
                                 reason="no bf16 units")
 BF16 = kiln.CompileOptions(precision="bf16")
@@ -115,3 +117,19 @@ def test_an_output_linear_converts_into_the_output_bitwise_as_gemm_then_cast(mon
     x[0, 4, 7] = float("nan")
     got = cm(x)
     assert got[0, 4].isnan().all() and not got[0, :4].isnan().any() and not got[0, 5:].isnan().any()
+
+
+def test_fused_calls_find_their_packed_weights_after_a_fresh_load(tmp_path, fresh_python):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ffn, self.head = Ffn(), Head(bias=False)
+
+        def forward(self, x):
+            return self.head(self.ffn(x))
+
+    model, x = Model().eval(), torch.randn(1, 16, 64)
+    cm = kiln.compile(model, (x,), options=BF16)
+    functions = {r.get("function") for r in _report(cm)}
+    assert {"kiln.linear_bias_gelu_bf16", "kiln.linear_bf16_to_f32"} <= functions
+    check_packed_after_fresh_load(fresh_python, cm, x, cm(x), tmp_path, count=3)
