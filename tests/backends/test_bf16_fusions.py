@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import kiln
-from kiln.backends.cpu import dispatch
+from kiln.backends.cpu import CpuOptions, dispatch
 from kiln.passes import lower_precision
 
 from packed_weights import check_packed_after_fresh_load
@@ -133,3 +133,25 @@ def test_fused_calls_find_their_packed_weights_after_a_fresh_load(tmp_path, fres
     functions = {r.get("function") for r in _report(cm)}
     assert {"kiln.linear_bias_gelu_bf16", "kiln.linear_bf16_to_f32"} <= functions
     check_packed_after_fresh_load(fresh_python, cm, x, cm(x), tmp_path, count=3)
+
+
+def test_mkl_mode_keeps_eagers_gemm_kernel_so_fuses_nothing():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ffn, self.head = Ffn(), Head(bias=False)
+
+        def forward(self, x):
+            return self.head(self.ffn(x))
+
+    model, x = Model().eval(), torch.randn(1, 16, 64)
+    cm = kiln.compile(model, (x,), options=kiln.CompileOptions(
+        precision="bf16", backend_options={"cpu": CpuOptions(gemm_kernels="mkl")}))
+    report = _report(cm)
+    assert not [r for r in report if r["how"] == "fused"]
+    assert sorted(r["function"] for r in report if r["how"] == "dispatch" and "linear" in r["function"]) == [
+        "kiln.linear", "kiln.linear_bias", "kiln.linear_bias"]
+    with torch.no_grad():
+        want = model(x)
+    got = cm(x)
+    assert (got - want).abs().max().item() <= want.abs().max().item() * 2 ** -6

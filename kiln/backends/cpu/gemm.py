@@ -52,7 +52,7 @@ from ...errors import UnknownNameError
 from ...ir.meta import dtype_from_name, dtype_name
 from ...runtime.kernels import tvm_dispatch
 from ..tvm.dispatch import Args, DispatchRule
-from .dispatch import MKL_PACKED_RULES, ONEDNN_RULES
+from .dispatch import MKL_PACKED_RULES, ONEDNN_RULES, RULES
 
 MODES = ("measure", "mkl", "onednn")
 COLUMN_BLOCK = 1024  # measured on LM heads here: 512-2048 within 4% of each other, 256 slower
@@ -190,6 +190,8 @@ def select_gemm_kernels(plan: dict[fx.Node, tuple[DispatchRule, Args]], mode: st
     """
     if mode not in MODES:
         raise UnknownNameError("GEMM kernel mode", mode, MODES)
+    if mode == "mkl":
+        plan = _without_fused_calls(plan)
     chosen: dict[fx.Node, tuple[DispatchRule, Args]] = {}
     shapes: dict[GemmShape, list[fx.Node]] = {}
     for node, (rule, args) in plan.items():
@@ -209,6 +211,29 @@ def select_gemm_kernels(plan: dict[fx.Node, tuple[DispatchRule, Args]], mode: st
                 chosen[node] = (rule, args[:-1] + [COLUMN_BLOCK if choice.kernel == "mkl_cols" else 0])
         report.append(choice.to_json(shape, len(nodes)))
     return {node: chosen[node] for node in plan}, report
+
+
+def _without_fused_calls(plan: dict[fx.Node, tuple[DispatchRule, Args]]) -> dict[fx.Node, tuple[DispatchRule, Args]]:
+    """``plan`` with each call that takes several nodes (bf16 mode's oneDNN linear with its GELU, or with its
+    conversion to fp32) undone: its linear planned on its own (then eager's MKL kernel, as ``mkl`` mode
+    promises), the rest lowered to TIR as before the fusion."""
+    plain = [rule for rule in RULES if rule.absorbs is None]
+    out = {}
+    for node, (rule, args) in plan.items():
+        if rule.absorbs is None:
+            out[node] = (rule, args)
+            continue
+        for n in rule.absorbs(node):
+            planned = next(((r, a) for r in plain if r.op == n.target and (a := r.args(n)) is not None), None)
+            if planned is not None:
+                out[n] = planned
+    return {node: out[node] for node in sorted(out, key=_position(plan))}
+
+
+def _position(plan) -> Callable[[fx.Node], int]:
+    graph = next(iter(plan)).graph if plan else None
+    order = {n: i for i, n in enumerate(graph.nodes)} if graph is not None else {}
+    return lambda n: order[n]
 
 
 def _choice(shape: GemmShape, mode: str, timer) -> GemmChoice:
