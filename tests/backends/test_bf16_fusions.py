@@ -102,6 +102,16 @@ class Head(nn.Module):
         return self.head(self.norm(x))
 
 
+
+class FfnAndHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ffn, self.head = Ffn(), Head(bias=False)
+
+    def forward(self, x):
+        return self.head(self.ffn(x))
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_an_output_linear_converts_into_the_output_bitwise_as_gemm_then_cast(monkeypatch, bias):
     model, x = Head(bias).eval(), torch.randn(1, 24, 64)
@@ -120,15 +130,7 @@ def test_an_output_linear_converts_into_the_output_bitwise_as_gemm_then_cast(mon
 
 
 def test_fused_calls_find_their_packed_weights_after_a_fresh_load(tmp_path, fresh_python):
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ffn, self.head = Ffn(), Head(bias=False)
-
-        def forward(self, x):
-            return self.head(self.ffn(x))
-
-    model, x = Model().eval(), torch.randn(1, 16, 64)
+    model, x = FfnAndHead().eval(), torch.randn(1, 16, 64)
     cm = kiln.compile(model, (x,), options=BF16)
     functions = {r.get("function") for r in _report(cm)}
     assert {"kiln.linear_bias_gelu_bf16", "kiln.linear_bf16_to_f32"} <= functions
@@ -136,15 +138,7 @@ def test_fused_calls_find_their_packed_weights_after_a_fresh_load(tmp_path, fres
 
 
 def test_mkl_mode_keeps_eagers_gemm_kernel_so_fuses_nothing():
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ffn, self.head = Ffn(), Head(bias=False)
-
-        def forward(self, x):
-            return self.head(self.ffn(x))
-
-    model, x = Model().eval(), torch.randn(1, 16, 64)
+    model, x = FfnAndHead().eval(), torch.randn(1, 16, 64)
     cm = kiln.compile(model, (x,), options=kiln.CompileOptions(
         precision="bf16", backend_options={"cpu": CpuOptions(gemm_kernels="mkl")}))
     report = _report(cm)
