@@ -118,22 +118,34 @@ def _single_user_of(node, target) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target == target and len(node.users) == 1
 
 
+def _is_cast(node, dtype: torch.dtype) -> bool:
+    """``node`` is ``x.to(dtype)`` (``_to_copy``, as ``lower_precision`` writes its casts)."""
+    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target == aten._to_copy.default
+            and node.kwargs.get("dtype") == dtype and node.meta["val"].dtype == dtype)
+
+
+def _static_input(args):
+    """``args`` when its first tensor has a static shape (the fused calls take the flag of a static input), else
+    None."""
+    return args if args is not None and all(isinstance(d, int) for d in args[0].meta["val"].shape) else None
+
+
+def _bf16_linear_read_once(node):
+    return _single_user_of(node, aten.linear.default) and node.meta["val"].dtype == torch.bfloat16
+
+
 def _gelu_chain(node):
     """``node`` = ``gelu(linear(x, w, b) as fp32)`` as bf16, each step read only by the next (what ``lower_precision``
     makes of a bf16 FFN's first linear and its GELU): ``(linear, cast to fp32, gelu)``, else None."""
-    if not (node.op == "call_function" and node.target == aten._to_copy.default
-            and node.kwargs.get("dtype") == torch.bfloat16 and node.meta["val"].dtype == torch.bfloat16):
+    if not _is_cast(node, torch.bfloat16):
         return None
     gelu = node.args[0]
     if not _single_user_of(gelu, aten.gelu.default) or gelu.meta["val"].dtype != torch.float32:
         return None
     up = gelu.args[0]
-    if not _single_user_of(up, aten._to_copy.default) or up.meta["val"].dtype != torch.float32:
+    if not (_is_cast(up, torch.float32) and len(up.users) == 1 and _bf16_linear_read_once(up.args[0])):
         return None
-    linear = up.args[0]
-    if not _single_user_of(linear, aten.linear.default) or linear.meta["val"].dtype != torch.bfloat16:
-        return None
-    return linear, up, gelu
+    return up.args[0], up, gelu
 
 
 def _linear_bias_gelu_bf16(node):
@@ -142,11 +154,9 @@ def _linear_bias_gelu_bf16(node):
     if chain is None or not torch.backends.mkldnn.is_available():
         return None
     linear, _, gelu = chain
-    args = _linear_bias(linear)
-    if args is None or any(not isinstance(d, int) for d in args[0].meta["val"].shape):
-        return None
+    args = _static_input(_linear_bias(linear))
     approximate = node_arg(gelu, 1, "approximate", "none")
-    return args + [int(approximate == "tanh")]
+    return None if args is None else args + [int(approximate == "tanh")]
 
 
 def _gelu_chain_nodes(node):
@@ -156,17 +166,10 @@ def _gelu_chain_nodes(node):
 def _linear_to_output(node):
     """``node`` = a bf16 linear's result as fp32, read only by the graph's output (an LM head's logits in bf16
     mode), the linear read by the cast alone: the linear's ``[x, w, (b)]``, else None."""
-    if not (node.op == "call_function" and node.target == aten._to_copy.default
-            and node.kwargs.get("dtype") == torch.float32 and node.meta["val"].dtype == torch.float32
-            and node.users and all(u.op == "output" for u in node.users)):
+    if not (_is_cast(node, torch.float32) and node.users and all(u.op == "output" for u in node.users)
+            and _bf16_linear_read_once(node.args[0])):
         return None
-    linear = node.args[0]
-    if not _single_user_of(linear, aten.linear.default) or linear.meta["val"].dtype != torch.bfloat16:
-        return None
-    args = _linear(linear)
-    if args is None or any(not isinstance(d, int) for d in args[0].meta["val"].shape):
-        return None
-    return args
+    return _static_input(_linear(node.args[0]))
 
 
 def _embedding(node):

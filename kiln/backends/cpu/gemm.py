@@ -51,7 +51,7 @@ import torch.fx as fx
 from ...errors import UnknownNameError
 from ...ir.meta import dtype_from_name, dtype_name
 from ...runtime.kernels import tvm_dispatch
-from ..tvm.dispatch import Args, DispatchRule
+from ..tvm.dispatch import Args, DispatchRule, absorbed, plan_dispatch
 from .dispatch import MKL_PACKED_RULES, ONEDNN_RULES, RULES
 
 MODES = ("measure", "mkl", "onednn")
@@ -215,25 +215,15 @@ def select_gemm_kernels(plan: dict[fx.Node, tuple[DispatchRule, Args]], mode: st
 
 def _without_fused_calls(plan: dict[fx.Node, tuple[DispatchRule, Args]]) -> dict[fx.Node, tuple[DispatchRule, Args]]:
     """``plan`` with each call that takes several nodes (bf16 mode's oneDNN linear with its GELU, or with its
-    conversion to fp32) undone: its linear planned on its own (then eager's MKL kernel, as ``mkl`` mode
-    promises), the rest lowered to TIR as before the fusion."""
-    plain = [rule for rule in RULES if rule.absorbs is None]
-    out = {}
-    for node, (rule, args) in plan.items():
-        if rule.absorbs is None:
-            out[node] = (rule, args)
-            continue
-        for n in rule.absorbs(node):
-            planned = next(((r, a) for r in plain if r.op == n.target and (a := r.args(n)) is not None), None)
-            if planned is not None:
-                out[n] = planned
-    return {node: out[node] for node in sorted(out, key=_position(plan))}
-
-
-def _position(plan) -> Callable[[fx.Node], int]:
-    graph = next(iter(plan)).graph if plan else None
-    order = {n: i for i, n in enumerate(graph.nodes)} if graph is not None else {}
-    return lambda n: order[n]
+    conversion to fp32) undone: the nodes it took planned again by the rules that take one node each (its linear
+    then runs eager's MKL kernel, as ``mkl`` mode promises; the rest is lowered to TIR as before the fusion)."""
+    fused = {node: entry for node, entry in plan.items() if entry[0].absorbs is not None}
+    if not fused:
+        return plan
+    undone = absorbed(fused)
+    replanned = plan_dispatch(next(iter(fused)).graph.owning_module, [r for r in RULES if r.absorbs is None])
+    kept = {node: entry for node, entry in plan.items() if node not in fused}
+    return {**kept, **{node: replanned[node] for node in undone if node in replanned}}
 
 
 def _choice(shape: GemmShape, mode: str, timer) -> GemmChoice:

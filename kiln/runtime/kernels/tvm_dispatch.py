@@ -211,31 +211,42 @@ def _eager_linear(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -
     return torch.mm(rows, w.t()) if b is None else torch.addmm(b, rows, w.t())
 
 
+def _takes_eager(x: torch.Tensor, nonfinite) -> bool:
+    """Whether a bf16 linear on ``x`` must run eager's kernel instead of oneDNN's (which spreads a NaN into the
+    row before: F2): ``x`` is empty or not all finite. ``nonfinite``: the input's flag from the library's own
+    kernel (``int32[1]``, 1: a NaN or inf somewhere), which compiled bf16 linears pass; without it ``x`` is
+    summed here."""
+    return x.numel() == 0 or (not _finite(x) if nonfinite is None else bool(_t(nonfinite)[0]))
+
+
+def _bf16_linear(x, w, b, nonfinite) -> torch.Tensor:
+    """``x @ w.T (+ b)`` in bf16: oneDNN on the packed weight when there is one, eager's kernel
+    (``mm``/``addmm``) where ``_takes_eager``."""
+    rows = _rows(x)
+    if _takes_eager(x, nonfinite):
+        res = _eager_linear(rows, w, b)
+    else:
+        packed = _packed(w, None)
+        res = torch.ops.mkldnn._linear_pointwise(rows, w if packed is None else packed, b, "none", [], "")
+    return res.view(*x.shape[:-1], w.shape[0])
+
+
 def _linear_onednn(x, w, b=None, nonfinite=None):
-    """A linear on oneDNN: for bf16, on its packed weight when there is one, and on eager's kernel (``mm``/``addmm``)
-    when the input is not all finite (oneDNN's bf16 inner product spreads a NaN into the row before: F2).
-    ``nonfinite``: the input's flag from the library's own kernel (``int32[1]``, 1: a NaN or inf somewhere), which
-    compiled bf16 linears pass; without it the input is summed here."""
+    """A linear on oneDNN, returned to TVM: bf16 as ``_bf16_linear``; f32 on the plain weight."""
     if x.dtype == torch.bfloat16:
-        rows = _rows(x)
-        if x.numel() == 0 or (not _finite(x) if nonfinite is None else bool(_t(nonfinite)[0])):
-            res = _eager_linear(rows, w, b)
-        else:
-            packed = _packed(w, None)
-            res = torch.ops.mkldnn._linear_pointwise(rows, w if packed is None else packed, b, "none", [], "")
-        return _to_tvm(res.view(*x.shape[:-1], w.shape[0]))
+        return _to_tvm(_bf16_linear(x, w, b, nonfinite))
     return _onednn(x, w, b)
 
 
 def linear_bias_gelu_bf16(x, w, b, tanh, nonfinite):
     """``gelu(x @ w.T + b)`` in bf16 (erf, or ``tanh`` 1: PyTorch's ``approximate="tanh"``) as one oneDNN inner
-    product that applies the GELU to the fp32 accumulator and rounds once, on the weight packed at load. A
-    non-finite input (``nonfinite``, the library's flag) runs what the graph said instead, on eager's kernels:
-    the bf16 linear, then the GELU in fp32, rounded to bf16."""
+    product that applies the GELU to the fp32 accumulator and rounds once, on the weight packed at load. Where
+    ``_takes_eager`` (or no weight was packed) it runs what the graph said instead, on eager's kernels: the
+    bf16 linear, then the GELU in fp32, rounded to bf16."""
     x, w, b = _t(x), _t(w), _t(b)
     rows = _rows(x)
     packed = _packed(w, None)
-    if x.numel() == 0 or bool(_t(nonfinite)[0]) or packed is None:
+    if packed is None or _takes_eager(x, nonfinite):
         approximate = "tanh" if tanh else "none"
         res = torch.nn.functional.gelu(_eager_linear(rows, w, b).float(), approximate=approximate).bfloat16()
     else:
@@ -244,12 +255,10 @@ def linear_bias_gelu_bf16(x, w, b, tanh, nonfinite):
 
 
 def linear_bf16_to_f32(x, w, *rest):
-    """``out = float(x @ w.T (+ b))``: the bf16 linear (oneDNN on the packed weight; eager's kernel for a
-    non-finite input), then its conversion into the fp32 ``out`` on PyTorch's threads. ``rest``: ``(b,)
-    nonfinite, out``."""
+    """``out = float(x @ w.T (+ b))``: the bf16 linear (``_bf16_linear``), then its conversion into the fp32
+    ``out`` on PyTorch's threads. ``rest``: ``(b,) nonfinite, out``."""
     *bias, nonfinite, out = rest
-    res = _linear_onednn(_t(x), _t(w), _t(bias[0]) if bias else None, nonfinite)
-    _t(out).copy_(_t(res))
+    _t(out).copy_(_bf16_linear(_t(x), _t(w), _t(bias[0]) if bias else None, nonfinite))
 
 
 def linear_onednn(x, w, nonfinite=None):
