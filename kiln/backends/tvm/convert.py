@@ -109,6 +109,7 @@ class _Bridge:
         # What dispatch specialization may look at: folded values and the weights (kiln's
         # fold_constants pass turns input-free subgraphs, e.g. ViT's all-True mask, into weights).
         self.known = {**{n: self.weights[n.name] for n in placeholders if n.name in self.weights}, **constants}
+        self._exact = self._exact_readers()
         with self.bb.function(name=name, params=params):
             with self.bb.dataflow():
                 for node, var in zip(placeholders, params):
@@ -170,10 +171,46 @@ class _Bridge:
         saved = {i: self.env[i] for i in low}
         try:
             for i in low:
-                self.env[i] = self.bb.emit(relax.op.astype(saved[i], "float32"))
+                if node in self._exact and i.meta["val"].dtype == torch.bfloat16 and not self._stored(i):
+                    self.env[i] = self._elementwise("bf16_rounded", [saved[i]], _bf16_rounded_f32)
+                else:
+                    self.env[i] = self.bb.emit(relax.op.astype(saved[i], "float32"))
             return self._convert(node)
         finally:
             self.env.update(saved)
+
+    def _exact_readers(self) -> set[fx.Node]:
+        """The nodes that read their bf16 inputs rounded exactly as eager's: a step function of its
+        inputs (a cast to an integer, ``floor``, a comparison) and every node it is computed from
+        in this graph.
+
+        TVM's ``BF16ComputeLegalize`` computes a kernel's bf16 arithmetic in fp32 and
+        rounds only at stores, and it turns a cast to bf16 into a cast to fp32: once
+        FuseOps put two ops in one kernel, the first op's result was never rounded.
+        That is within bf16's tolerance wherever the result is a smooth function of
+        it, but for x = 2.234375, ``(x * x).to(torch.int32)`` truncated the unrounded
+        4.99 to 4, where eager rounds the square to bf16's 5.0 first (fuzz seed
+        181820094); ``floor``, comparisons and a mean cast to an integer differed the
+        same way. Rounding everywhere cost 15% of a bf16 Llama (RoPE's kernels grew
+        4x): so only where a step function reads the value, directly or not.
+        """
+        exact: set[fx.Node] = set()
+        for node in reversed(self.gm.graph.nodes):
+            if node.op != "call_function" or node in self.plan or node in self._absorbed:
+                continue  # a library call reads its inputs from memory: stored, so rounded
+            if node in exact or _is_step(node):
+                exact.add(node)
+                exact.update(i for i in node.all_input_nodes if not self._stored(i))
+        return exact
+
+    def _stored(self, node: fx.Node) -> bool:
+        """Whether ``node``'s value is read from memory where it was stored rounded: an input, a weight,
+        a folded constant or a library call's output, or elements moved from those."""
+        if node.op == "placeholder" or node in self.plan or node in self.known:
+            return True
+        if node.op == "call_function" and node.target in _DATA_MOVEMENT:
+            return all(self._stored(i) for i in node.all_input_nodes)
+        return False
 
     def _convert(self, node: fx.Node):
         value = self._convert_op(node)
@@ -486,7 +523,8 @@ class _Bridge:
         and stay within 4e-7 of PyTorch, inside fp32 ``assert_close`` tolerances.
         """
         def convert(node: fx.Node) -> relax.Var:
-            if node.meta["val"].dtype != torch.float32:
+            # bf16 and fp16 arrive here as fp32 (``_in_fp32``); float64 keeps libm's precision.
+            if str(self.env[node.args[0]].ty.dtype) != "float32":
                 return self.imp.convert_map[node.target.__name__](node)
             return self.bb.emit_te(compute, self.env[node.args[0]],
                                    primfunc_name_hint=node.target.__name__.split(".")[0])
@@ -573,6 +611,19 @@ def _broadcast_shape(shapes: list[list]) -> list:
     return [max(dims) for dims in zip(*padded)]
 
 
+def _bf16_rounded_f32(x: tvm.tirx.PrimExpr) -> tvm.tirx.PrimExpr:
+    """bf16 ``x`` as fp32, rounded to bf16 by its bits (nearest, ties to even; NaN kept).
+
+    Bit arithmetic, because TVM's bf16 legalization drops a cast's rounding
+    (``_Bridge._stored``); these integer ops survive it and vectorize.
+    """
+    f = x.astype("float32")
+    u = tvm.tirx.reinterpret("uint32", f)
+    one = tvm.tirx.const(1, "uint32")
+    rounded = (u + tvm.tirx.const(0x7FFF, "uint32") + ((u >> 16) & one)) & tvm.tirx.const(0xFFFF0000, "uint32")
+    return tvm.tirx.Select(tvm.tirx.isnan(f), f, tvm.tirx.reinterpret("float32", rounded))
+
+
 def _is_low_float(node) -> bool:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return isinstance(val, torch.Tensor) and val.dtype in (torch.bfloat16, torch.float16)
@@ -594,6 +645,29 @@ _DATA_MOVEMENT = {
     aten.stack.default, aten.clone.default, aten.alias.default, aten.split.Tensor, aten.split_with_sizes.default,
     aten.unbind.int, aten.flatten.using_ints, aten.narrow.default, aten.contiguous.default, operator.getitem,
 }
+
+
+# Ops whose result is a continuous function of their floating-point inputs: reading an input
+# unrounded (``_Bridge._exact_readers``) moves the result within bf16's tolerance. Any other op
+# (a cast to an integer or bool, floor, round, a comparison, isnan) reads its inputs rounded.
+_SMOOTH = frozenset("""
+    abs neg exp log log1p log2 sqrt rsqrt sin cos tan tanh sigmoid silu gelu erf relu hardtanh
+    leaky_relu hardswish hardsigmoid reciprocal square clamp clamp_min clamp_max maximum minimum
+    where masked_fill add sub rsub mul pow full_like zeros_like ones_like
+    sum mean var std prod logsumexp softmax _softmax log_softmax _log_softmax layer_norm cumsum
+    avg_pool1d avg_pool2d adaptive_avg_pool1d adaptive_avg_pool2d pad constant_pad_nd diff
+""".split()) | {op.overloadpacket.__name__ for op in _DATA_MOVEMENT if op is not operator.getitem}
+
+
+def _is_step(node: fx.Node) -> bool:
+    """Whether ``node`` is not known to be a continuous function of its inputs (see ``_SMOOTH``)."""
+    name = _packet(node.target) or getattr(node.target, "__name__", None)
+    if name == "div":  # true division is smooth; a rounding mode makes it a step
+        return node.target not in (aten.div.Tensor, aten.div.Scalar)
+    if name in ("_to_copy", "to", "type_as"):  # a cast: smooth into a floating-point dtype
+        val = node.meta.get("val")
+        return not (isinstance(val, torch.Tensor) and val.dtype.is_floating_point)
+    return name not in _SMOOTH
 
 
 def _int_divisor(node: fx.Node) -> bool:
