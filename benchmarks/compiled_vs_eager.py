@@ -21,6 +21,9 @@ installed or cannot export is listed with the reason, and the run goes on.
     .venv/bin/python benchmarks/compiled_vs_eager.py --models minilm,bert,llama --peers ort,ov-f32,ov
     .venv/bin/python benchmarks/compiled_vs_eager.py --models minilm,bert,llama --peers ov --no-inductor --precision bf16
 
+``--model-dtype bf16`` casts each model and its floating-point inputs to bf16 first: eager and kiln then
+both run a bf16 model (``--peers none``).
+
 ``--precision bf16`` adds the contender ``kiln-bf16`` beside ``kiln`` (fp32): the same model compiled with
 ``CompileOptions(precision="bf16")`` (GEMMs and attention in bf16, the rest fp32; on a machine without bf16
 units kiln compiles fp32 and the run says so), with its fidelity against eager fp32 in the peers table and
@@ -81,12 +84,17 @@ def _eager(model):
     return run
 
 
-def whole_model(name: str, target: str, inductor: bool, peer_names: tuple[str, ...] = (), bf16: bool = False):
+def whole_model(name: str, target: str, inductor: bool, peer_names: tuple[str, ...] = (), bf16: bool = False,
+                model_dtype: torch.dtype = torch.float32):
     """Contenders (no-argument callables) for one forward of a zoo model, kiln's compile seconds, and a
-    :class:`PeerReport` when ``peer_names`` asks for peers (ONNX Runtime, OpenVINO)."""
+    :class:`PeerReport` when ``peer_names`` asks for peers (ONNX Runtime, OpenVINO). ``model_dtype``
+    bf16: the model's weights and floating-point inputs cast to bf16, for eager and kiln alike."""
     factory, kwargs, _ = MODELS[name]
     torch.manual_seed(0)
     model, inputs = factory(**kwargs)
+    if model_dtype != torch.float32:
+        model = model.to(model_dtype)
+        inputs = tuple(x.to(model_dtype) if x.is_floating_point() else x for x in inputs)
     start = time.perf_counter()
     cm = kiln.compile(model, inputs, target=target)
     compile_s = time.perf_counter() - start
@@ -135,17 +143,19 @@ class PeerReport:
 
 
 def _check_output(name: str, eager, compiled) -> None:
-    """Print how far kiln's output is from eager's, and whether it is within fp32 ``assert_close`` tolerance."""
+    """Print how far kiln's output is from eager's, and whether it is within ``assert_close``'s tolerance
+    for the outputs' dtype."""
     from torch.utils import _pytree as pytree
 
     pairs = list(zip(pytree.tree_leaves(eager), pytree.tree_leaves(compiled)))
     diff = max(float((e.double() - c.double()).abs().max()) for e, c in pairs)
+    dtypes = "/".join(sorted({str(e.dtype).removeprefix("torch.") for e, _ in pairs}))
     try:
         for e, c in pairs:
             torch.testing.assert_close(c, e)
-        verdict = "within fp32 tolerance"
+        verdict = f"within {dtypes} tolerance"
     except AssertionError:
-        verdict = "NOT within fp32 tolerance"
+        verdict = f"NOT within {dtypes} tolerance"
     print(f"  {name}: output vs eager: max abs diff {diff:.2e}, {verdict}")
 
 
@@ -213,8 +223,17 @@ def main() -> None:
                              f"(default: those installed: {', '.join(peers.installed()) or 'none'})")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                         help="bf16: also time kiln compiled with CompileOptions(precision='bf16') (kiln-bf16)")
+    parser.add_argument("--model-dtype", default="fp32", choices=("fp32", "bf16"),
+                        help="bf16: the models' weights and inputs in bf16, eager's and kiln's alike (not with "
+                             "--peers or --precision bf16)")
     args = parser.parse_args()
     bf16 = args.precision == "bf16"
+    model_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.model_dtype]
+    if model_dtype != torch.float32:
+        if bf16 or args.peers not in (None, "none") or "llama-decode" in args.models:
+            parser.error("--model-dtype bf16 times eager and kiln only: no --peers, no --precision bf16, "
+                         "no llama-decode")
+        args.peers = "none"
     inductor = not args.no_inductor
     if args.peers is None:
         peer_names = tuple(peers.installed())
@@ -226,7 +245,8 @@ def main() -> None:
 
     console = Console(width=130)
     console.print(f"machine: {timing.machine()}; torch {torch.__version__} "
-                  f"({torch.get_num_threads()} threads), kiln {kiln.__version__}, target {args.target}; "
+                  f"({torch.get_num_threads()} threads), kiln {kiln.__version__}, target {args.target}, "
+                  f"models in {args.model_dtype}; "
                   f"{args.repeat} interleaved rounds after 3 warm-up rounds (speed-up: median of per-round "
                   f"ratios \\[quartiles]); "
                   f"load average {os.getloadavg()[0]:.2f}")
@@ -250,7 +270,7 @@ def main() -> None:
             not_run += [f"{p} on llama-decode: not exported (a decode step with HF's growing KV cache)"
                         for p in peer_names]
         else:
-            contenders, compile_s, report = whole_model(name, args.target, inductor, peer_names, bf16)
+            contenders, compile_s, report = whole_model(name, args.target, inductor, peer_names, bf16, model_dtype)
             shape = MODELS[name][2]
         times = rounds_ms(contenders, args.repeat, settle_s={p: s for p, s in peers.SETTLE_S.items() if p in contenders})
         ms = {who: statistics.median(t) for who, t in times.items()}
