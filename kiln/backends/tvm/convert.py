@@ -11,6 +11,10 @@ relies on that the frontend lacks or gets wrong:
 - ``exp``, ``sigmoid``, ``silu``, ``tanh``, ``erf``, ``gelu`` use TVM's fast
   polynomial versions (see ``_fast``), so they vectorize and fuse;
 - ``pow(x, 2|3)`` becomes products, as in PyTorch (TIR's pow is scalar libm);
+- bf16 and fp16 compute in fp32 (``_in_fp32``), and a step function of a fused
+  bf16 chain (a cast to an integer, ``floor``, a comparison) and every node it is
+  computed from read their bf16 inputs rounded by bits (``_exact_readers``):
+  TVM rounds a fused kernel's bf16 only where it stores;
 - ``cumsum`` of a bool tensor is cast to its int64 result type first (LLVM
   codegen fails on a bool scan); ``cat`` drops empty inputs (Relax rejects
   them); ``diff`` and ``_unsafe_view`` get converters; ``select`` is a slice
