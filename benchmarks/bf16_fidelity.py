@@ -86,9 +86,8 @@ def main() -> None:
         import openvino
 
         try:
-            ov_model, how = peers._ov_convert(model, inputs)
-            compiled = openvino.Core().compile_model(ov_model, "CPU",
-                                                     {"INFERENCE_NUM_THREADS": torch.get_num_threads()})
+            ov_model, how = peers.ov_convert(model, inputs)
+            compiled = peers.ov_compile(ov_model, "ov", torch.get_num_threads())
             contenders["ov"] = lambda ids: torch.from_numpy(compiled([ids.numpy()])[0].copy()).float()
             print(f"ov: {how}; openvino {openvino.__version__.split('-')[0]}, precision {peers.ov_precision(compiled)}")
         except Exception as exc:  # reported, not fatal

@@ -221,7 +221,7 @@ def _ort(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], threads: int)
                 f"torch.onnx.export(dynamo=True); onnxruntime {ort.__version__}, ORT_ENABLE_ALL, {threads} threads")
 
 
-def _ov_convert(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]):
+def ov_convert(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]):
     """The OpenVINO model, and how it was converted: the module directly, else its torch.export program."""
     import openvino as ov
 
@@ -250,13 +250,20 @@ def ov_precision(compiled) -> str:
     return summarize_precisions(hint, layers)
 
 
-def _ov(ov_model, how: str, name: str, inputs: tuple[torch.Tensor, ...], threads: int) -> Peer:
+def ov_compile(ov_model, name: str, threads: int):
+    """OpenVINO's CPU compile of ``ov_model`` as the peer ``name`` runs it (``ov-f32``: the f32 precision hint)."""
     import openvino as ov
 
     config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
     if name == "ov-f32":
         config["INFERENCE_PRECISION_HINT"] = "f32"
-    compiled = ov.Core().compile_model(ov_model, "CPU", config)
+    return ov.Core().compile_model(ov_model, "CPU", config)
+
+
+def _ov(ov_model, how: str, name: str, inputs: tuple[torch.Tensor, ...], threads: int) -> Peer:
+    import openvino as ov
+
+    compiled = ov_compile(ov_model, name, threads)
     if len(compiled.inputs) != len(inputs):
         raise RuntimeError(f"the OpenVINO model takes {len(compiled.inputs)} inputs, the model {len(inputs)}")
     request = compiled.create_infer_request()
@@ -293,7 +300,7 @@ def build(names: Iterable[str], model: torch.nn.Module, inputs: tuple[torch.Tens
             else:
                 if converted is None:
                     try:
-                        converted = _ov_convert(model, inputs)
+                        converted = ov_convert(model, inputs)
                     except Exception as exc:  # reported for both OpenVINO peers
                         converted = f"conversion failed: {one_line(exc, limit=400)}"
                 if isinstance(converted, str):
