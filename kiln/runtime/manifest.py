@@ -57,6 +57,8 @@ _TORCH_GRAPH_SPEC = {
     "properties": {"graph": {"type": "object", "required": ["nodes"],
                              "properties": {"nodes": {"type": "array", "items": _NODE}}}},
 }
+_NAMES_AT_ROWS = {"type": "array", "items": {
+    "type": "array", "prefixItems": [_NAME, {"type": "integer", "minimum": 1}], "minItems": 2, "maxItems": 2}}
 _TVM_VM_SPEC = {
     "type": "object", "required": ["format", "entry", "inputs", "weights", "outputs"],
     "properties": {
@@ -65,11 +67,11 @@ _TVM_VM_SPEC = {
         "weights": _UNIQUE_NAMES,
         "weight_types": {"type": "array", "items": _STATIC_KILN_TYPE},  # written since kiln 0.1 (optional)
         "outputs": {"type": "array", "items": _STATIC_KILN_TYPE},
-        # linear weights the runtime packs once at load (tvm_dispatch): bf16 by name, f32 as [name, rows]
+        # linear weights the runtime packs once at load (tvm_dispatch): bf16 by name, f32 (for MKL, for oneDNN)
+        # as [name, rows]
         "packed_bf16_weights": _UNIQUE_NAMES,
-        "packed_f32_weights": {"type": "array", "items": {
-            "type": "array", "prefixItems": [_NAME, {"type": "integer", "minimum": 1}], "minItems": 2,
-            "maxItems": 2}},
+        "packed_f32_weights": _NAMES_AT_ROWS,
+        "packed_onednn_f32_weights": _NAMES_AT_ROWS,
     },
 }
 
@@ -489,7 +491,8 @@ def _check_tvm_vm(entry: dict, weights: dict[str, torch.Tensor], at: str) -> Non
     for name, declared in zip(spec["weights"], spec.get("weight_types", ())):
         _check_weight(at, name, weights[name], declared["shape"], dtype_from_name(declared["dtype"]))
     packed = [("packed_bf16_weights", name) for name in spec.get("packed_bf16_weights", ())] + [
-        ("packed_f32_weights", name) for name, _ in spec.get("packed_f32_weights", ())]
+        (field, name) for field in ("packed_f32_weights", "packed_onednn_f32_weights")
+        for name, _ in spec.get(field, ())]
     for field, name in packed:
         if name not in entry["weights"]:
             raise ArtifactError(f"{at}: field spec.{field} names {name!r}, which is not one of the partition's "

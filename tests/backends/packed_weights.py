@@ -11,7 +11,7 @@ io = load_file({io!r})
 model = kiln.load({art!r})
 used = []
 real = tvm_dispatch._packed
-tvm_dispatch._packed = lambda w, rows: used.append(real(w, rows)) or used[-1]
+tvm_dispatch._packed = lambda w, layout: used.append(real(w, layout)) or used[-1]
 out = model(io["x"])
 assert len(used) == {count} and all(u is not None for u in used), used
 assert torch.equal(out, io["got"]), (out - io["got"]).abs().max()

@@ -50,6 +50,10 @@ def _drop(key):
      "spec.packed_f32_weights names 'ghost', which is not one of the partition's weights"),
     (lambda m: _part(m)["spec"].update(packed_f32_weights=[[_part(m)["spec"]["weights"][0], 0]]),
      r"spec.packed_f32_weights\[0\]\[1\]: 0 is less than the minimum of 1"),
+    (lambda m: _part(m)["spec"].update(packed_onednn_f32_weights=[["ghost", 128]]),
+     "spec.packed_onednn_f32_weights names 'ghost', which is not one of the partition's weights"),
+    (lambda m: _part(m)["spec"].update(packed_onednn_f32_weights=[[_part(m)["spec"]["weights"][0]]]),
+     r"spec.packed_onednn_f32_weights\[0\]"),
     (lambda m: _part(m)["spec"].update(packed_bf16_weights=["ghost"]),
      "spec.packed_bf16_weights names 'ghost', which is not one of the partition's weights"),
 ])

@@ -274,7 +274,15 @@ MKL_PACKED_RULES: dict[str, DispatchRule] = {
     "linear_bias": DispatchRule("linear_bias_mkl_packed", aten.linear.default, "kiln.linear_bias_mkl_packed",
                                 _linear_bias, returns=True),
 }
-ALL_RULES = RULES + list(ONEDNN_RULES.values()) + list(MKL_PACKED_RULES.values())
+# f32 linears on oneDNN, on weights the runtime packs once at load into oneDNN's blocked layout for the
+# program's row count (``tvm_dispatch.pack_onednn_f32_weights``); swapped in where measured faster.
+ONEDNN_PACKED_RULES: dict[str, DispatchRule] = {
+    "linear": DispatchRule("linear_onednn_packed", aten.linear.default, "kiln.linear_onednn_packed", _linear_nobias,
+                           returns=True),
+    "linear_bias": DispatchRule("linear_bias_onednn_packed", aten.linear.default, "kiln.linear_bias_onednn_packed",
+                                _linear_bias, returns=True),
+}
+ALL_RULES = RULES + [*ONEDNN_RULES.values(), *MKL_PACKED_RULES.values(), *ONEDNN_PACKED_RULES.values()]
 
 # Rules whose output is written [B, S, H, D] (the FX node's value is its transpose(1, 2)).
 BSHD_OUTPUT = {"sdpa_bshd", "sdpa_mask_bshd"}

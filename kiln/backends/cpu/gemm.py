@@ -16,8 +16,15 @@ sends to the library can run three ways, all PyTorch's own kernels:
     onednn     oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``):
                another accumulation order, so not bitwise eager (its error
                against a float64 reference is of eager's order; tests hold it
-               to fp32 tolerance), and measured here up to 1.9x faster on LM
-               heads and single-row (decode) GEMMs, slower on some others
+               to fp32 tolerance), and measured up to 1.9x faster on LM
+               heads and single-row (decode) GEMMs on an Intel Xeon, slower on
+               some others; 1.7-2.9x MKL's at 128 rows on an AMD EPYC (Zen 5),
+               where MKL does not take its AVX-512 paths
+    onednn_packed  f32 linears whose weight is a constant: oneDNN's inner product on the
+               weight packed once at load into its blocked layout for the program's row
+               count (``tvm_dispatch.pack_onednn_f32_weights``): bitwise ``onednn``'s result
+               without reordering the weight on every call, 4-12% faster at 128 rows on
+               that EPYC; the weight's size again in memory while loaded (``pack_weights``)
 
 Which is fastest depends on the shape and the CPU, so it is measured, not
 guessed: the runtime's own functions (``tvm_dispatch``) run on random tensors
@@ -52,19 +59,22 @@ from ...errors import UnknownNameError
 from ...ir.meta import dtype_from_name, dtype_name
 from ...runtime.kernels import tvm_dispatch
 from ..tvm.dispatch import Args, DispatchRule, absorbed, plan_dispatch
-from .dispatch import MKL_PACKED_RULES, ONEDNN_RULES, RULES
+from .dispatch import MKL_PACKED_RULES, ONEDNN_PACKED_RULES, ONEDNN_RULES, RULES
 
 MODES = ("measure", "mkl", "onednn")
 COLUMN_BLOCK = 1024  # measured on LM heads here: 512-2048 within 4% of each other, 256 slower
 MARGIN = 0.05  # a kernel replaces the one before it only when this much faster
 # ... except these: MKL's packed sgemm is the same library's kernel on a packed copy of the weight, 5-10% faster
 # at 128 rows (MiniLM/BERT's shapes, interleaved here), so at 5% a third of the choices flipped between compiles
-MARGINS = {"mkl_packed": 0.02}
+# ... and oneDNN's on its packed weight is bitwise its plain call's result, a few percent faster
+MARGINS = {"mkl_packed": 0.02, "onednn_packed": 0.02}
 # mkl_packed only from this many multiply-adds: below it packing saves nothing, and MKL's packed sgemm still
 # runs its threads (on a machine with a core taken by another job a 16x64x64 call took 6.6 ms, addmm 29 us)
 PACK_MIN_MACS = 1 << 21
 # The kernels whose runtime functions return their result: their rules, keyed by the rule each replaces.
-RETURNING = {"onednn": ONEDNN_RULES, "mkl_packed": MKL_PACKED_RULES}
+RETURNING = {"onednn": ONEDNN_RULES, "mkl_packed": MKL_PACKED_RULES, "onednn_packed": ONEDNN_PACKED_RULES}
+# Kernels on a copy of the weight packed at load, and the function packing it for the measurements.
+PACKING = {"mkl_packed": tvm_dispatch.pack_f32_weights, "onednn_packed": tvm_dispatch.pack_onednn_f32_weights}
 BUDGET_S = 0.1  # measuring time per candidate and shape (at least MIN_ROUNDS rounds)
 MIN_ROUNDS, MAX_ROUNDS = 3, 60
 
@@ -114,14 +124,17 @@ def candidates(shape: GemmShape, mode: str) -> list[str]:
     names = ["mkl"]
     if shape.n >= 2 * COLUMN_BLOCK:
         names.append("mkl_cols")
-    if (mode == "measure" and shape.dtype == "f32" and shape.constant_weight and shape.rule in MKL_PACKED_RULES
-            and shape.m * shape.k * shape.n >= PACK_MIN_MACS and torch.backends.mkl.is_available()):
+    packable = (mode == "measure" and shape.dtype == "f32" and shape.constant_weight and shape.rule in MKL_PACKED_RULES
+                and shape.m * shape.k * shape.n >= PACK_MIN_MACS)
+    if packable and torch.backends.mkl.is_available():
         names.append("mkl_packed")
     if mode == "measure" and shape.dtype == "f32":
         # bf16 linears: oneDNN on packed weights, not measured (_choice); bf16 addmm: not on oneDNN, whose
         # bf16 inner product spread a NaN of one input row into the output row before it (M=32, K=5;
         # tests/fuzz FINDINGS F2); eager's MKL path does not.
         names.append("onednn")
+        if packable and torch.backends.mkldnn.is_available():
+            names.append("onednn_packed")
     return names
 
 
@@ -136,8 +149,8 @@ def _callables(shape: GemmShape, kernels: list[str]) -> dict[str, Callable[[], o
     out = torch.empty(m, n, dtype=dtype)
 
     def call(kernel: str) -> Callable[[], object]:
-        if kernel == "mkl_packed":
-            tvm_dispatch.pack_f32_weights([(w, m)])  # unpacked again when w dies
+        if kernel in PACKING:
+            PACKING[kernel]([(w, m)])  # unpacked again when w dies
         if kernel in RETURNING:
             fn = tvm_dispatch.FUNCTIONS[RETURNING[kernel][shape.rule].function]
             return lambda: fn(*tensors)

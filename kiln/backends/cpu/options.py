@@ -35,9 +35,10 @@ class CpuOptions:
     # are not tuned again. Works with tune_trials=0 (apply only).
     tuning_database: str | None = None
     gemm_kernels: GemmKernels = GemmKernels.MEASURE
-    # f32 linears on constant weights may run on a copy packed once at load for MKL's sgemm (``mkl_packed``,
-    # where measured faster): it holds a second copy of each such weight in memory (about its size) for each
-    # row count a program runs it at. False: never (the loaded weights take what they take in eager).
+    # f32 linears on constant weights may run on a copy packed once at load for MKL's sgemm (``mkl_packed``) or
+    # oneDNN's inner product (``onednn_packed``), where measured faster: it holds a second copy of each such
+    # weight in memory (about its size) for each row count a program runs it at. False: never (the loaded
+    # weights take what they take in eager).
     pack_weights: bool = True
 
     def __post_init__(self):

@@ -233,9 +233,15 @@ class _Bridge:
         """
         x = self.env[node.args[0]]
         dtype = str(x.ty.dtype)
-        special = torch.tensor([float("inf"), -float("inf")])
+        # In the node's own dtype and as a vector, as eager computes it: PyTorch's kernels differ there (gelu(inf)
+        # is NaN in f32's and bf16's vectorized kernels, inf in f16's on a CPU without AVX512-FP16 and on a
+        # one-element tensor)
+        val = node.args[0].meta.get("val")
+        special = torch.tensor([float("inf"), -float("inf")] * 32,
+                               dtype=val.dtype if isinstance(val, torch.Tensor) else torch.float32)
         # NaN as the one canonical NaN (PyTorch's gelu(inf) is -nan: a tuning record would print it as nan)
-        pos, neg = (float("nan") if v != v else v for v in node.target(special, *node.args[1:], **node.kwargs).tolist())
+        pos, neg = (float("nan") if v != v else v
+                    for v in node.target(special, *node.args[1:], **node.kwargs)[:2].float().tolist())
         value = self.bb.emit(value) if not isinstance(value, relax.Var) else value
 
         def guard(v, y):

@@ -96,8 +96,9 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
                      if rule.function in tvm_dispatch.PACKED_BF16_FUNCTIONS and args[1] in weight_nodes
                      and args[1].meta["val"].dtype == torch.bfloat16})
     # f32 weights it packs once at load for MKL's sgemm at the GEMM's row count (tvm_dispatch.pack_f32_weights)
-    packed_f32 = sorted({(args[1].name, math.prod(args[0].meta["val"].shape[:-1])) for rule, args in plan.values()
-                         if rule.function in tvm_dispatch.PACKED_F32_FUNCTIONS and args[1] in weight_nodes})
+    packed_f32 = _packed_at_rows(plan, weight_nodes, tvm_dispatch.PACKED_F32_FUNCTIONS)
+    # ... and for oneDNN's f32 inner product at that row count (tvm_dispatch.pack_onednn_f32_weights)
+    packed_onednn = _packed_at_rows(plan, weight_nodes, tvm_dispatch.PACKED_ONEDNN_F32_FUNCTIONS)
     spec = {
         "format": FORMAT,
         "entry": ENTRY,
@@ -110,7 +111,8 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
         "weight_types": [_tensor_spec(n.meta["val"]) for n in weight_nodes],  # checked against the weights on load
         "outputs": [_tensor_spec(v) for v in outputs],
         **({"packed_bf16_weights": packed} if packed else {}),
-        **({"packed_f32_weights": [list(p) for p in packed_f32]} if packed_f32 else {}),
+        **({"packed_f32_weights": packed_f32} if packed_f32 else {}),
+        **({"packed_onednn_f32_weights": packed_onednn} if packed_onednn else {}),
         "report": {
             "nodes": node_report,
             "dispatched": dict(Counter(r["function"] for r in node_report if r["how"] == "dispatch")),
@@ -126,6 +128,13 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
     if tuned is not None:
         spec["report"]["tuning"] = tuned.report()
     return TvmLowered(library, spec, {name: func.script() for name, func in kernels.items()}, tuned)
+
+
+def _packed_at_rows(plan, weight_nodes, functions) -> list[list]:
+    """``[weight name, rows]`` of each planned call of ``functions`` on a weight, rows = its input's row count."""
+    return [list(p) for p in sorted({(args[1].name, math.prod(args[0].meta["val"].shape[:-1]))
+                                     for rule, args in plan.values()
+                                     if rule.function in functions and args[1] in weight_nodes})]
 
 
 def _schedule_name(name: str, func: tirx.PrimFunc, tuned) -> str | None:

@@ -7,7 +7,7 @@ without a copy (0.5-2.6 us a call), and each function writes its result into
 the destination tensor TVM allocated (destination-passing style), with
 ``out=`` where PyTorch has it and one ``copy_`` where it does not; the
 attention (``*_bshd``), oneDNN GEMM (``*_onednn``) and packed-weight GEMM
-(``*_mkl_packed``) functions instead return PyTorch's result to TVM.
+(``*_mkl_packed``, ``*_onednn_packed``) functions instead return PyTorch's result to TVM.
 Scalar attributes arrive as Python ints/floats before the destination.
 """
 from __future__ import annotations
@@ -47,8 +47,8 @@ def embedding(w, idx, out):
 # The calling convention of the functions below (names, argument order). A library
 # records the ABI it was built against; the runtime refuses another (tvm_vm.check_compatible).
 # 6: bf16 oneDNN linears take their input's non-finite flag (kiln.backends.tvm.finite); linear_bias_gelu_bf16,
-# linear_bf16_to_f32
-ABI = 6
+# linear_bf16_to_f32. 7: linear_onednn_packed, linear_bias_onednn_packed
+ABI = 7
 
 
 def _gemm(x, w_t, block, out, bias=None):
@@ -100,21 +100,29 @@ def index(x, dims, *indices_and_out):
 
 
 # Linears on weights packed once at load (the compiler lists them in the spec: ``packed_bf16_weights``,
-# ``packed_f32_weights``), so no call reorders the plain weight again:
+# ``packed_f32_weights``, ``packed_onednn_f32_weights``), so no call reorders the plain weight again:
 #   bf16: oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``), for any number of rows;
 #     1.3-1.6x faster than ``mm``/``addmm`` (measured here, AMX: BERT's 24 GEMMs 8.0 -> 4.9 ms).
-#   f32: MKL's packed B (``torch.ops.mkl._mkl_reorder_linear_weight``, cblas_sgemm_pack) for one number of
-#     rows M, the one the static program runs (a weight two programs use at two M is packed twice); the
-#     same sgemm on a pre-packed B, 8-22% faster than ``addmm`` at M=128 here (benchmarks/gemm_kernels.py).
-#     Resident, it is about the weight's size again (MKL's allocation is larger; the rest is never touched).
-# Keyed by the weight's data pointer, shape, dtype and M (None for bf16), each entry holding a weak
-# reference to the tensor that owns the memory (so the address cannot be another live tensor's) and its
-# version counter (an in-place change of the weight makes the packed copy stale: the plain kernel runs
-# then). oneDNN's bf16 inner product spread a NaN/Inf of input row r+1 into output row r (tests/fuzz
-# FINDINGS F2): an input that is not all finite runs the plain kernel there.
+#   f32 for MKL: MKL's packed B (``torch.ops.mkl._mkl_reorder_linear_weight``, cblas_sgemm_pack) for one number
+#     of rows M, the one the static program runs (a weight two programs use at two M is packed twice); the
+#     same sgemm on a pre-packed B, 8-22% faster than ``addmm`` at M=128 on an Intel Xeon
+#     (benchmarks/gemm_kernels.py). Resident, it is about the weight's size again (MKL's allocation is larger;
+#     the rest is never touched).
+#   f32 for oneDNN: oneDNN's blocked layout for the inner product at M rows (``_reorder_linear_weight(w, M)``),
+#     the layout its f32 inner product would otherwise reorder the plain weight into on every call: bitwise
+#     the plain call's result at M rows, 4-12% faster at M=128 on an AMD EPYC (Zen 5) where oneDNN's f32 GEMMs
+#     are 1.7-2.9x MKL's. The weight's size again in memory.
+# Keyed by the weight's data pointer, shape, dtype and layout (``_BF16``, ``("mkl", M)``, ``("onednn", M)``),
+# each entry holding a weak reference to the tensor that owns the memory (so the address cannot be another
+# live tensor's) and its version counter (an in-place change of the weight makes the packed copy stale: the
+# plain kernel runs then). oneDNN's bf16 inner product spread a NaN/Inf of input row r+1 into output row r
+# (tests/fuzz FINDINGS F2): an input that is not all finite runs the plain kernel there (its f32 one does not:
+# tests/runtime/test_packed_weights.py).
 PACKED_BF16_FUNCTIONS = ("kiln.linear", "kiln.linear_bias", "kiln.linear_onednn", "kiln.linear_bias_onednn",
                          "kiln.linear_bias_gelu_bf16", "kiln.linear_bf16_to_f32")
 PACKED_F32_FUNCTIONS = ("kiln.linear_mkl_packed", "kiln.linear_bias_mkl_packed")
+PACKED_ONEDNN_F32_FUNCTIONS = ("kiln.linear_onednn_packed", "kiln.linear_bias_onednn_packed")
+_BF16 = "onednn-bf16"
 _PACKED: dict[tuple, tuple[weakref.ref, int, torch.Tensor]] = {}
 _pack_lock = threading.Lock()
 
@@ -125,16 +133,17 @@ def _packable(w: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def _pack(pairs, pack) -> int:
-    """Pack each ``(weight, rows)`` with ``pack(weight, rows)`` unless it is packed already; how many are packed."""
+    """Pack each ``(weight, layout)`` with ``pack(weight, layout)`` unless it is packed already; how many are
+    packed."""
     count = 0
     with _pack_lock:
-        for w, rows in pairs:
-            key = (w.data_ptr(), tuple(w.shape), w.dtype, rows)
-            if _packed(w, rows) is None:
+        for w, layout in pairs:
+            key = (w.data_ptr(), tuple(w.shape), w.dtype, layout)
+            if _packed(w, layout) is None:
                 def forget(ref, key=key):
                     if _PACKED.get(key, (None,))[0] is ref:
                         _PACKED.pop(key, None)
-                _PACKED[key] = (weakref.ref(w, forget), w._version, pack(w, rows))
+                _PACKED[key] = (weakref.ref(w, forget), w._version, pack(w, layout))
             count += 1
     return count
 
@@ -144,8 +153,8 @@ def pack_bf16_weights(weights) -> int:
     as it); returns how many are packed. Thread-safe; weights already packed are skipped."""
     if not torch.backends.mkldnn.is_available():
         return 0
-    return _pack(((w, None) for w in weights if _packable(w, torch.bfloat16)),
-                 lambda w, rows: torch.ops.mkldnn._reorder_linear_weight(w, None))
+    return _pack(((w, _BF16) for w in weights if _packable(w, torch.bfloat16)),
+                 lambda w, layout: torch.ops.mkldnn._reorder_linear_weight(w, None))
 
 
 def pack_f32_weights(weights_and_rows) -> int:
@@ -153,14 +162,24 @@ def pack_f32_weights(weights_and_rows) -> int:
     returns how many are packed. Thread-safe; without MKL nothing is packed (the linears run ``addmm``)."""
     if not torch.backends.mkl.is_available():
         return 0
-    return _pack(((w, int(m)) for w, m in weights_and_rows if _packable(w, torch.float32) and m >= 1),
-                 lambda w, rows: torch.ops.mkl._mkl_reorder_linear_weight(w, rows))
+    return _pack(((w, ("mkl", int(m))) for w, m in weights_and_rows if _packable(w, torch.float32) and m >= 1),
+                 lambda w, layout: torch.ops.mkl._mkl_reorder_linear_weight(w, layout[1]))
 
 
-def _packed(w: torch.Tensor, rows: int | None):
-    """The packed copy of the weight ``w`` views (for ``rows`` rows; None: bf16's), if one was packed and its owner
-    is alive and unmodified."""
-    entry = _PACKED.get((w.data_ptr(), tuple(w.shape), w.dtype, rows))
+def pack_onednn_f32_weights(weights_and_rows) -> int:
+    """Pack each f32 ``[N, K]`` weight into oneDNN's blocked layout for its inner product at ``M`` rows (pairs
+    ``(weight, M)``), once; returns how many are packed. Thread-safe; without oneDNN nothing is packed (the
+    linears run oneDNN on the plain weight)."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    return _pack(((w, ("onednn", int(m))) for w, m in weights_and_rows if _packable(w, torch.float32) and m >= 1),
+                 lambda w, layout: torch.ops.mkldnn._reorder_linear_weight(w, layout[1]))
+
+
+def _packed(w: torch.Tensor, layout):
+    """The packed copy of the weight ``w`` views in ``layout`` (``_BF16``, ``("mkl", M)`` or ``("onednn", M)``),
+    if one was packed and its owner is alive and unmodified."""
+    entry = _PACKED.get((w.data_ptr(), tuple(w.shape), w.dtype, layout))
     if entry is None:
         return None
     owner = entry[0]()
@@ -178,7 +197,7 @@ def _finite(x: torch.Tensor) -> bool:
 def _linear(x, w, b, block, out):
     x, w, out = _t(x), _t(w), _t(out)
     if x.dtype == torch.bfloat16 and x.numel() > 0:
-        packed = _packed(w, None)
+        packed = _packed(w, _BF16)
         if packed is not None and _finite(x):
             res = torch.ops.mkldnn._linear_pointwise(_rows(x), packed, b, "none", [], "")
             _rows(out).copy_(res)
@@ -226,7 +245,7 @@ def _bf16_linear(x, w, b, nonfinite) -> torch.Tensor:
     if _takes_eager(x, nonfinite):
         res = _eager_linear(rows, w, b)
     else:
-        packed = _packed(w, None)
+        packed = _packed(w, _BF16)
         res = torch.ops.mkldnn._linear_pointwise(rows, w if packed is None else packed, b, "none", [], "")
     return res.view(*x.shape[:-1], w.shape[0])
 
@@ -245,7 +264,7 @@ def linear_bias_gelu_bf16(x, w, b, tanh, nonfinite):
     bf16 linear, then the GELU in fp32, rounded to bf16."""
     x, w, b = _t(x), _t(w), _t(b)
     rows = _rows(x)
-    packed = _packed(w, None)
+    packed = _packed(w, _BF16)
     if packed is None or _takes_eager(x, nonfinite):
         approximate = "tanh" if tanh else "none"
         res = torch.nn.functional.gelu(_eager_linear(rows, w, b).float(), approximate=approximate).bfloat16()
@@ -277,7 +296,7 @@ def _linear_mkl_packed(x, w, b=None):
     """A f32 linear on its MKL-packed weight for this many rows (``pack_f32_weights``), returned to TVM; when there
     is none (a weight changed in place since loading, or no MKL), eager's ``mm``/``addmm``."""
     rows = _rows(x)
-    packed = _packed(w, rows.shape[0])
+    packed = _packed(w, ("mkl", rows.shape[0]))
     if packed is not None:
         res = torch.ops.mkl._mkl_linear(rows, packed, w, b, rows.shape[0])
     else:
@@ -291,6 +310,24 @@ def linear_mkl_packed(x, w):
 
 def linear_bias_mkl_packed(x, w, b):
     return _linear_mkl_packed(_t(x), _t(w), _t(b))
+
+
+def _linear_onednn_packed(x, w, b=None):
+    """A f32 linear on oneDNN with its weight packed for this many rows (``pack_onednn_f32_weights``), returned to
+    TVM; when there is none (a weight changed in place since loading, or no oneDNN), oneDNN on the plain weight:
+    the same result."""
+    rows = _rows(x)
+    packed = _packed(w, ("onednn", rows.shape[0]))
+    res = torch.ops.mkldnn._linear_pointwise(rows, w if packed is None else packed, b, "none", [], "")
+    return _to_tvm(res.view(*x.shape[:-1], w.shape[0]))
+
+
+def linear_onednn_packed(x, w):
+    return _linear_onednn_packed(_t(x), _t(w))
+
+
+def linear_bias_onednn_packed(x, w, b):
+    return _linear_onednn_packed(_t(x), _t(w), _t(b))
 
 
 def mm(a, b, out):
@@ -407,7 +444,8 @@ def conv2d_bias(x, w, b, s0, s1, p0, p1, d0, d1, groups, out):
 FUNCTIONS = {f"kiln.{f.__name__}": f for f in (
     embedding, index_select, gather, index,
     linear, linear_bias, addmm, linear_onednn, linear_bias_onednn, addmm_onednn,
-    linear_mkl_packed, linear_bias_mkl_packed, linear_bias_gelu_bf16, linear_bf16_to_f32,
+    linear_mkl_packed, linear_bias_mkl_packed, linear_onednn_packed, linear_bias_onednn_packed,
+    linear_bias_gelu_bf16, linear_bf16_to_f32,
     mm, bmm, matmul,
     sdpa, sdpa_mask, sdpa_bshd, sdpa_mask_bshd, sdpa_decode_fallback,
     conv2d, conv2d_bias)}

@@ -113,11 +113,12 @@ class TvmVmKernel:
         # The VM keeps DLPack views, so the tensors must stay alive.
         self._weights = [_aligned(weights[name]) for name in spec["weights"]]
         self._bound = [tvm.runtime.from_dlpack(w) for w in self._weights]
-        # linear weights packed once here: bf16 for oneDNN, f32 for MKL at a row count (tvm_dispatch)
+        # linear weights packed once here: bf16 for oneDNN, f32 for MKL or oneDNN at a row count (tvm_dispatch)
         index = {name: i for i, name in enumerate(spec["weights"])}
         tvm_dispatch.pack_bf16_weights([self._weights[index[name]] for name in spec.get("packed_bf16_weights", ())])
-        tvm_dispatch.pack_f32_weights([(self._weights[index[name]], rows)
-                                       for name, rows in spec.get("packed_f32_weights", ())])
+        for field, pack in (("packed_f32_weights", tvm_dispatch.pack_f32_weights),
+                            ("packed_onednn_f32_weights", tvm_dispatch.pack_onednn_f32_weights)):
+            pack([(self._weights[index[name]], rows) for name, rows in spec.get(field, ())])
         self._inputs = [(tuple(i["shape"]), dtype_from_name(i["dtype"])) for i in spec["inputs"]]
         self.spec = spec
 
