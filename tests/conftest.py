@@ -1,4 +1,5 @@
-"""Suite-wide settings: graph verification on, offline HF, and the slow / CUDA markers."""
+"""Suite-wide settings: graph verification on, offline HF, the slow / CUDA markers, and a check that no test
+leaves PyTorch's process-wide settings changed for the tests after it."""
 import os
 
 os.environ.setdefault("KILN_VERIFY", "1")
@@ -21,6 +22,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
         if "requires_cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+
+
+def _process_settings() -> dict:
+    return {"torch.get_num_threads()": torch.get_num_threads(), "torch.get_default_dtype()": torch.get_default_dtype(),
+            "torch.is_grad_enabled()": torch.is_grad_enabled(),
+            "torch.backends.mkldnn.matmul.fp32_precision": torch.backends.mkldnn.matmul.fp32_precision}
+
+
+@pytest.fixture(autouse=True)
+def _process_settings_unchanged():
+    """A test that changes PyTorch's thread count (kiln's runtime included, which must restore the caller's) or
+    another process-wide setting fails, and the setting is put back: a later test's results (GEMM summation
+    orders, TVM's pool size) would otherwise depend on which tests ran before it."""
+    before = _process_settings()
+    yield
+    after = _process_settings()
+    if after != before:
+        torch.set_num_threads(before["torch.get_num_threads()"])
+        torch.set_default_dtype(before["torch.get_default_dtype()"])
+        torch.set_grad_enabled(before["torch.is_grad_enabled()"])
+        torch.backends.mkldnn.matmul.fp32_precision = before["torch.backends.mkldnn.matmul.fp32_precision"]
+        changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+        pytest.fail(f"the test left process-wide settings changed (before, after): {changed}")
 
 
 _NO_PICKLE = """

@@ -139,15 +139,19 @@ def main(argv=None) -> None:
     p.add_argument("--trace", action="store_true", help="eval: write per-step kinematics to <out>/trace.jsonl")
     p.add_argument("--out", type=Path, default=Path("out/robot"))
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
     if a.command != "eval" and a.tasks is None:
         a.tasks = DEFAULT_TASKS
-    if a.command == "all":
-        cmd_collect(a)
-        cmd_train(a)
-        cmd_eval(a)
-    else:
-        {"expert": cmd_expert, "collect": cmd_collect, "train": cmd_train, "eval": cmd_eval}[a.command](a)
+    caller_threads = torch.get_num_threads()
+    torch.set_num_threads(a.threads)
+    try:  # the caller's thread count back afterwards (main() called from Python, as the tests do)
+        if a.command == "all":
+            cmd_collect(a)
+            cmd_train(a)
+            cmd_eval(a)
+        else:
+            {"expert": cmd_expert, "collect": cmd_collect, "train": cmd_train, "eval": cmd_eval}[a.command](a)
+    finally:
+        torch.set_num_threads(caller_threads)
 
 
 if __name__ == "__main__":
