@@ -1,7 +1,7 @@
 """GEMM kernel selection: time each dispatched GEMM's kernels on this machine, keep the fastest.
 
 The stage after ``library_dispatch``. Every ``linear`` / ``addmm`` the plan
-sends to the library can run three ways, all PyTorch's own kernels:
+sends to the library can run on one of these, all PyTorch's own kernels:
 
     mkl        one ``mm``/``addmm`` call: MKL's sgemm, the kernel eager runs (bitwise eager's result)
     mkl_cols   the same call per block of ``COLUMN_BLOCK`` output columns: every
