@@ -12,9 +12,7 @@ import torch.nn.functional as F
 
 from kiln.runtime.kernels import tvm_dispatch
 
-
-def _same(a, b) -> bool:
-    return torch.equal(a.isnan(), b.isnan()) and torch.equal(torch.nan_to_num(a, 7.0), torch.nan_to_num(b, 7.0))
+from attention_checks import same as _same
 
 
 @pytest.mark.parametrize("make", [

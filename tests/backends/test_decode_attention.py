@@ -9,21 +9,8 @@ import torch.nn.functional as F
 import kiln
 from kiln.backends.cpu import attention as A
 from kiln.backends.cpu import lowbit
-from kiln.runtime.kernels import tvm_dispatch
 
-
-def _same(a, b) -> bool:
-    return torch.equal(a.isnan(), b.isnan()) and torch.equal(torch.nan_to_num(a, 7.0), torch.nan_to_num(b, 7.0))
-
-
-@pytest.fixture
-def fallbacks(monkeypatch):
-    """The calls the kernel makes to eager's attention (``kiln.sdpa_decode_fallback``), recorded."""
-    tvm_dispatch.register()
-    calls = []
-    real = tvm_dispatch._attention
-    monkeypatch.setattr(tvm_dispatch, "_attention", lambda *a: calls.append(a[0].shape) or real(*a))
-    return calls
+from attention_checks import check_not_taken, common_case, kernels as _kernels, same as _same
 
 
 def _run(q, k, v, scale=None):
@@ -70,7 +57,7 @@ class _Step(torch.nn.Module):
 
 def _compiled(example):
     cm = kiln.compile(_Step(), example)
-    kernels = [k["name"] for p in cm.manifest["programs"].values() for t in p["tasks"] for k in t["report"]["kernels"]]
+    kernels = _kernels(cm)
     assert any(name.startswith("kiln_decode_attention") for name in kernels), kernels
     return cm
 
@@ -98,28 +85,12 @@ def test_what_the_kernel_does_not_take(case):
         q = torch.randn(1, 4, 2, 32)
     elif case == "mask":
         kwargs["attn_mask"] = torch.ones(1, 9, dtype=torch.bool)
-    elif case == "causal":
-        kwargs["is_causal"] = True
-    elif case == "gqa":
-        k, v, kwargs["enable_gqa"] = k[:, :2], v[:, :2], True
-    elif case == "bf16":
-        q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    elif case in ("causal", "gqa", "bf16"):
+        q, k, v = common_case(case, q, k, v, kwargs)
     else:
         q, k, v = q[..., :24], k[..., :24], v[..., :24]
 
-    class M(torch.nn.Module):
-        def forward(self, q, k, v):
-            return F.scaled_dot_product_attention(q, k, v, **kwargs)
-
-    gm = torch.export.export(M(), (q, k, v)).graph_module
-    node = next(n for n in gm.graph.nodes if n.target is A.SDPA)
-    assert not A.decodes(node)
-    cm = kiln.compile(M(), (q, k, v))
-    kernels = [k["name"] for p in cm.manifest["programs"].values() for t in p["tasks"]
-               for k in t["report"].get("kernels", [])]
-    assert not any(name.startswith("kiln_decode_attention") for name in kernels)
-    tol = 1e-2 if case == "bf16" else 2e-6
-    torch.testing.assert_close(cm(q, k, v), M()(q, k, v), rtol=tol, atol=tol)
+    check_not_taken(q, k, v, kwargs, A.decodes, "kiln_decode_attention", 1e-2 if case == "bf16" else 2e-6)
 
 
 def test_random_decode_attention_against_eager():

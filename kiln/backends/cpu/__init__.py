@@ -57,7 +57,7 @@ class CpuBackend(Backend):
     def supports(self, node: fx.Node) -> bool:
         if node.target is lowbit.NESTED_LINEAR:  # the generated low-bit kernels (lowbit.py)
             return _static(node) and _non_empty(node) and lowbit.supports_nested_linear(node)
-        if attention.decodes(node):  # decode attention's kernel (attention.py)
+        if attention.computes(node):  # decode and prefill attention's kernels (attention.py)
             return _non_empty(node) and attention.eager_strides(*node.args[:3]) is not None
         return _static(node) and _non_empty(node) and convertible(node, DISPATCH)
 

@@ -79,7 +79,7 @@ def _sdpa(node, masked: bool):
     mask = node_arg(node, 3, "attn_mask")
     if (mask is not None) != masked or not _library_dtype(q, k, v) or node_arg(node, 4, "dropout_p", 0.0) != 0.0:
         return None
-    if attention.decodes(node):  # one query row: the target's own kernel (attention.py), not the library's
+    if attention.computes(node):  # the target's own kernels (attention.py), not the library's
         return None
     strides = attention.eager_strides(q, k, v)
     if strides is None:

@@ -61,7 +61,7 @@ class CpuTarget(TvmTarget):
     def converters(self) -> dict:
         target = tvm.target.Target(self.target_json())  # the kernels' schedule follows the CPU compiled for
         return {lowbit.NESTED_LINEAR: functools.partial(lowbit.convert_nested_linear, target=target),
-                attention.SDPA: attention.convert_decode_attention}
+                attention.SDPA: attention.convert_attention}
 
     def plan_stages(self) -> list[PlanStage]:
         return [PlanStage("select_gemm", "gemm_kernels", lambda plan, weights: select_gemm_kernels(

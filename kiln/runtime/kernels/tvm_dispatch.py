@@ -47,8 +47,8 @@ def embedding(w, idx, out):
 # The calling convention of the functions below (names, argument order). A library
 # records the ABI it was built against; the runtime refuses another (tvm_vm.check_compatible).
 # 6: bf16 oneDNN linears take their input's non-finite flag (kiln.backends.tvm.finite); linear_bias_gelu_bf16,
-# linear_bf16_to_f32. 7: linear_onednn_packed, linear_bias_onednn_packed
-ABI = 7
+# linear_bf16_to_f32. 7: linear_onednn_packed, linear_bias_onednn_packed. 8: sdpa_masked_fallback
+ABI = 8
 
 
 def _gemm(x, w_t, block, out, bias=None):
@@ -433,6 +433,12 @@ def sdpa_decode_fallback(q, k, v, out, scale, *strides):
     out.copyfrom(_attention(q, k, v, None, 0, scale, 0, strides).contiguous().numpy())
 
 
+def sdpa_masked_fallback(q, k, v, mask, out, scale, *strides):
+    """``sdpa_decode_fallback`` with an fp32 additive mask: called by the cpu target's prefill attention kernel."""
+    q, k, v, mask = (torch.from_numpy(x.numpy()) for x in (q, k, v, mask))
+    out.copyfrom(_attention(q, k, v, mask, 0, scale, 0, strides).contiguous().numpy())
+
+
 def conv2d(x, w, s0, s1, p0, p1, d0, d1, groups, out):
     _t(out).copy_(F.conv2d(_t(x), _t(w), None, (s0, s1), (p0, p1), (d0, d1), groups))
 
@@ -447,7 +453,7 @@ FUNCTIONS = {f"kiln.{f.__name__}": f for f in (
     linear_mkl_packed, linear_bias_mkl_packed, linear_onednn_packed, linear_bias_onednn_packed,
     linear_bias_gelu_bf16, linear_bf16_to_f32,
     mm, bmm, matmul,
-    sdpa, sdpa_mask, sdpa_bshd, sdpa_mask_bshd, sdpa_decode_fallback,
+    sdpa, sdpa_mask, sdpa_bshd, sdpa_mask_bshd, sdpa_decode_fallback, sdpa_masked_fallback,
     conv2d, conv2d_bias)}
 
 
