@@ -130,3 +130,36 @@ def test_what_the_kernel_does_not_take(case):
         kwargs["attn_mask"] = torch.zeros(8, 16)
 
     check_not_taken(q, k, v, kwargs, A.prefills, "kiln_prefill_attention", 1e-2 if case == "bf16" else 4e-6)
+
+
+def test_random_prefill_attention_against_eager(fallbacks):
+    """A differential run of the kernel over random shapes, scales, masks (fp32 with -inf, or none) and non-finite
+    or huge values in q, k, v or the mask: finite cases within fp32 rounding, the rest bitwise eager's."""
+    gen = torch.Generator().manual_seed(21)
+    specials = [float("nan"), float("inf"), float("-inf"), 1e38, -3e38]
+
+    def pick(n: int) -> int:
+        return int(torch.randint(0, n, (1,), generator=gen))
+
+    for case in range(40):
+        b, h, l, s, d = 1 + pick(2), 1 + pick(4), 4 * (1 + pick(6)), 16 * (1 + pick(4)), 16 * (1 + pick(2))
+        scale = None if case % 3 else float(torch.rand(1, generator=gen)) * 2
+        x = {"q": torch.randn(b, h, l, d, generator=gen), "k": torch.randn(b, h, s, d, generator=gen),
+             "v": torch.randn(b, h, s, d, generator=gen)}
+        if case % 2:
+            shape = [(b, 1, 1, s), (1, 1, l, s), (b, h, l, s)][pick(3)]
+            x["mask"] = torch.randn(shape, generator=gen)
+            x["mask"].view(-1)[torch.rand(x["mask"].numel(), generator=gen) < 0.3] = -float("inf")
+        for _ in range(pick(3)):
+            flat = x[list(x)[pick(len(x))]].view(-1)
+            flat[pick(flat.numel())] = specials[pick(len(specials))]
+        got = _run(x["q"], x["k"], x["v"], x.get("mask"), scale)
+        want = F.scaled_dot_product_attention(x["q"], x["k"], x["v"], attn_mask=x.get("mask"), scale=scale)
+        finite_inputs = all(torch.isfinite(t).all() for n, t in x.items() if n != "mask")
+        if finite_inputs and "mask" not in x and torch.isfinite(want).all():
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, msg=f"case {case}")
+        elif torch.isfinite(want).all() and torch.isfinite(got).all() and finite_inputs:
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, msg=f"case {case}")  # masked, no row empty
+        else:
+            assert _same(got, want), f"case {case}: {b, h, l, s, d, scale}"
+    assert 0 < len(fallbacks) < 40  # both paths ran
