@@ -21,13 +21,13 @@ Which calls it takes (``decodes``): fp32 q, k, v of 4 dimensions with static sha
 same batch and heads (no GQA), D a multiple of 16, no mask, not causal, no dropout.
 
 Prefill (``prefills``: more query rows, a multiple of 4, keys a multiple of 16, D 16 or 32; optionally a 4-D
-bool or fp32 mask, no causal flag, no GQA): per head and block of ``R`` query rows, the block's scores against all
-keys in 16-lane vectors (k transposed once per head, so a score vector is R broadcast-FMAs per element of D),
-its row maxima, exponentials by TVM's fast_exp polynomial (``_fast_exp``: the one kiln's fp32 ``exp`` uses;
-a masked score's is exactly 0), and the weighted sum of v in registers. On MiniLM's 12 heads x 128 x 32, on an AMD EPYC (Zen 5): PyTorch's fused kernel 215 us, this
-kernel 106 us on two TVM threads and about PyTorch's time on the one TVM thread an fp32 program gives it
-(``tvm_vm._size_tvm_pool``); in the model, 1.08x (the library call's Python, its mask check and its layout
-copies go too).
+bool or fp32 mask, no causal flag, no GQA): per head and block of ``R`` query rows, the block's scores against
+all keys in 16-lane vectors (k transposed once per head, so a score vector is R broadcast-FMAs per element of
+D), its row maxima, exponentials by TVM's fast_exp polynomial (``_fast_exp``: the one kiln's fp32 ``exp``
+uses; a masked score's is exactly 0), and the weighted sum of v in registers. On MiniLM's 12 heads x 128 x 32,
+on an AMD EPYC (Zen 5): PyTorch's fused kernel 215 us, this kernel 106 us on two TVM threads and about
+PyTorch's time on the one TVM thread an fp32 program gives it (``tvm_vm._size_tvm_pool``); in the model,
+1.08x (the library call's Python, its mask check and its layout copies go too).
 A bool mask becomes fp32's 0 / -inf first (what PyTorch does with one). Flagged, then eager's attention
 (``kiln.sdpa_decode_fallback``, ``kiln.sdpa_masked_fallback``) over the whole output: a raw score (before
 the mask) that is not finite, a row whose masked scores' maximum is not finite (all masked, or a mask of

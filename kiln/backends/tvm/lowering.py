@@ -95,10 +95,10 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
     packed = sorted({args[1].name for rule, args in plan.values()
                      if rule.function in tvm_dispatch.PACKED_BF16_FUNCTIONS and args[1] in weight_nodes
                      and args[1].meta["val"].dtype == torch.bfloat16})
-    # f32 weights it packs once at load for MKL's sgemm at the GEMM's row count (tvm_dispatch.pack_f32_weights)
-    packed_f32 = _packed_at_rows(plan, weight_nodes, tvm_dispatch.PACKED_F32_FUNCTIONS)
-    # ... and for oneDNN's f32 inner product at that row count (tvm_dispatch.pack_onednn_f32_weights)
-    packed_onednn = _packed_at_rows(plan, weight_nodes, tvm_dispatch.PACKED_ONEDNN_F32_FUNCTIONS)
+    # f32 weights it packs once at load for MKL's sgemm or oneDNN's inner product at the GEMM's row count
+    # (tvm_dispatch.F32_PACKINGS), by spec field
+    packed_f32 = {field: rows for field, (functions, _) in tvm_dispatch.F32_PACKINGS.items()
+                  if (rows := _packed_at_rows(plan, weight_nodes, functions))}
     spec = {
         "format": FORMAT,
         "entry": ENTRY,
@@ -111,8 +111,7 @@ def lower_partition(gm: fx.GraphModule, num_inputs: int, weights: dict[str, torc
         "weight_types": [_tensor_spec(n.meta["val"]) for n in weight_nodes],  # checked against the weights on load
         "outputs": [_tensor_spec(v) for v in outputs],
         **({"packed_bf16_weights": packed} if packed else {}),
-        **({"packed_f32_weights": packed_f32} if packed_f32 else {}),
-        **({"packed_onednn_f32_weights": packed_onednn} if packed_onednn else {}),
+        **packed_f32,
         "report": {
             "nodes": node_report,
             "dispatched": dict(Counter(r["function"] for r in node_report if r["how"] == "dispatch")),

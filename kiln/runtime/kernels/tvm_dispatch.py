@@ -117,7 +117,7 @@ def index(x, dims, *indices_and_out):
 # live tensor's) and its version counter (an in-place change of the weight makes the packed copy stale: the
 # plain kernel runs then). oneDNN's bf16 inner product spread a NaN/Inf of input row r+1 into output row r
 # (tests/fuzz FINDINGS F2): an input that is not all finite runs the plain kernel there (its f32 one does not:
-# tests/runtime/test_packed_weights.py).
+# tests/backends/test_f32_packed.py).
 PACKED_BF16_FUNCTIONS = ("kiln.linear", "kiln.linear_bias", "kiln.linear_onednn", "kiln.linear_bias_onednn",
                          "kiln.linear_bias_gelu_bf16", "kiln.linear_bf16_to_f32")
 PACKED_F32_FUNCTIONS = ("kiln.linear_mkl_packed", "kiln.linear_bias_mkl_packed")
@@ -157,13 +157,18 @@ def pack_bf16_weights(weights) -> int:
                  lambda w, layout: torch.ops.mkldnn._reorder_linear_weight(w, None))
 
 
+def _pack_f32_at_rows(weights_and_rows, library: str, reorder) -> int:
+    """Pack each f32 weight of the pairs ``(weight, M)`` with ``reorder(weight, M)``, keyed ``(library, M)``."""
+    return _pack(((w, (library, int(m))) for w, m in weights_and_rows if _packable(w, torch.float32) and m >= 1),
+                 lambda w, layout: reorder(w, layout[1]))
+
+
 def pack_f32_weights(weights_and_rows) -> int:
     """Pack each f32 ``[N, K]`` weight for MKL's sgemm at its number of rows ``M`` (pairs ``(weight, M)``), once;
     returns how many are packed. Thread-safe; without MKL nothing is packed (the linears run ``addmm``)."""
     if not torch.backends.mkl.is_available():
         return 0
-    return _pack(((w, ("mkl", int(m))) for w, m in weights_and_rows if _packable(w, torch.float32) and m >= 1),
-                 lambda w, layout: torch.ops.mkl._mkl_reorder_linear_weight(w, layout[1]))
+    return _pack_f32_at_rows(weights_and_rows, "mkl", torch.ops.mkl._mkl_reorder_linear_weight)
 
 
 def pack_onednn_f32_weights(weights_and_rows) -> int:
@@ -172,8 +177,14 @@ def pack_onednn_f32_weights(weights_and_rows) -> int:
     linears run oneDNN on the plain weight)."""
     if not torch.backends.mkldnn.is_available():
         return 0
-    return _pack(((w, ("onednn", int(m))) for w, m in weights_and_rows if _packable(w, torch.float32) and m >= 1),
-                 lambda w, layout: torch.ops.mkldnn._reorder_linear_weight(w, layout[1]))
+    return _pack_f32_at_rows(weights_and_rows, "onednn", torch.ops.mkldnn._reorder_linear_weight)
+
+
+# The f32 packings by the spec field that lists their ``[weight, rows]``: the runtime functions that read the
+# packed copy (the compiler lists a weight when a planned call of one of them takes it) and the function that
+# packs (the loader calls it).
+F32_PACKINGS = {"packed_f32_weights": (PACKED_F32_FUNCTIONS, pack_f32_weights),
+                "packed_onednn_f32_weights": (PACKED_ONEDNN_F32_FUNCTIONS, pack_onednn_f32_weights)}
 
 
 def _packed(w: torch.Tensor, layout):

@@ -116,8 +116,7 @@ class TvmVmKernel:
         # linear weights packed once here: bf16 for oneDNN, f32 for MKL or oneDNN at a row count (tvm_dispatch)
         index = {name: i for i, name in enumerate(spec["weights"])}
         tvm_dispatch.pack_bf16_weights([self._weights[index[name]] for name in spec.get("packed_bf16_weights", ())])
-        for field, pack in (("packed_f32_weights", tvm_dispatch.pack_f32_weights),
-                            ("packed_onednn_f32_weights", tvm_dispatch.pack_onednn_f32_weights)):
+        for field, (_, pack) in tvm_dispatch.F32_PACKINGS.items():
             pack([(self._weights[index[name]], rows) for name, rows in spec.get(field, ())])
         self._inputs = [(tuple(i["shape"]), dtype_from_name(i["dtype"])) for i in spec["inputs"]]
         self.spec = spec
